@@ -1,0 +1,1 @@
+"""JAX/Flax Llama training for long-context continued pre-training."""

@@ -1,0 +1,1 @@
+"""NExtLong data synthesis: short documents -> long training sequences with hard negatives."""
