@@ -1,0 +1,358 @@
+"""Streaming document readers: JSON lines (optionally gzipped), Parquet, plain-text folders, TFDS.
+
+Every reader streams (a record, a line or a batch at a time), visits files in sorted order so that
+a corpus always yields the same documents in the same order, and never drops a bad record without
+counting it: each is skipped under a reason in `ReadStats.skipped`, or, with `strict`, stops the
+read with a `SynthError` naming the file and the line. Files that cannot be read at all (missing,
+no permission, corrupt compression) raise `SynthError` as well.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import numbers
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from synth.errors import SynthError
+
+FORMATS = ("auto", "jsonl", "parquet", "text", "tfds")
+SAMPLE_PREFIX = "sample:"
+SAMPLE_DIR = Path(__file__).parent / "sample_data"
+_SAMPLE_SUFFIX = ".jsonl.gz"
+_SUFFIXES = {
+    "jsonl": (".jsonl", ".jsonl.gz", ".json"),
+    "parquet": (".parquet",),
+    "text": (".txt", ".md", ".rst"),
+}
+# Part of every fingerprint: bump it when a change here makes the same files read differently,
+# so that caches built from the old reading are not reused.
+_READER_VERSION = 1
+# Rows per Parquet batch: documents may be megabytes each, so batches stay small.
+_PARQUET_BATCH_ROWS = 256
+# UTF-8 needs at most four bytes per character, so a longer file is too long without reading it.
+_MAX_UTF8_BYTES_PER_CHAR = 4
+_GZIP_MAGIC = b"\x1f\x8b"
+_GLOB_CHARS = re.compile(r"[*?[]")
+# Lone surrogates decode from JSON escapes but cannot be encoded as UTF-8 by the tokenizer.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_POSITION_UNIT = {"jsonl": "line", "parquet": "row", "tfds": "example"}
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    path: str  # file, directory, or glob; "sample:<name>" names a file in synth/sample_data
+    format: str = "auto"  # auto | jsonl | parquet | text | tfds
+    id_field: str = "id"
+    text_field: str = "text"
+    max_docs: int | None = None  # stop after this many accepted documents
+    max_doc_chars: int = 4_000_000  # longer texts are skipped as "too_long"
+    tfds_split: str = "train"
+
+
+@dataclass
+class ReadStats:
+    accepted: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> count
+
+    def merged(self, other: ReadStats) -> ReadStats:
+        return ReadStats(self.accepted + other.accepted, self.skipped + other.skipped)
+
+    def to_dict(self) -> dict:
+        return {"accepted": self.accepted, "skipped": dict(sorted(self.skipped.items()))}
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    format: str  # jsonl | parquet | text | tfds
+    name: str  # the id of a text file's document: its path below the folder or glob given
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """A record as a reader found it, before the checks common to all formats."""
+
+    position: int  # 1-based line, row or example number; 0 for a whole text file
+    id: object = None
+    text: object = None
+    problem: str | None = None  # a skip reason found while decoding the record itself
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def resolve_sample(name: str) -> Path:
+    """The bundled file for "sample:<name>" (or just "<name>")."""
+    files = SAMPLE_DIR.glob(f"*{_SAMPLE_SUFFIX}")
+    available = sorted(p.name[: -len(_SAMPLE_SUFFIX)] for p in files)
+    bare = name.removeprefix(SAMPLE_PREFIX)
+    if bare not in available:
+        choices = ", ".join(SAMPLE_PREFIX + a for a in available) or "none are installed"
+        raise SynthError(f"unknown sample corpus {name!r}; available: {choices}")
+    return SAMPLE_DIR / f"{bare}{_SAMPLE_SUFFIX}"
+
+
+def _suffix_format(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((fmt for fmt, suffixes in _SUFFIXES.items() if name.endswith(suffixes)), None)
+
+
+def _file_source(path: Path, name: str, fmt: str) -> Source:
+    if fmt == "tfds":
+        raise SynthError(f"{path}: a TFDS dataset is a directory (the one holding "
+                         "dataset_info.json); give that directory")
+    # A file named explicitly is read as text unless its suffix says otherwise.
+    return Source(path, fmt if fmt != "auto" else _suffix_format(path) or "text", name)
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _directory_sources(root: Path, fmt: str) -> list[Source]:
+    if fmt == "tfds" or (fmt == "auto" and (root / "dataset_info.json").is_file()):
+        return [Source(root, "tfds", root.name)]
+    files = sorted((p.relative_to(root) for p in root.rglob("*") if p.is_file()),
+                   key=lambda p: p.as_posix())
+    files = [p for p in files if not _is_hidden(p)]
+    # Data files win over text files, which in a data folder are mostly READMEs.
+    wanted = (fmt,) if fmt != "auto" else ("jsonl", "parquet")
+    sources = [Source(root / p, _suffix_format(p), p.as_posix()) for p in files
+               if _suffix_format(p) in wanted]
+    if not sources and fmt == "auto":
+        sources = [Source(root / p, "text", p.as_posix()) for p in files
+                   if _suffix_format(p) == "text"]
+    if not sources:
+        kinds = [s for f in ((fmt,) if fmt != "auto" else _SUFFIXES) for s in _SUFFIXES[f]]
+        raise SynthError(f"{root}: no {'/'.join(kinds)} files in this directory; "
+                         "check the path or pass the format")
+    return sources
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard: text ids are relative to it."""
+    parts = Path(pattern).parts[:-1]
+    return Path(*itertools.takewhile(lambda part: not _GLOB_CHARS.search(part), parts))
+
+
+def resolve_sources(spec: CorpusSpec) -> list[Source]:
+    """The files (or the TFDS directory) `spec` names, in reading order."""
+    if spec.format not in FORMATS:
+        raise SynthError(f"unknown corpus format {spec.format!r}; use one of {', '.join(FORMATS)}")
+    if spec.path.startswith(SAMPLE_PREFIX):
+        sample = resolve_sample(spec.path)
+        return [_file_source(sample, sample.name, spec.format)]
+    path = Path(spec.path)
+    if path.is_dir():
+        return _directory_sources(path, spec.format)
+    if path.exists():
+        return [_file_source(path, path.name, spec.format)]
+    matches = [Path(p) for p in sorted(glob.glob(spec.path, recursive=True)) if Path(p).is_file()]
+    if not matches:
+        raise SynthError(f"{spec.path}: no such file, directory or matching files; check the "
+                         f"path (bundled corpora: {SAMPLE_PREFIX}pydocs, {SAMPLE_PREFIX}jargon)")
+    root = _glob_root(spec.path)
+    return [_file_source(p, p.relative_to(root).as_posix(), spec.format) for p in matches]
+
+
+def _unreadable(path: Path, error: BaseException) -> SynthError:
+    if isinstance(error, PermissionError):
+        return SynthError(f"cannot read {path}: permission denied; check its permissions")
+    detail = " ".join(str(error).split()) or type(error).__name__
+    return SynthError(f"cannot read {path}: {detail}; the file looks damaged or truncated, "
+                      "re-create or re-download it")
+
+
+def _parse_json_line(line: bytes, position: int, spec: CorpusSpec) -> _Raw:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return _Raw(position, problem="non_utf8")
+    try:
+        # Some editors start a UTF-8 file with a byte-order mark, which JSON does not allow.
+        record = json.loads(text.removeprefix("\ufeff") if position == 1 else text)
+    except (ValueError, RecursionError):
+        return _Raw(position, problem="malformed_json")
+    if not isinstance(record, dict):
+        return _Raw(position, problem="malformed_json")
+    return _Raw(position, record.get(spec.id_field), record.get(spec.text_field))
+
+
+def _jsonl_records(source: Source, spec: CorpusSpec) -> Iterator[_Raw]:
+    try:
+        with open(source.path, "rb") as probe:
+            compressed = probe.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+        with (gzip.open(source.path, "rb") if compressed else open(source.path, "rb")) as lines:
+            for position, line in enumerate(lines, 1):
+                if not line.isspace():
+                    yield _parse_json_line(line, position, spec)
+    except (OSError, EOFError, zlib.error) as error:
+        raise _unreadable(source.path, error) from None
+
+
+def _parquet_records(source: Source, spec: CorpusSpec) -> Iterator[_Raw]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source.path)
+        if not {spec.id_field, spec.text_field} <= set(parquet.schema_arrow.names):
+            for position in range(1, parquet.metadata.num_rows + 1):
+                yield _Raw(position, problem="missing_field")
+            return
+        position = 0
+        batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS,
+                                       columns=[spec.id_field, spec.text_field])
+        for batch in batches:
+            ids = batch.column(spec.id_field).to_pylist()
+            for doc_id, text in zip(ids, batch.column(spec.text_field).to_pylist()):
+                position += 1
+                yield _Raw(position, doc_id, text)
+    except (OSError, pa.ArrowException) as error:
+        raise _unreadable(source.path, error) from None
+
+
+def _text_records(source: Source, spec: CorpusSpec) -> Iterator[_Raw]:
+    try:
+        if source.path.stat().st_size > _MAX_UTF8_BYTES_PER_CHAR * spec.max_doc_chars:
+            yield _Raw(0, source.name, problem="too_long")
+        else:
+            yield _Raw(0, source.name, source.path.read_bytes())
+    except OSError as error:
+        raise _unreadable(source.path, error) from None
+
+
+def _tfds_records(source: Source, spec: CorpusSpec) -> Iterator[_Raw]:
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise SynthError(f"{source.path} is a TFDS dataset, and reading it needs "
+                         "tensorflow-datasets: pip install nextlong-jax[tfds]") from None
+    try:
+        builder = tfds.builder_from_directory(source.path)
+        dataset = builder.as_dataset(split=spec.tfds_split, shuffle_files=False)
+        for position, example in enumerate(tfds.as_numpy(dataset), 1):
+            yield _Raw(position, example.get(spec.id_field), example.get(spec.text_field))
+    except (OSError, ValueError, tf.errors.OpError) as error:
+        raise _unreadable(source.path, error) from None
+
+
+_READERS: dict[str, Callable[[Source, CorpusSpec], Iterator[_Raw]]] = {
+    "jsonl": _jsonl_records,
+    "parquet": _parquet_records,
+    "text": _text_records,
+    "tfds": _tfds_records,
+}
+
+
+def _as_str(value: object, allow_int: bool) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Skip("non_utf8") from None
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise _Skip("non_utf8")
+        return value
+    if allow_int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    raise _Skip("missing_field")
+
+
+def _document(raw: _Raw, spec: CorpusSpec) -> Document:
+    """The record as a document, or `_Skip` with the reason it is unusable."""
+    if raw.problem is not None:
+        raise _Skip(raw.problem)
+    doc_id = _as_str(raw.id, allow_int=True)
+    text = _as_str(raw.text, allow_int=False)
+    if not doc_id:
+        raise _Skip("missing_field")
+    if not text or text.isspace():
+        raise _Skip("empty_text")
+    if len(text) > spec.max_doc_chars:
+        raise _Skip("too_long")
+    return Document(doc_id, text)
+
+
+def _explain(reason: str, spec: CorpusSpec) -> str:
+    return {
+        "malformed_json": "not a valid JSON object",
+        "missing_field": f"needs a string {spec.text_field!r} field and a string or integer "
+                         f"{spec.id_field!r} field",
+        "non_utf8": "not valid UTF-8",
+        "empty_text": "the text is empty or only whitespace",
+        "duplicate_id": "an earlier document has the same id",
+        "too_long": f"the text is longer than max_doc_chars ({spec.max_doc_chars})",
+    }[reason]
+
+
+def _where(source: Source, position: int) -> str:
+    unit = _POSITION_UNIT.get(source.format)
+    return f"{source.path} {unit} {position}" if unit else str(source.path)
+
+
+def _accepted(sources: list[Source], spec: CorpusSpec, stats: ReadStats,
+              strict: bool) -> Iterator[Document]:
+    seen: set[str] = set()
+    for source in sources:
+        for raw in _READERS[source.format](source, spec):
+            try:
+                document = _document(raw, spec)
+                if document.id in seen:
+                    raise _Skip("duplicate_id")
+            except _Skip as skip:
+                if strict:
+                    raise SynthError(f"{_where(source, raw.position)}: {skip.reason} "
+                                     f"({_explain(skip.reason, spec)}); fix the input, or run "
+                                     "without --strict to skip and count such records") from None
+                stats.skipped[skip.reason] += 1
+                continue
+            seen.add(document.id)
+            stats.accepted += 1
+            yield document
+
+
+def read_documents(spec: CorpusSpec, stats: ReadStats, strict: bool = False) -> Iterator[Document]:
+    """The usable documents of `spec`, in a fixed order, counting the rest in `stats`.
+
+    The path is resolved at once, so a missing corpus fails here rather than mid-pipeline.
+    """
+    sources = resolve_sources(spec)
+    return itertools.islice(_accepted(sources, spec, stats, strict), spec.max_docs)
+
+
+def _source_files(source: Source) -> list[Path]:
+    if source.format != "tfds":
+        return [source.path]
+    return sorted((p for p in source.path.rglob("*") if p.is_file()), key=lambda p: p.as_posix())
+
+
+def corpus_fingerprint(spec: CorpusSpec) -> str:
+    """A key for caches derived from the corpus: changes with the spec and with any file's
+    path, size or modification time."""
+    digest = hashlib.sha256(json.dumps([_READER_VERSION, asdict(spec)], sort_keys=True).encode())
+    for source in resolve_sources(spec):
+        for path in _source_files(source):
+            stat = path.stat()
+            digest.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
