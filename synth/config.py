@@ -1,0 +1,176 @@
+"""Typed configuration of a synthesis run, built once from flags and YAML and passed top-down.
+
+Users see a flat set of options (command-line flags, and YAML keys of the same names); the run
+sees them grouped by the stage that uses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synth.chunking import CHUNK_UNITS, MIN_CHAR_LIMIT
+from synth.corpus import CorpusSpec
+from synth.errors import SynthError
+from synth.index import INDEX_KINDS, IndexConfig
+
+STRATEGIES = ("nextlong", "random-negatives", "plain-concat")
+COMPRESSIONS = ("none", "gzip")
+
+
+@dataclass(frozen=True)
+class ChunkingConfig:
+    unit: str = "tokens"
+    size: int = 512
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    strategy: str = "nextlong"
+    k: int | None = None  # negatives per meta-chunk; None chooses k from the lengths
+    max_k: int = 64  # cap of the automatic k; longer targets pack several meta-documents
+    dedup_threshold: float = 0.95
+    max_reuse: int = 8  # uses of one corpus chunk as a negative per output shard
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    out: Path = Path("out")
+    seq_len: int = 32768
+    negative_weight: float = 1.0
+    num_shards: int = 8
+    max_sequences: int | None = None
+    compression: str = "none"
+    cache_dir: Path | None = None  # default: OUT/.cache
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.out / ".cache"
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    meta: CorpusSpec
+    corpus: CorpusSpec | None  # None: retrieve from the meta-documents themselves
+    tokenizer: str = "llama3"
+    embedder: str = "minilm"
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    strict: bool = False
+    docs_per_block: int = 1024
+
+    @property
+    def retrieval_corpus(self) -> CorpusSpec:
+        return self.corpus if self.corpus is not None else self.meta
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# Flat option name -> default. These are the flag names (with '-') and YAML keys.
+FLAT_DEFAULTS: dict[str, object] = {
+    "meta": None, "corpus": None, "out": None,
+    "meta-format": "auto", "corpus-format": "auto",
+    "id-field": "id", "text-field": "text",
+    "max-meta-docs": None, "max-corpus-docs": None,
+    "max-doc-chars": 4_000_000,
+    "tokenizer": "llama3", "embedder": "minilm",
+    "chunk-tokens": None, "chunk-chars": None,
+    "seq-len": 32768, "k": None, "max-k": 64,
+    "index": "faiss-flat", "negative-weight": 1.0, "dedup-threshold": 0.95,
+    "max-reuse": 8, "num-shards": 8, "max-sequences": None, "seed": 0,
+    "strategy": "nextlong", "compression": "none", "cache-dir": None,
+    "strict": False, "docs-per-block": 1024,
+}
+
+
+def _spec(path: str, fmt: str, flat: dict, max_docs) -> CorpusSpec:
+    return CorpusSpec(path=str(path), format=fmt, id_field=flat["id-field"],
+                      text_field=flat["text-field"], max_docs=max_docs,
+                      max_doc_chars=int(flat["max-doc-chars"]))
+
+
+def _chunking(flat: dict) -> ChunkingConfig:
+    tokens, chars = flat["chunk-tokens"], flat["chunk-chars"]
+    if tokens is not None and chars is not None:
+        raise SynthError("give --chunk-tokens or --chunk-chars, not both")
+    if chars is not None:
+        if int(chars) < MIN_CHAR_LIMIT:
+            raise SynthError(f"--chunk-chars must be at least {MIN_CHAR_LIMIT}")
+        return ChunkingConfig(unit="chars", size=int(chars))
+    size = int(tokens) if tokens is not None else ChunkingConfig.size
+    if size < 16:
+        raise SynthError("--chunk-tokens must be at least 16")
+    return ChunkingConfig(unit="tokens", size=size)
+
+
+def _choice(flat: dict, key: str, allowed: tuple[str, ...]) -> str:
+    value = str(flat[key])
+    if value not in allowed:
+        raise SynthError(f"--{key} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def build_config(flat: dict) -> SynthConfig:
+    """Validate the merged flat options (defaults < YAML < flags) into a SynthConfig."""
+    unknown = sorted(set(flat) - set(FLAT_DEFAULTS))
+    if unknown:
+        raise SynthError(f"unknown option(s): {', '.join(unknown)}")
+    flat = {**FLAT_DEFAULTS, **{k: v for k, v in flat.items() if v is not None}}
+    for required in ("meta", "out"):
+        if flat[required] is None:
+            raise SynthError(f"--{required} is required (or set it in --config)")
+    seq_len = int(flat["seq-len"])
+    if not 64 <= seq_len <= 2**20:
+        raise SynthError("--seq-len must be between 64 and 1048576 tokens")
+    chunking = _chunking(flat)
+    if chunking.unit == "tokens" and chunking.size >= seq_len:
+        raise SynthError("--chunk-tokens must be smaller than --seq-len")
+    k = flat["k"]
+    if k is not None and str(k) != "auto":
+        k = int(k)
+        if k < 0:
+            raise SynthError("--k must be >= 0 or 'auto'")
+    else:
+        k = None
+    if not 0.0 <= float(flat["negative-weight"]) <= 1.0:
+        raise SynthError("--negative-weight must be in [0, 1]")
+    if int(flat["num-shards"]) < 1 or int(flat["max-reuse"]) < 1 or int(flat["max-k"]) < 1:
+        raise SynthError("--num-shards, --max-reuse and --max-k must be at least 1")
+    corpus = flat["corpus"]
+    return SynthConfig(
+        meta=_spec(flat["meta"], flat["meta-format"], flat, flat["max-meta-docs"]),
+        corpus=None if corpus is None or corpus == flat["meta"] else _spec(
+            corpus, flat["corpus-format"], flat, flat["max-corpus-docs"]),
+        tokenizer=str(flat["tokenizer"]),
+        embedder=str(flat["embedder"]),
+        chunking=chunking,
+        index=IndexConfig(kind=_choice(flat, "index", INDEX_KINDS), seed=int(flat["seed"])),
+        mining=MiningConfig(
+            strategy=_choice(flat, "strategy", STRATEGIES), k=k, max_k=int(flat["max-k"]),
+            dedup_threshold=float(flat["dedup-threshold"]), max_reuse=int(flat["max-reuse"]),
+            seed=int(flat["seed"])),
+        output=OutputConfig(
+            out=Path(flat["out"]), seq_len=seq_len,
+            negative_weight=float(flat["negative-weight"]),
+            num_shards=int(flat["num-shards"]),
+            max_sequences=None if flat["max-sequences"] is None else int(flat["max-sequences"]),
+            compression=_choice(flat, "compression", COMPRESSIONS),
+            cache_dir=None if flat["cache-dir"] is None else Path(flat["cache-dir"])),
+        strict=bool(flat["strict"]),
+        docs_per_block=int(flat["docs-per-block"]),
+    )

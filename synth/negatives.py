@@ -1,0 +1,132 @@
+"""Hard-negative mining (NExtLong step 3).
+
+For a meta-chunk, candidates come from the ANN index (`nextlong`) or uniformly from the corpus
+(`random-negatives`, the ablation); both pass through the same filters, in this order: never a
+chunk of the meta-document's own source document, never a near-duplicate of the meta-chunk
+(cosine above the threshold; real corpora are not deduplicated), never twice in one sample, and
+never more than `max_reuse` times in one output shard, so that "hub" chunks that are close to
+everything do not dominate.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from synth.index import ChunkIndex
+
+SIMILARITY_BINS = np.linspace(-1.0, 1.0, 41)
+
+
+class CandidateSource(Protocol):
+    def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [q, k], chunk ids [q, k]) for each query, best first; id -1 pads."""
+        ...
+
+
+@dataclass
+class IndexCandidates:
+    index: ChunkIndex
+
+    def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, min(k, self.index.ntotal))
+
+
+@dataclass
+class RandomCandidates:
+    embeddings: np.ndarray
+    rng: np.random.Generator
+
+    def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.embeddings)
+        k = min(k, n)
+        ids = np.stack([self.rng.choice(n, size=k, replace=False) for _ in range(len(queries))])
+        scores = np.einsum("qd,qkd->qk", queries, self.embeddings[ids])
+        return scores.astype(np.float32), ids.astype(np.int64)
+
+
+@dataclass
+class MiningStats:
+    chosen: int = 0
+    filtered: Counter = field(default_factory=Counter)
+    short_of_k: int = 0  # meta-chunks for which fewer than k negatives survived the filters
+    similarity_hist: np.ndarray = field(default_factory=lambda: np.zeros(40, np.int64))
+    similarity_sum: float = 0.0
+
+    def record(self, scores: list[float]) -> None:
+        self.chosen += len(scores)
+        self.similarity_sum += float(np.sum(scores))
+        self.similarity_hist += np.histogram(np.clip(scores, -1, 1), SIMILARITY_BINS)[0]
+
+
+@dataclass
+class NegativeFilter:
+    """The mining rules for one output shard (the reuse count is per shard)."""
+
+    chunk_doc: np.ndarray  # corpus document index of every corpus chunk
+    dedup_threshold: float
+    max_reuse: int
+    stats: MiningStats = field(default_factory=MiningStats)
+    reuse: Counter = field(default_factory=Counter)
+
+    def select(self, scores: np.ndarray, ids: np.ndarray, k: int, own_doc: int | None,
+               in_sample: set[int]) -> list[int]:
+        """Up to k admissible candidates, in candidate order; records what it used."""
+        chosen: list[int] = []
+        chosen_scores: list[float] = []
+        for score, chunk in zip(scores.tolist(), ids.tolist()):
+            if len(chosen) == k:
+                break
+            reason = self._rejection(score, chunk, own_doc, in_sample)
+            if reason:
+                self.stats.filtered[reason] += 1
+                continue
+            chosen.append(chunk)
+            chosen_scores.append(score)
+            in_sample.add(chunk)
+            self.reuse[chunk] += 1
+        self.stats.record(chosen_scores)
+        return chosen
+
+    def _rejection(self, score: float, chunk: int, own_doc: int | None,
+                   in_sample: set[int]) -> str | None:
+        if chunk < 0:
+            return "index_padding"
+        if own_doc is not None and self.chunk_doc[chunk] == own_doc:
+            return "same_document"
+        if score > self.dedup_threshold:
+            return "near_duplicate"
+        if chunk in in_sample:
+            return "already_in_sample"
+        if self.reuse[chunk] >= self.max_reuse:
+            return "reuse_cap"
+        return None
+
+
+def mine(source: CandidateSource, rules: NegativeFilter, query: np.ndarray, k: int,
+         first_pass: tuple[np.ndarray, np.ndarray], own_doc: int | None,
+         in_sample: set[int], corpus_size: int) -> list[int]:
+    """k negatives for one meta-chunk; searches deeper only when the filters exhaust the first pass.
+
+    `first_pass` is the batched search result for this query; widening re-searches this one
+    query with four times the depth, up to the whole corpus.
+    """
+    scores, ids = first_pass
+    chosen = rules.select(scores, ids, k, own_doc, in_sample)
+    judged = set(ids.tolist())
+    depth = len(ids)
+    while len(chosen) < k and depth < corpus_size:
+        depth = min(corpus_size, max(depth, 1) * 4)
+        scores, ids = source.candidates(query[None, :], depth)
+        # Candidates judged in a shallower pass are skipped, not counted twice.
+        fresh = np.fromiter((i not in judged for i in ids[0].tolist()), bool, len(ids[0]))
+        judged.update(ids[0].tolist())
+        chosen += rules.select(scores[0][fresh], ids[0][fresh], k - len(chosen), own_doc,
+                               in_sample)
+    if len(chosen) < k:
+        rules.stats.short_of_k += 1
+    return chosen

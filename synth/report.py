@@ -1,0 +1,124 @@
+"""Per-shard statistics and the run summary (deterministic: no timings, so reruns match)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from synth.assemble import PackStats
+from synth.negatives import SIMILARITY_BINS, MiningStats
+
+
+@dataclass
+class ShardReport:
+    file: str
+    sequences: int
+    sha256: str
+    tokens_by_role: dict[str, int] = field(default_factory=dict)
+    segments: int = 0
+    truncated_tokens: int = 0
+    documents_used: int = 0
+    negatives: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)
+    short_of_k: int = 0
+    similarity_hist: list[int] = field(default_factory=lambda: [0] * 40)
+    similarity_sum: float = 0.0
+
+    @classmethod
+    def collect(cls, file: str, sequences: int, sha256: str, pack: PackStats,
+                mining: MiningStats) -> "ShardReport":
+        return cls(file=file, sequences=sequences, sha256=sha256,
+                   tokens_by_role=dict(sorted(pack.tokens_by_role.items())),
+                   segments=pack.segments, truncated_tokens=pack.truncated_tokens,
+                   documents_used=pack.documents_used, negatives=mining.chosen,
+                   filtered=dict(sorted(mining.filtered.items())), short_of_k=mining.short_of_k,
+                   similarity_hist=mining.similarity_hist.tolist(),
+                   similarity_sum=round(mining.similarity_sum, 6))
+
+    @classmethod
+    def from_dict(cls, value: dict) -> "ShardReport":
+        return cls(**value)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantile(hist: np.ndarray, q: float) -> float | None:
+    """Upper edge of the histogram bin holding quantile q."""
+    total = hist.sum()
+    if not total:
+        return None
+    index = int(np.searchsorted(np.cumsum(hist), q * total))
+    return round(float(SIMILARITY_BINS[index + 1]), 2)
+
+
+def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport],
+              recall: float | None) -> dict:
+    roles: Counter = Counter()
+    filtered: Counter = Counter()
+    for report in reports:
+        roles.update(report.tokens_by_role)
+        filtered.update(report.filtered)
+    hist = np.sum([r.similarity_hist for r in reports], axis=0) if reports else np.zeros(40)
+    negatives = sum(r.negatives for r in reports)
+    collections = {"meta": meta} if corpus is meta else {"meta": meta, "corpus": corpus}
+    return {
+        "strategy": config.mining.strategy,
+        "seq_len": config.output.seq_len,
+        "documents": {
+            name: {"accepted": c.read.accepted, "skipped": dict(sorted(c.read.skipped.items())),
+                   "chunks": c.store.num_chunks}
+            for name, c in collections.items()
+        },
+        "sequences": sum(r.sequences for r in reports),
+        "segments": sum(r.segments for r in reports),
+        "meta_documents_used": sum(r.documents_used for r in reports),
+        "tokens_by_role": dict(sorted(roles.items())),
+        "truncated_tokens": sum(r.truncated_tokens for r in reports),
+        "negatives": {
+            "chosen": negatives,
+            "filtered": dict(sorted(filtered.items())),
+            "meta_chunks_short_of_k": sum(r.short_of_k for r in reports),
+            "similarity_mean": round(sum(r.similarity_sum for r in reports) / negatives, 4)
+            if negatives else None,
+            "similarity_p10_p50_p90": [_quantile(hist, q) for q in (0.1, 0.5, 0.9)],
+            "similarity_histogram": {f"{SIMILARITY_BINS[i]:.2f}": int(n)
+                                     for i, n in enumerate(hist) if n},
+        },
+        "index": {"kind": config.index.kind if config.mining.strategy == "nextlong" else None,
+                  "recall_at_10": None if recall is None else round(recall, 4)},
+        "tokenizer": {"name": config.tokenizer, "vocab_size": tokenizer.vocab_size},
+    }
+
+
+def render_summary(summary: dict) -> str:
+    lines = [f"# NExtLong synthesis summary ({summary['strategy']}, seq_len {summary['seq_len']})",
+             ""]
+    for name, c in summary["documents"].items():
+        skipped = ", ".join(f"{k} {v}" for k, v in c["skipped"].items()) or "none"
+        lines.append(f"- {name} documents: {c['accepted']} read, skipped: {skipped}; "
+                     f"{c['chunks']} chunks")
+    total = sum(summary["tokens_by_role"].values()) or 1
+    roles = ", ".join(f"{k} {v} ({100 * v / total:.1f}%)"
+                      for k, v in summary["tokens_by_role"].items())
+    lines += [
+        f"- sequences: {summary['sequences']} ({summary['segments']} segments from "
+        f"{summary['meta_documents_used']} documents)",
+        f"- tokens by role: {roles}",
+        f"- tokens cut at sequence ends: {summary['truncated_tokens']}",
+    ]
+    neg = summary["negatives"]
+    if neg["chosen"]:
+        filtered = ", ".join(f"{k} {v}" for k, v in neg["filtered"].items()) or "none"
+        lines += [
+            f"- negatives: {neg['chosen']} (filtered out: {filtered}; meta-chunks short of k: "
+            f"{neg['meta_chunks_short_of_k']})",
+            f"- negative cosine similarity: mean {neg['similarity_mean']}, "
+            f"p10/p50/p90 {neg['similarity_p10_p50_p90']}",
+        ]
+    if summary["index"]["kind"]:
+        lines.append(f"- index {summary['index']['kind']}: recall@10 vs exact search "
+                     f"{summary['index']['recall_at_10']}")
+    return "\n".join(lines) + "\n"

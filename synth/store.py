@@ -1,0 +1,171 @@
+"""Chunked, tokenized and embedded collection on disk: the cache between reading and mining.
+
+A collection is processed in blocks of consecutive documents. Each block directory holds the
+token ids of its chunks and, per embedder, their embeddings; it is written under a temporary name
+and renamed when complete, so a killed run leaves only whole blocks, and a rerun reuses them
+instead of chunking and embedding again. Memory stays bounded by one block while building.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from synth.chunking import chunk_documents
+from synth.config import ChunkingConfig
+from synth.corpus import Document
+from synth.embed import Embedder
+from synth.tokenizer import TextTokenizer
+
+_TOKENS, _TOKEN_OFFSETS, _DOC_OFFSETS, _DOC_IDS = (
+    "tokens.npy", "token_offsets.npy", "doc_chunk_offsets.npy", "doc_ids.json")
+
+
+def store_key(corpus_fingerprint: str, tokenizer: TextTokenizer, chunking: ChunkingConfig,
+              docs_per_block: int) -> str:
+    vocab = hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()[:12]
+    text = f"{corpus_fingerprint}|{vocab}|{chunking.unit}:{chunking.size}|{docs_per_block}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, n)):
+        yield batch
+
+
+@dataclass
+class BuildStats:
+    blocks_built: int = 0
+    blocks_reused: int = 0
+    chunks_embedded: int = 0
+    embed_seconds: float = 0.0
+    chunk_seconds: float = 0.0
+
+
+@dataclass
+class ChunkStore:
+    """All chunks of a collection: ids per document, token ids per chunk, embeddings."""
+
+    doc_ids: list[str]
+    doc_chunk_offsets: np.ndarray  # [num_docs + 1] first chunk of each document
+    embeddings: np.ndarray  # [num_chunks, dim] float32, unit rows
+    _block_tokens: list[np.ndarray] = field(repr=False)  # memory-mapped per block
+    _block_token_offsets: list[np.ndarray] = field(repr=False)
+    _block_first_chunk: np.ndarray = field(repr=False)  # [num_blocks + 1]
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_ids)
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.doc_chunk_offsets[-1])
+
+    def chunk_doc(self) -> np.ndarray:
+        """Document index of every chunk."""
+        return np.repeat(np.arange(self.num_docs, dtype=np.int64),
+                         np.diff(self.doc_chunk_offsets))
+
+    def doc_chunks(self, doc: int) -> range:
+        return range(int(self.doc_chunk_offsets[doc]), int(self.doc_chunk_offsets[doc + 1]))
+
+    def tokens(self, chunk: int) -> np.ndarray:
+        block = int(np.searchsorted(self._block_first_chunk, chunk, side="right")) - 1
+        local = chunk - int(self._block_first_chunk[block])
+        offsets = self._block_token_offsets[block]
+        return np.asarray(self._block_tokens[block][offsets[local]:offsets[local + 1]])
+
+    def chunk_lengths(self) -> np.ndarray:
+        return np.concatenate([np.diff(o) for o in self._block_token_offsets]) \
+            if self._block_token_offsets else np.zeros(0, np.int64)
+
+    def chunk_id(self, chunk: int, chunk_doc: np.ndarray) -> str:
+        doc = int(chunk_doc[chunk])
+        return f"{self.doc_ids[doc]}#{chunk - int(self.doc_chunk_offsets[doc])}"
+
+
+def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings: np.ndarray,
+                 embedding_name: str) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    chunks = [c for doc_chunks in texts_chunks for c in doc_chunks]
+    lengths = [len(c.ids) for c in chunks]
+    np.save(tmp / _TOKENS, np.concatenate([c.ids for c in chunks]) if chunks
+            else np.zeros(0, np.int32))
+    np.save(tmp / _TOKEN_OFFSETS, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+    np.save(tmp / _DOC_OFFSETS, np.concatenate(
+        [[0], np.cumsum([len(c) for c in texts_chunks], dtype=np.int64)]))
+    (tmp / _DOC_IDS).write_text(json.dumps([d.id for d in docs], ensure_ascii=False))
+    np.save(tmp / embedding_name, embeddings)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextTokenizer,
+                chunking: ChunkingConfig, embedder: Embedder | None, docs_per_block: int,
+                label: str) -> tuple[ChunkStore, BuildStats]:
+    """Chunk and embed `documents` into `directory`, reusing every complete block already there.
+
+    Without an embedder (layouts that need no retrieval) the blocks hold zero-width embeddings.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    embedding_name = f"emb-{embedder.fingerprint if embedder else 'none'}.npy"
+    dim = embedder.dim if embedder else 0
+    stats = BuildStats()
+    blocks: list[Path] = []
+    progress = tqdm(desc=f"{label}: chunk+embed" if embedder else f"{label}: chunk", unit="doc", dynamic_ncols=True)
+    for number, docs in enumerate(_batched(documents, docs_per_block)):
+        block = directory / f"block-{number:05d}"
+        blocks.append(block)
+        progress.update(len(docs))
+        if (block / embedding_name).is_file():
+            stats.blocks_reused += 1
+            continue
+        started = time.perf_counter()
+        per_doc = chunk_documents([d.text for d in docs], chunking.size, chunking.unit, tokenizer)
+        texts = [c.text for doc_chunks in per_doc for c in doc_chunks]
+        stats.chunk_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        embeddings = embedder.embed(texts) if embedder else np.zeros((len(texts), 0), np.float32)
+        stats.embed_seconds += time.perf_counter() - started
+        stats.chunks_embedded += len(texts)
+        _write_block(block, docs, per_doc, embeddings, embedding_name)
+        stats.blocks_built += 1
+        progress.set_postfix(chunks=stats.chunks_embedded, refresh=False)
+    progress.close()
+    return load_store(blocks, embedding_name, dim), stats
+
+
+def load_store(blocks: list[Path], embedding_name: str, dim: int) -> ChunkStore:
+    doc_ids: list[str] = []
+    doc_offsets = [np.zeros(1, np.int64)]
+    embeddings, tokens, token_offsets, first_chunk = [], [], [], [0]
+    for block in blocks:
+        ids = json.loads((block / _DOC_IDS).read_text())
+        offsets = np.load(block / _DOC_OFFSETS)
+        doc_offsets.append(offsets[1:] + first_chunk[-1])
+        doc_ids.extend(ids)
+        embeddings.append(np.load(block / embedding_name))
+        tokens.append(np.load(block / _TOKENS, mmap_mode="r"))
+        token_offsets.append(np.load(block / _TOKEN_OFFSETS))
+        first_chunk.append(first_chunk[-1] + int(offsets[-1]))
+    return ChunkStore(
+        doc_ids=doc_ids,
+        doc_chunk_offsets=np.concatenate(doc_offsets),
+        embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32),
+        _block_tokens=tokens,
+        _block_token_offsets=token_offsets,
+        _block_first_chunk=np.asarray(first_chunk, np.int64),
+    )

@@ -1,0 +1,98 @@
+"""TFRecord output: the contract between synthesis and training (see shared design, schema).
+
+One `tf.train.Example` per training sequence. Shards are named
+`PREFIX-00000-of-00008.tfrecord` (`.tfrecord.gz` with GZIP), written under a temporary name and
+renamed when complete, so a reader never sees half a shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import tensorflow as tf
+
+from synth.assemble import Sequence
+
+INT_FEATURES = ("input_ids", "token_roles", "segment_ids", "positions")
+FLOAT_FEATURES = ("loss_weights",)
+BYTES_FEATURES = ("meta_doc_ids", "negative_chunk_ids")
+MANIFEST = "manifest.json"
+
+
+def shard_name(prefix: str, index: int, count: int, compression: str) -> str:
+    suffix = ".tfrecord.gz" if compression == "gzip" else ".tfrecord"
+    return f"{prefix}-{index:05d}-of-{count:05d}{suffix}"
+
+
+def to_example(sequence: Sequence) -> bytes:
+    feature = {
+        name: tf.train.Feature(int64_list=tf.train.Int64List(value=getattr(sequence, name)))
+        for name in INT_FEATURES
+    }
+    feature["loss_weights"] = tf.train.Feature(
+        float_list=tf.train.FloatList(value=sequence.loss_weights))
+    for name in BYTES_FEATURES:
+        values = [v.encode("utf-8") for v in getattr(sequence, name)]
+        feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _options(compression: str) -> tf.io.TFRecordOptions:
+    return tf.io.TFRecordOptions(compression_type="GZIP" if compression == "gzip" else "")
+
+
+def write_shard(path: Path, examples, compression: str) -> tuple[int, str]:
+    """Write serialized examples atomically; returns (count, sha256 of the file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tf.io.TFRecordWriter(str(tmp), _options(compression)) as writer:
+        for example in examples:
+            writer.write(example)
+            count += 1
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    os.replace(tmp, path)
+    return count, digest.hexdigest()
+
+
+def feature_spec(seq_len: int) -> dict:
+    spec = {name: tf.io.FixedLenFeature([seq_len], tf.int64) for name in INT_FEATURES}
+    spec["loss_weights"] = tf.io.FixedLenFeature([seq_len], tf.float32)
+    for name in BYTES_FEATURES:
+        spec[name] = tf.io.VarLenFeature(tf.string)
+    return spec
+
+
+def write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_dataset(source: str | Path, with_provenance: bool = False) -> tf.data.Dataset:
+    """A `tf.data.Dataset` of parsed sequences from an output directory or its manifest.json.
+
+    Provenance features (variable-length string lists) are dropped unless asked for, so that
+    the rest batch as dense [seq_len] tensors.
+    """
+    source = Path(source)
+    manifest_path = source / MANIFEST if source.is_dir() else source
+    manifest = json.loads(manifest_path.read_text())
+    files = [str(manifest_path.parent / shard["file"]) for shard in manifest["shards"]]
+    spec = feature_spec(int(manifest["seq_len"]))
+    if not with_provenance:
+        spec = {k: v for k, v in spec.items() if k not in BYTES_FEATURES}
+    compression = "GZIP" if manifest.get("compression") == "gzip" else ""
+    dataset = tf.data.TFRecordDataset(files, compression_type=compression)
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, spec)
+        return {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
+                for k, v in example.items()}
+
+    return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+from synth.assemble import ROLE_META, ROLE_NEGATIVE, ROLE_PAD, Packer, choose_k
+from synth.negatives import NegativeFilter, RandomCandidates, mine
+
+
+def test_packer_roles_weights_segments_positions():
+    packer = Packer(seq_len=12, negative_weight=0.25, bos_id=100, pad_id=0)
+    packer.begin_segment("doc-a")
+    packer.add(np.array([1, 2]), ROLE_META)
+    packer.add(np.array([3, 4, 5]), ROLE_NEGATIVE, "c#0")
+    packer.begin_segment("doc-b")
+    packer.add(np.array([6]), ROLE_META)
+    seq = packer.take()
+    assert seq.input_ids.tolist() == [100, 1, 2, 3, 4, 5, 100, 6, 0, 0, 0, 0]
+    assert seq.token_roles.tolist() == [1, 1, 1, 2, 2, 2, 1, 1, 0, 0, 0, 0]
+    assert seq.loss_weights.tolist() == [0, 1, 1, .25, .25, .25, 0, 1, 0, 0, 0, 0]
+    assert seq.segment_ids.tolist() == [1, 1, 1, 1, 1, 1, 2, 2, 0, 0, 0, 0]
+    assert seq.positions.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 0, 0, 0, 0]
+    assert seq.meta_doc_ids == ["doc-a", "doc-b"]
+    assert seq.negative_chunk_ids == ["c#0"]
+    assert packer.stats.tokens_by_role == {"meta": 5, "negative": 3, "pad": 4}
+
+
+def test_packer_truncates_at_exact_length_and_without_bos_first_token_is_unweighted():
+    packer = Packer(seq_len=5, negative_weight=1.0, bos_id=None, pad_id=9)
+    packer.begin_segment("d")
+    assert packer.add(np.array([1, 2, 3]), ROLE_META) == 0
+    assert packer.add(np.array([4, 5, 6, 7]), ROLE_NEGATIVE) == 2
+    assert packer.full
+    seq = packer.take()
+    assert seq.input_ids.tolist() == [1, 2, 3, 4, 5]
+    assert seq.loss_weights.tolist() == [0, 1, 1, 1, 1]
+    assert packer.stats.truncated_tokens == 2
+    assert packer.fill == 0 and packer.remaining == 5
+
+
+def test_weights_are_consistent_with_roles():
+    packer = Packer(seq_len=64, negative_weight=0.0, bos_id=7, pad_id=0)
+    rng = np.random.default_rng(0)
+    for doc in range(3):
+        packer.begin_segment(str(doc))
+        for _ in range(3):
+            packer.add(rng.integers(10, 99, 3), ROLE_META)
+            packer.add(rng.integers(10, 99, 4), ROLE_NEGATIVE)
+    seq = packer.take()
+    first = np.r_[True, seq.segment_ids[1:] != seq.segment_ids[:-1]] & (seq.segment_ids > 0)
+    assert np.all(seq.loss_weights[seq.token_roles == ROLE_NEGATIVE] == 0.0)
+    assert np.all(seq.loss_weights[(seq.token_roles == ROLE_META) & ~first] == 1.0)
+    assert np.all(seq.loss_weights[first] == 0.0)
+    assert np.all(seq.loss_weights[seq.token_roles == ROLE_PAD] == 0.0)
+    assert np.all((seq.segment_ids == 0) == (seq.token_roles == ROLE_PAD))
+
+
+@pytest.mark.parametrize("remaining,meta,chunks,mean,fixed,expected", [
+    (8192, 400, 2, 256, None, 15),     # (8192 - 400) // 512
+    (8192, 9000, 4, 256, None, 1),     # too long already: at least one negative each
+    (131072, 100, 1, 512, None, 64),   # capped at max_k
+    (8192, 400, 2, 256, 3, 3),         # fixed k wins
+])
+def test_choose_k(remaining, meta, chunks, mean, fixed, expected):
+    assert choose_k(remaining, meta, chunks, mean, fixed, max_k=64) == expected
+
+
+def _rules(chunk_doc, **kw):
+    return NegativeFilter(np.asarray(chunk_doc), kw.get("dedup", 0.95), kw.get("max_reuse", 2))
+
+
+def test_filter_excludes_own_document_near_duplicates_sample_repeats_and_reuse():
+    rules = _rules([0, 0, 1, 2, 3, 4], max_reuse=1)
+    scores = np.array([0.99, 0.9, 0.97, 0.8, 0.7, 0.6], np.float32)
+    ids = np.array([2, 0, 3, 4, 5, -1])
+    in_sample = {5}
+    chosen = rules.select(scores, ids, k=3, own_doc=0, in_sample=in_sample)
+    # 2: near-duplicate (0.99 > 0.95); 0: same document; 3 (0.97) near-dup; 4 ok; 5 in sample.
+    assert chosen == [4]
+    assert rules.stats.filtered == {"near_duplicate": 2, "same_document": 1,
+                                    "already_in_sample": 1, "index_padding": 1}
+    assert in_sample == {4, 5}
+    # Chunk 4 has now been used max_reuse=1 times in this shard.
+    again = rules.select(np.array([0.5], np.float32), np.array([4]), 1, None, set())
+    assert again == [] and rules.stats.filtered["reuse_cap"] == 1
+
+
+def test_mine_widens_the_search_when_filters_exhaust_the_first_pass():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(50, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    chunk_doc = np.arange(50) // 10  # five documents of ten chunks
+    source = RandomCandidates(emb, np.random.default_rng(1))
+    rules = _rules(chunk_doc, dedup=1.01, max_reuse=5)
+    first = source.candidates(emb[:1], 4)
+    chosen = mine(source, rules, emb[0], 12, (first[0][0], first[1][0]), 0, set(), 50)
+    assert len(chosen) == 12 and len(set(chosen)) == 12
+    assert all(chunk_doc[c] != 0 for c in chosen)
+    short = mine(source, _rules(chunk_doc, dedup=1.01), emb[0], 45,
+                 (first[0][0], first[1][0]), 0, set(), 50)
+    assert len(short) == 40  # only 40 chunks are outside document 0

@@ -1,0 +1,215 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synth.chunking import chunk_document
+from synth.cli import main
+from synth.tfrecord import read_dataset
+from synth.tokenizer import load_tokenizer
+
+TOPICS = ["apple orchard harvest", "river boat current", "python list index", "violin string bow",
+          "glacier ice snow", "market price trade", "rocket fuel orbit", "bread flour oven"]
+
+
+def write_corpus(path: Path, docs: int, seed: int = 0, paragraphs: int = 6) -> Path:
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for d in range(docs):
+            topic = TOPICS[d % len(TOPICS)].split()
+            paras = []
+            for p in range(paragraphs):
+                words = rng.choice(topic + ["the", "a", "of", "and", f"w{d}", f"p{p}"], 40)
+                paras.append(" ".join(words) + ".")
+            f.write(json.dumps({"id": f"doc{d}", "text": "\n".join(paras)}) + "\n")
+    return path
+
+
+def synth_args(meta, out, *extra):
+    return ["--meta", str(meta), "--out", str(out), "--tokenizer", "llama3",
+            "--embedder", "hashing", "--index", "faiss-flat", "--seq-len", "1024",
+            "--chunk-tokens", "64", "--num-shards", "2", "--docs-per-block", "8", *extra]
+
+
+def shard_bytes(out: Path) -> dict[str, object]:
+    """Shard contents plus the manifest without the paths that name the output directory."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {s["file"]: (out / s["file"]).read_bytes() for s in manifest["shards"]}
+    del manifest["config"]["output"]["out"]
+    return {**files, "manifest": manifest, "summary.md": (out / "summary.md").read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("data") / "docs.jsonl", 48)
+
+
+@pytest.fixture(scope="module")
+def run_out(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(synth_args(corpus, out, "--k", "auto")) == 0
+    return out
+
+
+def _segments(example):
+    seg = example["segment_ids"]
+    for s in np.unique(seg[seg > 0]):
+        yield np.flatnonzero(seg == s)
+
+
+def test_sequences_have_exact_length_and_nextlong_layout(run_out, corpus):
+    docs = {json.loads(l)["id"]: json.loads(l)["text"] for l in open(corpus)}
+    tok = load_tokenizer("llama3")
+    manifest = json.loads((run_out / "manifest.json").read_text())
+    examples = list(read_dataset(run_out, with_provenance=True).as_numpy_iterator())
+    assert len(examples) == manifest["counts"]["sequences"] > 0
+    for ex in examples:
+        assert ex["input_ids"].shape == (1024,)
+        metas = [m.decode() for m in ex["meta_doc_ids"]]
+        negs = [n.decode() for n in ex["negative_chunk_ids"]]
+        assert len(negs) == len(set(negs)), "a negative is used twice in one sample"
+        for number, idx in enumerate(_segments(ex)):
+            roles = ex["token_roles"][idx]
+            assert ex["input_ids"][idx[0]] == tok.bos_id and ex["loss_weights"][idx[0]] == 0
+            assert roles[1] == 1, "meta-chunk first"
+            np.testing.assert_array_equal(ex["positions"][idx], np.arange(len(idx)))
+            # The meta tokens of a segment are its meta-document, in order (maybe cut at the end).
+            meta_tokens = ex["input_ids"][idx][1:][roles[1:] == 1]
+            full = np.concatenate([c.ids for c in chunk_document(docs[metas[number]], 64,
+                                                                 "tokens", tok)])
+            np.testing.assert_array_equal(meta_tokens, full[:len(meta_tokens)])
+        # Negatives never come from a meta-document of the same sample's segments.
+        if len(metas) == 1:
+            assert not [n for n in negs if n.split("#")[0] == metas[0]]
+    # All sequences but the last of each shard are full.
+    pads = [int((ex["token_roles"] == 0).sum()) for ex in examples]
+    assert sum(p > 0 for p in pads) <= 2
+
+
+def test_summary_counts_roles_and_similarities(run_out):
+    counts = json.loads((run_out / "manifest.json").read_text())["counts"]
+    assert counts["documents"]["meta"]["accepted"] == 48
+    assert counts["negatives"]["chosen"] > 0
+    assert counts["negatives"]["filtered"].get("same_document", 0) > 0
+    roles = counts["tokens_by_role"]
+    assert sum(roles.values()) == counts["sequences"] * 1024
+    assert roles["negative"] > roles["meta"]  # extension dominates the sequence
+    assert (run_out / "summary.md").read_text().startswith("# NExtLong synthesis summary")
+
+
+def test_same_arguments_give_identical_bytes(run_out, corpus, tmp_path):
+    other = tmp_path / "again"
+    assert main(synth_args(corpus, other, "--k", "auto")) == 0
+    assert shard_bytes(other) == shard_bytes(run_out)
+
+
+def test_negative_weight_and_gzip(corpus, tmp_path):
+    out = tmp_path / "w"
+    assert main(synth_args(corpus, out, "--negative-weight", "0.25", "--compression", "gzip",
+                           "--k", "2")) == 0
+    ex = next(read_dataset(out).as_numpy_iterator())
+    assert set(np.unique(ex["loss_weights"][ex["token_roles"] == 2])) == {0.25}
+
+
+@pytest.mark.parametrize("strategy", ["random-negatives", "plain-concat"])
+def test_ablation_strategies(corpus, tmp_path, strategy):
+    out = tmp_path / strategy
+    assert main(synth_args(corpus, out, "--strategy", strategy, "--max-sequences", "3")) == 0
+    examples = list(read_dataset(out).as_numpy_iterator())
+    assert len(examples) == 3
+    if strategy == "plain-concat":
+        assert all(set(np.unique(ex["segment_ids"])) <= {0, 1} for ex in examples)
+        assert all(not (ex["token_roles"] == 2).any() for ex in examples)
+    else:
+        assert any((ex["token_roles"] == 2).any() for ex in examples)
+
+
+def test_approximate_index_reports_recall(corpus, tmp_path, capsys):
+    out = tmp_path / "hnsw"
+    assert main(synth_args(corpus, out, "--index", "faiss-hnsw")) == 0
+    recall = json.loads((out / "manifest.json").read_text())["counts"]["index"]["recall_at_10"]
+    assert 0.5 <= recall <= 1.0
+    assert "recall@10" in capsys.readouterr().out
+
+
+def test_changed_settings_in_same_output_are_refused(run_out, corpus, capsys):
+    assert main(synth_args(corpus, run_out, "--k", "3")) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "synth.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _kill_when(proc, ready, timeout=120):
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before the kill point"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_kill_and_resume_is_byte_identical(tmp_path):
+    # Big enough that each stage lasts seconds, so both kill points are reached mid-stage.
+    data = write_corpus(tmp_path / "docs.jsonl", 1200, seed=3)
+    reference = tmp_path / "reference"
+    assert main(synth_args(data, reference, "--num-shards", "6")) == 0
+    out = tmp_path / "killed"
+    args = synth_args(data, out, "--num-shards", "6")
+    cache = out / ".cache"
+    # First kill: in the middle of chunking/embedding (some blocks written, not all).
+    proc = _cli(*args)
+    _kill_when(proc, lambda: len(list(cache.glob("chunks-*/block-*/emb-*.npy"))) >= 3)
+    # Second kill: after some shards were written, before the manifest.
+    proc = _cli(*args)
+    _kill_when(proc, lambda: len(list(out.glob("nextlong-*.tfrecord"))) >= 2)
+    assert not (out / "manifest.json").exists()
+    done = sorted(out.glob("nextlong-*.tfrecord"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in done}
+    result = subprocess.run([sys.executable, "-m", "synth.cli", *args], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert shard_bytes(out) == shard_bytes(reference)
+    reused = [n for n, t in stamps.items() if (out / n).stat().st_mtime_ns == t]
+    assert reused, "finished shards were regenerated instead of reused"
+
+
+def test_missing_path_is_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "synth.cli", *synth_args(
+        tmp_path / "nope.jsonl", tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "nope.jsonl" in result.stderr.strip().splitlines()[-1]
+
+
+def test_bad_records_are_counted_and_strict_fails(corpus, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = open(corpus, "rb").read().splitlines()
+    lines += [b"{not json", b'{"id": "x", "text": "caf\xe9"}', b'{"id": "e", "text": "  "}',
+              lines[0]]
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "o"
+    assert main(synth_args(bad, out)) == 0
+    skipped = json.loads((out / "manifest.json").read_text())["counts"]["documents"]["meta"]["skipped"]
+    assert skipped == {"duplicate_id": 1, "empty_text": 1, "malformed_json": 1, "non_utf8": 1}
+    assert main(synth_args(bad, tmp_path / "strict", "--strict")) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
+
+
+def test_demo_preset_on_a_small_slice(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "demo"
+    code = main(["--config", str(root / "configs/synth/demo.yaml"), "--out", str(out),
+                 "--max-meta-docs", "12", "--max-corpus-docs", "150"])
+    assert code == 0
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["sequences"] > 0 and counts["negatives"]["chosen"] > 0
+    assert counts["index"]["recall_at_10"] >= 0.8

@@ -1,0 +1,48 @@
+import numpy as np
+import tensorflow as tf
+
+from synth.assemble import Sequence
+from synth.tfrecord import (MANIFEST, feature_spec, read_dataset, shard_name, to_example,
+                            write_json, write_shard)
+
+
+def _sequence(rng, seq_len, n_neg):
+    return Sequence(
+        input_ids=rng.integers(0, 128_256, seq_len),
+        loss_weights=rng.random(seq_len).astype(np.float32),
+        token_roles=rng.integers(0, 3, seq_len),
+        segment_ids=rng.integers(0, 4, seq_len),
+        positions=np.arange(seq_len),
+        meta_doc_ids=["doc/ä", "doc-2"],
+        negative_chunk_ids=[f"n#{i}" for i in range(n_neg)],
+    )
+
+
+def test_shards_parse_back_with_plain_tf_data(tmp_path):
+    rng = np.random.default_rng(0)
+    seq_len = 300
+    written = [_sequence(rng, seq_len, n) for n in (0, 1, 5)]
+    for compression in ("none", "gzip"):
+        out = tmp_path / compression
+        out.mkdir()
+        name = shard_name("nextlong", 0, 1, compression)
+        count, digest = write_shard(out / name, (to_example(s) for s in written), compression)
+        assert count == 3 and len(digest) == 64
+        assert not list(out.glob("*.tmp"))
+        write_json(out / MANIFEST, {"seq_len": seq_len, "compression": compression,
+                                    "shards": [{"file": name}]})
+        # Plain tf.data + tf.io.parse_single_example, as any trainer would read them.
+        raw = tf.data.TFRecordDataset([str(out / name)],
+                                      compression_type="GZIP" if compression == "gzip" else "")
+        for record, expected in zip(raw, written):
+            parsed = tf.io.parse_single_example(record, feature_spec(seq_len))
+            for field in ("input_ids", "token_roles", "segment_ids", "positions"):
+                np.testing.assert_array_equal(parsed[field].numpy(), getattr(expected, field))
+            np.testing.assert_array_equal(parsed["loss_weights"].numpy(), expected.loss_weights)
+            ids = [v.decode() for v in tf.sparse.to_dense(parsed["negative_chunk_ids"]).numpy()]
+            assert ids == expected.negative_chunk_ids
+            metas = [v.decode() for v in tf.sparse.to_dense(parsed["meta_doc_ids"]).numpy()]
+            assert metas == expected.meta_doc_ids
+        batches = list(read_dataset(out).batch(2).as_numpy_iterator())
+        assert [b["input_ids"].shape for b in batches] == [(2, seq_len), (1, seq_len)]
+        np.testing.assert_array_equal(batches[1]["input_ids"][0], written[2].input_ids)
