@@ -37,7 +37,10 @@ def to_example(sequence: Sequence) -> bytes:
     for name in BYTES_FEATURES:
         values = [v.encode("utf-8") for v in getattr(sequence, name)]
         feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    # Feature maps serialise in hash order unless asked; sorted keys make shards reproducible
+    # across processes (resume must give the same bytes).
+    return example.SerializeToString(deterministic=True)
 
 
 def _options(compression: str) -> tf.io.TFRecordOptions:
