@@ -199,12 +199,15 @@ def test_corrupt_parquet(tmp_path):
         list(read_documents(CorpusSpec(str(path)), ReadStats()))
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads anything")
 def test_unreadable_file(tmp_path):
-    path = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
-    path.chmod(0)
-    with pytest.raises(SynthError, match="permission denied"):
-        list(read_documents(CorpusSpec(str(path)), ReadStats()))
+    # Reading /proc/self/mem at offset 0 fails with EIO whoever runs the tests.
+    with pytest.raises(SynthError, match="cannot read /proc/self/mem"):
+        list(read_documents(CorpusSpec("/proc/self/mem", format="jsonl"), ReadStats()))
+    if os.geteuid() != 0:  # root reads files whatever their mode
+        path = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
+        path.chmod(0)
+        with pytest.raises(SynthError, match="permission denied"):
+            list(read_documents(CorpusSpec(str(path)), ReadStats()))
 
 
 def test_max_docs_counts_accepted_documents(tmp_path):
