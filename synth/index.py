@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = ("faiss-flat", "faiss-ivfpq", "faiss-hnsw", "scann")
 FLAT, IVFPQ, HNSW, SCANN = INDEX_KINDS
 
-_META, _FAISS_FILE, _VECTORS_FILE, _SCANN_DIR = "meta.json", "faiss.index", "embeddings.npy", "scann"
+_META, _FAISS_FILE, _VECTORS_FILE = "meta.json", "faiss.index", "embeddings.npy"
+_SCANN_DIR = "scann"
 _FORMAT = 1
 # faiss warns below 39 training points per centroid; the same floor keeps ScaNN leaves populated.
 _POINTS_PER_CENTROID = 39
@@ -78,7 +79,8 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
-            raise SynthError(f"unknown index kind {self.kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+            raise SynthError(
+                f"unknown index kind {self.kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         for name in ("nprobe", "hnsw_m", "ef_search", "ef_construction"):
             _positive(name, getattr(self, name), optional=False)
         for name in ("nlist", "pq_m", "scann_leaves", "scann_leaves_to_search"):
@@ -122,7 +124,8 @@ def _check_matrix(array: Any, what: str) -> np.ndarray:
 def _check_queries(queries: Any, dim: int) -> np.ndarray:
     queries = _check_matrix(queries, "queries")
     if queries.shape[1] != dim:
-        raise SynthError(f"queries have dimension {queries.shape[1]} but the index holds {dim}-dim vectors")
+        raise SynthError(
+            f"queries have dimension {queries.shape[1]} but the index holds {dim}-dim vectors")
     return queries
 
 
@@ -171,7 +174,8 @@ def _empty(k: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------- on-disk layout
 
-def _write_atomically(directory: Path, meta: dict[str, Any], write_files: Callable[[Path], None]) -> None:
+def _write_atomically(directory: Path, meta: dict[str, Any],
+                      write_files: Callable[[Path], None]) -> None:
     """Backend files, then meta.json, in a sibling temp dir that is renamed over `directory`."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +290,8 @@ def _build_ivfpq(vectors: np.ndarray, config: IndexConfig) -> _FaissIndex:
     index.pq.cp.seed = config.seed
     # k-means would subsample anyway; sampling here, seeded, also spares IVF's residual copy of
     # the whole collection during training.
-    sample = _training_sample(vectors, max(nlist, 2 ** _PQ_BITS) * _MAX_POINTS_PER_CENTROID, config.seed)
+    sample_size = max(nlist, 2 ** _PQ_BITS) * _MAX_POINTS_PER_CENTROID
+    sample = _training_sample(vectors, sample_size, config.seed)
     if len(sample) < _POINTS_PER_CENTROID * 2 ** _PQ_BITS:
         # faiss would print this once per sub-quantizer on stderr; re-ranking makes coarse codes
         # harmless, so one log line is enough.
@@ -326,7 +331,7 @@ def _load_faiss(directory: Path, meta: dict[str, Any], config: IndexConfig) -> _
 # -------------------------------------------------------------------------------- ScaNN backend
 
 def _scann():
-    # Imported on first use: `import scann` pulls in TensorFlow, seconds that faiss users never need.
+    # Imported on first use: `import scann` imports TensorFlow, seconds faiss users never need.
     from scann.scann_ops.py import scann_ops_pybind
 
     return scann_ops_pybind
@@ -394,7 +399,7 @@ def _build_scann(vectors: np.ndarray, config: IndexConfig) -> _ScannIndex:
 def _load_scann(directory: Path, meta: dict[str, Any], config: IndexConfig) -> _ScannIndex:
     path = directory / _SCANN_DIR
     if not (path / "scann_assets.pbtxt").is_file():
-        # Without it ScaNN "upgrades" the directory in place from an older layout instead of failing.
+        # Without it ScaNN would "upgrade" the directory in place as an old layout, not fail.
         raise FileNotFoundError(f"{path / 'scann_assets.pbtxt'} is missing")
     searcher = _scann().load_searcher(str(path))
     return _ScannIndex(config.kind, config, searcher, searcher.size(), meta["dim"], meta["params"])
@@ -404,10 +409,12 @@ def _load_scann(directory: Path, meta: dict[str, Any], config: IndexConfig) -> _
 
 def _min_training_points(config: IndexConfig, n: int) -> int:
     if config.kind == IVFPQ:
-        return max(_MIN_TRAIN_POINTS, _POINTS_PER_CENTROID * (config.nlist or _auto_nlist(n)))
-    if config.kind == SCANN:
-        return max(_MIN_TRAIN_POINTS, _POINTS_PER_CENTROID * (config.scann_leaves or _auto_leaves(n)))
-    return 0
+        centroids = config.nlist or _auto_nlist(n)
+    elif config.kind == SCANN:
+        centroids = config.scann_leaves or _auto_leaves(n)
+    else:
+        return 0
+    return max(_MIN_TRAIN_POINTS, _POINTS_PER_CENTROID * centroids)
 
 
 def build_index(embeddings: np.ndarray, config: IndexConfig) -> ChunkIndex:
@@ -450,7 +457,8 @@ def load_index(directory: Path) -> ChunkIndex:
     return index
 
 
-def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(embeddings: np.ndarray, queries: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product search: the ground truth that recall is measured against."""
     return _build_flat(_check_matrix(embeddings, "embeddings"), IndexConfig()).search(queries, k)
 

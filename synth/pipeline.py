@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,7 +112,8 @@ def _shard_cap(max_sequences: int | None, shard: int, num_shards: int) -> int | 
 
 
 def _generate_shard(config: SynthConfig, shard: int, extension: Extension,
-                    index: ChunkIndex | None, tokenizer: TextTokenizer, path: Path) -> ShardReport:
+                    index: ChunkIndex | None, tokenizer: TextTokenizer, name: str,
+                    path: Path) -> ShardReport:
     out, mining = config.output, config.mining
     packer = Packer(out.seq_len, out.negative_weight, tokenizer.bos_id, tokenizer.pad_id)
     cap = _shard_cap(out.max_sequences, shard, out.num_shards)
@@ -135,7 +137,7 @@ def _generate_shard(config: SynthConfig, shard: int, extension: Extension,
 
     count, sha256 = write_shard(path, examples(), out.compression)
     progress.close()
-    return ShardReport.collect(path.name, count, sha256, packer.stats, rules.stats)
+    return ShardReport.collect(name, count, sha256, packer.stats, rules.stats)
 
 
 def run(config: SynthConfig) -> dict:
@@ -169,11 +171,13 @@ def run(config: SynthConfig) -> dict:
                       dynamic_ncols=True):
         name = shard_name(prefix, shard, config.output.num_shards, config.output.compression)
         report_path = state / f"{name}.json"
-        if (out / name).is_file() and report_path.is_file():
+        if (out / name).is_file():  # published only after its report, so the report is there
             reports.append(ShardReport.from_dict(json.loads(report_path.read_text())))
             continue
-        report = _generate_shard(config, shard, extension, index, tokenizer, out / name)
+        tmp = out / f"{name}.tmp"
+        report = _generate_shard(config, shard, extension, index, tokenizer, name, tmp)
         write_json(report_path, report.to_dict())
+        os.replace(tmp, out / name)
         reports.append(report)
 
     summary = summarize(config, tokenizer, meta, corpus, reports, recall)

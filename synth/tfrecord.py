@@ -48,18 +48,20 @@ def _options(compression: str) -> tf.io.TFRecordOptions:
 
 
 def write_shard(path: Path, examples, compression: str) -> tuple[int, str]:
-    """Write serialized examples atomically; returns (count, sha256 of the file)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write serialized examples to `path`; returns (count, sha256 of the file).
+
+    The caller writes to a temporary name and renames it once everything that must accompany
+    the shard is in place.
+    """
     count = 0
-    with tf.io.TFRecordWriter(str(tmp), _options(compression)) as writer:
+    with tf.io.TFRecordWriter(str(path), _options(compression)) as writer:
         for example in examples:
             writer.write(example)
             count += 1
     digest = hashlib.sha256()
-    with open(tmp, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    os.replace(tmp, path)
     return count, digest.hexdigest()
 
 

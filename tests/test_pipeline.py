@@ -168,6 +168,8 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     # First kill: in the middle of chunking/embedding (some blocks written, not all).
     proc = _cli(*args)
     _kill_when(proc, lambda: len(list(cache.glob("chunks-*/block-*/emb-*.npy"))) >= 3)
+    embedded = {p: p.stat().st_mtime_ns for p in cache.glob("chunks-*/block-?????/emb-*.npy")}
+    assert embedded
     # Second kill: after some shards were written, before the manifest.
     proc = _cli(*args)
     _kill_when(proc, lambda: len(list(out.glob("nextlong-*.tfrecord"))) >= 2)
@@ -178,8 +180,10 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
                             text=True)
     assert result.returncode == 0, result.stderr
     assert shard_bytes(out) == shard_bytes(reference)
-    reused = [n for n, t in stamps.items() if (out / n).stat().st_mtime_ns == t]
-    assert reused, "finished shards were regenerated instead of reused"
+    assert all((out / n).stat().st_mtime_ns == t for n, t in stamps.items()), \
+        "finished shards were regenerated instead of reused"
+    assert all(p.stat().st_mtime_ns == t for p, t in embedded.items()), \
+        "cached embeddings were recomputed"
 
 
 def test_missing_path_is_one_line_error(tmp_path):
