@@ -28,12 +28,13 @@ def shard_name(prefix: str, index: int, count: int, compression: str) -> str:
 
 
 def to_example(sequence: Sequence) -> bytes:
+    # Python lists convert into protobuf repeated fields several times faster than numpy arrays.
     feature = {
-        name: tf.train.Feature(int64_list=tf.train.Int64List(value=getattr(sequence, name)))
+        name: tf.train.Feature(int64_list=tf.train.Int64List(value=getattr(sequence, name).tolist()))
         for name in INT_FEATURES
     }
     feature["loss_weights"] = tf.train.Feature(
-        float_list=tf.train.FloatList(value=sequence.loss_weights))
+        float_list=tf.train.FloatList(value=sequence.loss_weights.tolist()))
     for name in BYTES_FEATURES:
         values = [v.encode("utf-8") for v in getattr(sequence, name)]
         feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
