@@ -1,0 +1,23 @@
+"""cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, fp16/bf16)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def available() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
+    """q [B, L, H, D], k/v [B, L, K, D] (GQA handled by the kernel) -> [B, L, H, D].
+
+    Without segments the kernel's own causal mask is used. With segments the public API only takes
+    a dense mask, so document masking costs an [L, L] boolean per sequence here; the blockwise and
+    splash backends avoid that.
+    """
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=same[:, None], is_causal=True, implementation="cudnn")

@@ -1,0 +1,128 @@
+"""Flax Llama (2, 3, 3.1, 3.2): pre-norm decoder with GQA, RoPE and SwiGLU.
+
+Shapes: B batch, L length, E hidden, H query heads, K kv heads, D head_dim, F mlp, V vocab.
+Every parameter and key activation carries logical axis names; `nextlong_jax.sharding` maps them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nextlong_jax.model.attention import attention
+from nextlong_jax.model.config import LlamaConfig
+from nextlong_jax.model.loss import next_token_loss
+from nextlong_jax.model.rope import apply_rope, rope_tables
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing but layer inputs
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_init = nn.initializers.normal(stddev=0.02)
+constrain = nn.with_logical_constraint
+
+
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_init) -> jnp.ndarray:
+    c = module.config
+    w = module.param(name, nn.with_logical_partitioning(init, axes), shape, c.jnp_param_dtype)
+    return w.astype(c.jnp_dtype)
+
+
+class RMSNorm(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        scale = _weight(self, "scale", (self.config.hidden_size,), ("embed",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return scale * normed.astype(self.config.jnp_dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        c = self.config
+        e, h, kv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = jnp.einsum("ble,ehd->blhd", x, _weight(self, "q_proj", (e, h, d), ("embed", "heads", "head_dim")))
+        k = jnp.einsum("ble,ekd->blkd", x, _weight(self, "k_proj", (e, kv, d), ("embed", "kv_heads", "head_dim")))
+        v = jnp.einsum("ble,ekd->blkd", x, _weight(self, "v_proj", (e, kv, d), ("embed", "kv_heads", "head_dim")))
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        out = attention(q, k, v, segment_ids, backend=c.attention_backend, block_size=c.attention_block_size)
+        return jnp.einsum("blhd,hde->ble", out, _weight(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed")))
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        e, f = self.config.hidden_size, self.config.intermediate_size
+        gate = jnp.einsum("ble,ef->blf", x, _weight(self, "gate_proj", (e, f), ("embed", "mlp")))
+        up = jnp.einsum("ble,ef->blf", x, _weight(self, "up_proj", (e, f), ("embed", "mlp")))
+        hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("blf,fe->ble", hidden, _weight(self, "down_proj", (f, e), ("mlp", "embed")))
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        x = x + Attention(self.config, name="attn")(RMSNorm(self.config, name="input_norm")(x), cos, sin, segment_ids)
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_norm")(x))
+        return constrain(x, ("batch", "length", "embed")), None  # (carry, output) for nn.scan
+
+
+class Llama(nn.Module):
+    config: LlamaConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = self.param("embed_tokens", nn.with_logical_partitioning(_init, ("vocab", "embed")),
+                                       (c.vocab_size, c.hidden_size), c.jnp_param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = self.param("lm_head", nn.with_logical_partitioning(_init, ("embed", "vocab")),
+                                      (c.hidden_size, c.vocab_size), c.jnp_param_dtype)
+        layer = DecoderLayer
+        if c.remat_policy != "none":
+            layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        # One traced layer whatever the depth; scan_layers=False unrolls it, keeping the param layout.
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                        unroll=1 if c.scan_layers else c.num_hidden_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        self.layers = stack(c, name="layers")
+        self.final_norm = RMSNorm(c)
+
+    def hidden_states(self, input_ids, positions, segment_ids):
+        """[B, L] ids, positions (restarting per segment), segment ids (0 = pad) -> [B, L, E]."""
+        c = self.config
+        x = constrain(jnp.take(self.embed_tokens, input_ids, axis=0).astype(c.jnp_dtype), ("batch", "length", "embed"))
+        cos, sin = rope_tables(c, positions)
+        x, _ = self.layers(x, cos, sin, segment_ids)
+        return self.final_norm(x)
+
+    def head(self) -> jnp.ndarray:
+        """[E, V] output projection (the transposed embedding when tied)."""
+        w = self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
+        return w.astype(self.config.jnp_dtype)
+
+    def __call__(self, input_ids, positions, segment_ids):
+        """Full float32 logits [B, L, V]; for long sequences use `loss_pieces`."""
+        logits = jnp.einsum("ble,ev->blv", self.hidden_states(input_ids, positions, segment_ids), self.head(),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def loss_pieces(self, input_ids, positions, segment_ids, loss_weights):
+        """(sum of weighted next-token nll, sum of weights); see `nextlong_jax.model.loss`."""
+        hidden = self.hidden_states(input_ids, positions, segment_ids)
+        return next_token_loss(hidden, self.head(), input_ids, loss_weights, segment_ids,
+                               block_size=self.config.logits_block_size)

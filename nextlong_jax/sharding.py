@@ -1,0 +1,68 @@
+"""Device mesh and the one table mapping logical axis names to mesh axes.
+
+Model code names array dimensions (`batch`, `embed`, ...); this table decides where they live.
+Rules are tried in order and a mesh axis is used once per array, so `embed` is FSDP-sharded on
+parameters but left whole on activations, whose `batch` already took `fsdp`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(num_devices: int, data: int = 1, fsdp: int = -1, tensor: int = 1, sequence: int = 1) -> tuple[int, ...]:
+    """Axis sizes in MESH_AXES order; at most one may be -1 (takes the remaining devices)."""
+    sizes = [data, fsdp, tensor, sequence]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices do not split into {dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, sequence: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(len(devices), data, fsdp, tensor, sequence)
+    # Auto axes: GSPMD propagates shardings from the logical constraints.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a pytree of `nn.Partitioned` leaves (e.g. `jax.eval_shape(model.init, ...)`)."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, LOGICAL_AXIS_RULES)
+
+
+def logical_sharding(mesh: Mesh, names: tuple[str | None, ...]) -> NamedSharding:
+    """Sharding for one array given its logical axis names (inputs, targets, ...)."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES))
+
+
+def axis_rules():
+    """Context in which `nn.with_logical_constraint` inside the model uses this table."""
+    return nn.logical_axis_rules(LOGICAL_AXIS_RULES)

@@ -1,0 +1,158 @@
+"""Logit parity with transformers' LlamaForCausalLM (fp32, random weights) and model invariants."""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nextlong_jax.model import Llama, LlamaConfig
+from nextlong_jax.testing import hf_logits, hf_model, params_from_hf, tiny_hf_dict
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+CONFIGS = {
+    "gqa-untied": dict(),
+    "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "llama3-rope-head_dim32": dict(rope_scaling=LLAMA3_SCALING, rope_theta=500000.0, head_dim=32),
+    "linear-rope-odd-vocab": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, vocab_size=257),
+    # length 100 > max_position_embeddings 32, so the NTK base actually grows
+    "dynamic-rope": dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=32),
+}
+TOL = 1e-4
+
+
+def _ours(hf_dict, model, **overrides):
+    config = LlamaConfig.from_hf_dict(dict(hf_dict), attention_block_size=32, **overrides)
+    return config, params_from_hf(model, config)
+
+
+def _forward(config, params, ids, positions, segments):
+    return np.asarray(jax.jit(Llama(config).apply)({"params": params}, ids, positions, segments))
+
+
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+def test_logits_match_transformers(overrides):
+    hf_dict = tiny_hf_dict(**copy.deepcopy(overrides))  # transformers edits rope dicts in place
+    model = hf_model(hf_dict)
+    config, params = _ours(hf_dict, model)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 100))
+    positions = np.broadcast_to(np.arange(100), ids.shape)
+    want = hf_logits(model, ids)
+    assert np.abs(want).max() > 1.0  # weights wide enough that the comparison means something
+    np.testing.assert_allclose(_forward(config, params, ids, positions, np.ones_like(ids)), want, atol=TOL, rtol=0)
+
+
+def test_packed_segments_match_each_document_alone():
+    hf_dict = tiny_hf_dict(rope_scaling=dict(LLAMA3_SCALING))
+    model = hf_model(hf_dict)
+    config, params = _ours(hf_dict, model)
+    lengths = [37, 50, 29]
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, config.vocab_size, n) for n in lengths]
+    pad = 12
+    ids = np.concatenate(docs + [np.zeros(pad, int)])[None]
+    positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad, int)])[None]
+    segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad, int)])[None]
+    got = _forward(config, params, ids, positions, segments)
+    start = 0
+    for doc in docs:
+        want = hf_logits(model, doc[None])
+        np.testing.assert_allclose(got[:, start:start + len(doc)], want, atol=TOL, rtol=0)
+        start += len(doc)
+
+
+@pytest.fixture(scope="module")
+def small():
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, attention_block_size=16, logits_block_size=24)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (2, 40)).astype(np.int32)
+    segments = np.array([[1] * 25 + [2] * 12 + [0] * 3, [1] * 40], np.int32)
+    positions = np.array([list(range(25)) + list(range(12)) + [0] * 3, list(range(40))], np.int32)
+    weights = rng.uniform(0.5, 1.0, ids.shape).astype(np.float32) * (segments > 0)
+    params = Llama(config).init(jax.random.key(0), ids, positions, segments)["params"]
+    return config, params, (ids, positions, segments, weights)
+
+
+def _dense_loss(config, params, ids, positions, segments, weights):
+    logits = Llama(config).apply({"params": params}, ids, positions, segments)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    keep = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+    w = jnp.where(keep, weights[:, 1:], 0.0)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def test_blocked_loss_equals_dense_loss_and_gradient(small):
+    config, params, batch = small
+
+    def blocked(p):
+        nll, w = Llama(config).apply({"params": p}, *batch, method=Llama.loss_pieces)
+        return nll / w
+
+    def dense(p):
+        nll, w = _dense_loss(config, p, *batch)
+        return nll / w
+
+    (got, got_grad), (want, want_grad) = (jax.jit(jax.value_and_grad(f))(params) for f in (blocked, dense))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+
+
+def _loss_and_grad(config, params, batch):
+    def f(p):
+        nll, w = Llama(config).apply({"params": p}, *batch, method=Llama.loss_pieces)
+        return nll / w
+    return jax.jit(jax.value_and_grad(f))(params)
+
+
+@pytest.fixture(scope="module")
+def baseline(small):
+    return _loss_and_grad(*small)
+
+
+@pytest.mark.parametrize("variant", [dict(scan_layers=False, remat_policy="none"), dict(remat_policy="dots"),
+                                     dict(attention_backend="reference")])
+def test_variants_leave_loss_and_gradient_unchanged(small, baseline, variant):
+    config, params, batch = small
+    (base, base_grad), (got, got_grad) = baseline, _loss_and_grad(config.replace(**variant), params, batch)
+    np.testing.assert_allclose(float(got), float(base), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(base_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+
+
+def test_params_carry_logical_axes_and_stack_layers(small):
+    config, _, batch = small
+    boxed = jax.eval_shape(Llama(config).init, jax.random.key(0), *batch[:3])["params"]
+    q = boxed["layers"]["attn"]["q_proj"]
+    assert q.names == ("layers", "embed", "heads", "head_dim")
+    assert q.value.shape == (3, 32, 4, 8)
+    assert boxed["embed_tokens"].names == ("vocab", "embed")
+
+
+def test_bfloat16_model_runs_close_to_float32(small):
+    config, params, batch = small
+    full = Llama(config).apply({"params": params}, *batch[:3])
+    cfg16 = config.replace(param_dtype="bfloat16", dtype="bfloat16")
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    half = Llama(cfg16).apply({"params": p16}, *batch[:3])
+    assert half.dtype == jnp.float32  # logits are always float32
+    np.testing.assert_allclose(np.asarray(half), np.asarray(full), atol=0.1)
+
+
+def test_config_round_trips_through_hf_dict():
+    config = LlamaConfig.from_hf_dict(tiny_hf_dict(rope_scaling=dict(LLAMA3_SCALING), eos_token_id=[1, 2]))
+    assert config.rope_scaling.rope_type == "llama3" and config.eos_token_id == (1, 2)
+    assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+    # transformers >= 5 nests rope_theta inside rope_parameters
+    new_style = {**tiny_hf_dict(), "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}
+    new_style.pop("rope_theta")
+    parsed = LlamaConfig.from_hf_dict(new_style)
+    assert parsed.rope_theta == 1e6 and parsed.rope_scaling.factor == 2.0
+    with pytest.raises(ValueError, match="rope_scaling type"):
+        LlamaConfig.from_hf_dict(tiny_hf_dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
