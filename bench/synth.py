@@ -78,8 +78,9 @@ def bench_minilm(work: Path, limit: int | None) -> None:
     embedder.embed(["warm-up"] * 64)  # first-call set-up belongs to neither side
     chunking = ChunkingConfig("tokens", 256)
     started = time.perf_counter()
-    store, stats = build_store(iter(docs), work / "minilm-store", tokenizer, chunking, embedder,
-                               512, "bench")
+    ref, stats = build_store(iter(docs), work / "minilm-store", tokenizer, chunking, embedder,
+                             512, "bench")
+    store = ref.open()
     inside_s = time.perf_counter() - started
     texts = [c.text for cs in chunk_documents([d.text for d in docs], 256, "tokens", tokenizer)
              for c in cs]
@@ -102,9 +103,9 @@ def minilm_embeddings(work: Path, limit: int | None) -> np.ndarray:
     tokenizer, embedder = load_tokenizer(), load_embedder("minilm")
     parts = []
     for sample in ("sample:jargon", "sample:pydocs"):
-        store, _ = build_store(iter(documents(sample, limit)), work / f"ann-{sample[7:]}",
-                               tokenizer, ChunkingConfig("tokens", 128), embedder, 512, sample)
-        parts.append(store.embeddings)
+        ref, _ = build_store(iter(documents(sample, limit)), work / f"ann-{sample[7:]}",
+                             tokenizer, ChunkingConfig("tokens", 128), embedder, 512, sample)
+        parts.append(ref.open().embeddings)
     return np.concatenate(parts)
 
 

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     mine.add_argument("--compression", choices=["none", "gzip"], help="TFRecord compression")
     mine.add_argument("--seed", type=int, help="seed of every random choice (default: 0)")
     mine.add_argument("--docs-per-block", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes making output shards (default 1); the output is the same")
     return p
 
 
@@ -107,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
         from synth.pipeline import run  # heavy imports (TensorFlow, torch) only when running
 
-        summary = run(config)
+        if args.workers < 1:
+            raise SynthError("--workers must be at least 1")
+        summary = run(config, workers=args.workers)
     except SynthError as exc:
         print(f"nextlong-synth: error: {exc}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synth.chunking import CHUNK_UNITS, MIN_CHAR_LIMIT
+from synth.chunking import MIN_CHAR_LIMIT
 from synth.corpus import CorpusSpec
 from synth.errors import SynthError
 from synth.index import INDEX_KINDS, IndexConfig

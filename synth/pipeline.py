@@ -1,17 +1,16 @@
 """The synthesis stages wired together: read -> chunk -> embed -> index -> mine -> assemble -> write.
 
 Resumable and deterministic: chunk blocks, embeddings and the index are cached under the cache
-directory, every output shard is generated from its own seeded inputs (meta-document `d` belongs
-to shard `d % num_shards`, the reuse cap is per shard), and a shard counts as done only when its
-file and its statistics are both in place. Killing the run at any point and running it again
-with the same arguments gives byte-identical output, recomputing only what was not finished.
+directory, and every output shard is generated from its own seeded inputs (`synth.shards`), so
+shards can be made in any order, in several processes, and a finished one is never redone.
+Killing the run at any point and running it again with the same arguments gives byte-identical
+output, recomputing only what was not finished.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,16 +18,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from synth.assemble import Extension, Packer, concatenated_sequences, extended_sequences
+from synth.assemble import Extension
 from synth.config import SynthConfig
 from synth.corpus import CorpusSpec, ReadStats, corpus_fingerprint, read_documents
 from synth.embed import load_embedder
 from synth.errors import SynthError
 from synth.index import ChunkIndex, build_index, exact_search, load_index, recall_at_k
-from synth.negatives import IndexCandidates, NegativeFilter, RandomCandidates
-from synth.report import ShardReport, render_summary, summarize
-from synth.store import BuildStats, ChunkStore, build_store, store_key
-from synth.tfrecord import MANIFEST, shard_name, to_example, write_json, write_shard
+from synth.report import render_summary, summarize
+from synth.shards import OpenInputs, ShardInputs, make_shards
+from synth.store import BuildStats, ChunkStore, StoreRef, build_store, store_key
+from synth.tfrecord import MANIFEST, write_json
 from synth.tokenizer import TextTokenizer, load_tokenizer
 
 RECALL_QUERIES = 256
@@ -39,6 +38,7 @@ FORMAT = "nextlong-tfrecord/1"
 @dataclass
 class Collection:
     key: str  # identifies the chunked collection (source files, tokenizer, chunking)
+    ref: StoreRef
     store: ChunkStore
     read: ReadStats
     build: BuildStats
@@ -69,24 +69,25 @@ def _collection(spec: CorpusSpec, label: str, config: SynthConfig, tokenizer: Te
                 embedder) -> Collection:
     read = ReadStats()
     key = store_key(corpus_fingerprint(spec), tokenizer, config.chunking, config.docs_per_block)
-    store, build = build_store(
+    ref, build = build_store(
         read_documents(spec, read, strict=config.strict), config.output.cache / f"chunks-{key}",
         tokenizer, config.chunking, embedder, config.docs_per_block, label)
-    return Collection(key, store, read, build)
+    return Collection(key, ref, ref.open(), read, build)
 
 
-def _index(config: SynthConfig, corpus: Collection, embedder_fingerprint: str) -> ChunkIndex:
+def _index(config: SynthConfig, corpus: Collection,
+           embedder_fingerprint: str) -> tuple[ChunkIndex, Path]:
     digest = hashlib.sha256(json.dumps(
         [asdict(config.index), embedder_fingerprint, corpus.key]).encode()).hexdigest()[:16]
     directory = config.output.cache / f"index-{digest}"
     if (directory / "meta.json").is_file():
-        return load_index(directory)
+        return load_index(directory), directory
     started = time.perf_counter()
     index = build_index(corpus.store.embeddings, config.index)
     index.save(directory)
     tqdm.write(f"index {config.index.kind}: {corpus.store.num_chunks} chunks in "
                f"{time.perf_counter() - started:.1f}s")
-    return index
+    return index, directory
 
 
 def _recall(config: SynthConfig, index: ChunkIndex, corpus: ChunkStore, meta: ChunkStore) -> float:
@@ -100,48 +101,11 @@ def _recall(config: SynthConfig, index: ChunkIndex, corpus: ChunkStore, meta: Ch
     return recall_at_k(approx, exact, k)
 
 
-def _shard_docs(num_docs: int, shard: int, num_shards: int, seed: int) -> list[int]:
-    docs = np.arange(shard, num_docs, num_shards)
-    return np.random.default_rng([seed, shard]).permutation(docs).tolist()
+def run(config: SynthConfig, workers: int = 1) -> dict:
+    """Run (or resume) a synthesis; returns the summary that is also written to OUT.
 
-
-def _shard_cap(max_sequences: int | None, shard: int, num_shards: int) -> int | None:
-    if max_sequences is None:
-        return None
-    return max_sequences // num_shards + (1 if shard < max_sequences % num_shards else 0)
-
-
-def _generate_shard(config: SynthConfig, shard: int, extension: Extension,
-                    index: ChunkIndex | None, tokenizer: TextTokenizer, name: str,
-                    path: Path) -> ShardReport:
-    out, mining = config.output, config.mining
-    packer = Packer(out.seq_len, out.negative_weight, tokenizer.bos_id, tokenizer.pad_id)
-    cap = _shard_cap(out.max_sequences, shard, out.num_shards)
-    corpus = extension.corpus
-    rules = NegativeFilter(extension.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse)
-    if mining.strategy == "plain-concat":
-        docs = _shard_docs(corpus.num_docs, shard, out.num_shards, mining.seed)
-        sequences = concatenated_sequences(corpus, docs, packer, cap)
-    else:
-        source = IndexCandidates(index) if mining.strategy == "nextlong" else RandomCandidates(
-            corpus.embeddings, np.random.default_rng([mining.seed, shard, 1]))
-        docs = _shard_docs(extension.meta.num_docs, shard, out.num_shards, mining.seed)
-        sequences = extended_sequences(extension, source, rules, docs, packer, cap)
-    progress = tqdm(desc=f"shard {shard + 1}/{out.num_shards}", unit="seq", leave=False,
-                    dynamic_ncols=True)
-
-    def examples():
-        for sequence in sequences:
-            progress.update(1)
-            yield to_example(sequence)
-
-    count, sha256 = write_shard(path, examples(), out.compression)
-    progress.close()
-    return ShardReport.collect(name, count, sha256, packer.stats, rules.stats)
-
-
-def run(config: SynthConfig) -> dict:
-    """Run (or resume) a synthesis; returns the summary that is also written to OUT."""
+    `workers` processes make the output shards; it does not change the output.
+    """
     started = time.perf_counter()
     out = config.output.out
     out.mkdir(parents=True, exist_ok=True)
@@ -157,28 +121,17 @@ def run(config: SynthConfig) -> dict:
         raise SynthError("no usable documents were read (see the skip counts above); "
                          "check --meta/--corpus and the field names")
 
-    index, recall = None, None
+    index, index_dir, recall = None, None, None
     if config.mining.strategy == "nextlong":
-        index = _index(config, corpus, embedder.fingerprint)
+        index, index_dir = _index(config, corpus, embedder.fingerprint)
         recall = 1.0 if config.index.kind == "faiss-flat" else _recall(
             config, index, corpus.store, meta.store)
 
-    extension = Extension.build(meta.store, corpus.store, config.mining.k, config.mining.max_k)
-    state = _state_dir(config)
-    reports = []
-    prefix = config.mining.strategy
-    for shard in tqdm(range(config.output.num_shards), desc="shards", unit="shard",
-                      dynamic_ncols=True):
-        name = shard_name(prefix, shard, config.output.num_shards, config.output.compression)
-        report_path = state / f"{name}.json"
-        if (out / name).is_file():  # published only after its report, so the report is there
-            reports.append(ShardReport.from_dict(json.loads(report_path.read_text())))
-            continue
-        tmp = out / f"{name}.tmp"
-        report = _generate_shard(config, shard, extension, index, tokenizer, name, tmp)
-        write_json(report_path, report.to_dict())
-        os.replace(tmp, out / name)
-        reports.append(report)
+    inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir)
+    mining = config.mining
+    opened = OpenInputs(config, Extension.build(meta.store, corpus.store, mining.k, mining.max_k),
+                        index, tokenizer)
+    reports = make_shards(inputs, opened, workers)
 
     summary = summarize(config, tokenizer, meta, corpus, reports, recall)
     manifest = {

@@ -53,6 +53,18 @@ class BuildStats:
     chunk_seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class StoreRef:
+    """Where a built store lives on disk; small and picklable, so worker processes can open it."""
+
+    blocks: tuple[Path, ...]
+    embedding_name: str
+    dim: int
+
+    def open(self) -> "ChunkStore":
+        return load_store(self)
+
+
 @dataclass
 class ChunkStore:
     """All chunks of a collection: ids per document, token ids per chunk, embeddings."""
@@ -115,7 +127,7 @@ def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings
 
 def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextTokenizer,
                 chunking: ChunkingConfig, embedder: Embedder | None, docs_per_block: int,
-                label: str) -> tuple[ChunkStore, BuildStats]:
+                label: str) -> tuple[StoreRef, BuildStats]:
     """Chunk and embed `documents` into `directory`, reusing every complete block already there.
 
     Without an embedder (layouts that need no retrieval) the blocks hold zero-width embeddings.
@@ -125,7 +137,8 @@ def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextT
     dim = embedder.dim if embedder else 0
     stats = BuildStats()
     blocks: list[Path] = []
-    progress = tqdm(desc=f"{label}: chunk+embed" if embedder else f"{label}: chunk", unit="doc", dynamic_ncols=True)
+    progress = tqdm(desc=f"{label}: chunk+embed" if embedder else f"{label}: chunk", unit="doc",
+                    dynamic_ncols=True)
     for number, docs in enumerate(_batched(documents, docs_per_block)):
         block = directory / f"block-{number:05d}"
         blocks.append(block)
@@ -145,26 +158,26 @@ def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextT
         stats.blocks_built += 1
         progress.set_postfix(chunks=stats.chunks_embedded, refresh=False)
     progress.close()
-    return load_store(blocks, embedding_name, dim), stats
+    return StoreRef(tuple(blocks), embedding_name, dim), stats
 
 
-def load_store(blocks: list[Path], embedding_name: str, dim: int) -> ChunkStore:
+def load_store(ref: StoreRef) -> ChunkStore:
     doc_ids: list[str] = []
     doc_offsets = [np.zeros(1, np.int64)]
     embeddings, tokens, token_offsets, first_chunk = [], [], [], [0]
-    for block in blocks:
+    for block in ref.blocks:
         ids = json.loads((block / _DOC_IDS).read_text())
         offsets = np.load(block / _DOC_OFFSETS)
         doc_offsets.append(offsets[1:] + first_chunk[-1])
         doc_ids.extend(ids)
-        embeddings.append(np.load(block / embedding_name))
+        embeddings.append(np.load(block / ref.embedding_name))
         tokens.append(np.load(block / _TOKENS, mmap_mode="r"))
         token_offsets.append(np.load(block / _TOKEN_OFFSETS))
         first_chunk.append(first_chunk[-1] + int(offsets[-1]))
     return ChunkStore(
         doc_ids=doc_ids,
         doc_chunk_offsets=np.concatenate(doc_offsets),
-        embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32),
+        embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, ref.dim), np.float32),
         _block_tokens=tokens,
         _block_token_offsets=token_offsets,
         _block_first_chunk=np.asarray(first_chunk, np.int64),

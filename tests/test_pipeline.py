@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -106,6 +105,12 @@ def test_summary_counts_roles_and_similarities(run_out):
 def test_same_arguments_give_identical_bytes(run_out, corpus, tmp_path):
     other = tmp_path / "again"
     assert main(synth_args(corpus, other, "--k", "auto")) == 0
+    assert shard_bytes(other) == shard_bytes(run_out)
+
+
+def test_worker_processes_give_identical_bytes(run_out, corpus, tmp_path):
+    other = tmp_path / "workers"
+    assert main(synth_args(corpus, other, "--k", "auto", "--workers", "2")) == 0
     assert shard_bytes(other) == shard_bytes(run_out)
 
 

@@ -1,0 +1,153 @@
+"""Output shards: each is generated from its own seeded slice of the inputs, so shards are
+independent of each other and of the order (or the process) in which they are made.
+
+Meta-document `d` belongs to shard `d % num_shards` (corpus document `d` for `plain-concat`),
+visited in a per-shard seeded order; the negative reuse cap counts per shard. A shard is written
+under a temporary name, its report is saved, and only then is the shard renamed into place: a
+shard file that exists is complete and has its report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from synth.assemble import Extension, Packer, concatenated_sequences, extended_sequences
+from synth.config import SynthConfig
+from synth.index import ChunkIndex, load_index
+from synth.negatives import IndexCandidates, NegativeFilter, RandomCandidates
+from synth.report import ShardReport
+from synth.store import StoreRef
+from synth.tfrecord import shard_name, to_example, write_json, write_shard
+from synth.tokenizer import TextTokenizer, load_tokenizer
+
+
+@dataclass(frozen=True)
+class ShardInputs:
+    """Everything a shard is made from, as paths: picklable for worker processes."""
+
+    config: SynthConfig
+    meta: StoreRef
+    corpus: StoreRef
+    index_dir: Path | None  # None for layouts that need no retrieval
+
+
+@dataclass
+class OpenInputs:
+    config: SynthConfig
+    extension: Extension
+    index: ChunkIndex | None
+    tokenizer: TextTokenizer
+
+    @classmethod
+    def open(cls, inputs: ShardInputs) -> "OpenInputs":
+        meta = inputs.meta.open()
+        corpus = meta if inputs.corpus == inputs.meta else inputs.corpus.open()
+        mining = inputs.config.mining
+        return cls(config=inputs.config,
+                   extension=Extension.build(meta, corpus, mining.k, mining.max_k),
+                   index=load_index(inputs.index_dir) if inputs.index_dir else None,
+                   tokenizer=load_tokenizer(inputs.config.tokenizer))
+
+
+def _shard_docs(num_docs: int, shard: int, num_shards: int, seed: int) -> list[int]:
+    docs = np.arange(shard, num_docs, num_shards)
+    return np.random.default_rng([seed, shard]).permutation(docs).tolist()
+
+
+def _shard_cap(max_sequences: int | None, shard: int, num_shards: int) -> int | None:
+    if max_sequences is None:
+        return None
+    return max_sequences // num_shards + (1 if shard < max_sequences % num_shards else 0)
+
+
+def shard_file(config: SynthConfig, shard: int) -> str:
+    out = config.output
+    return shard_name(config.mining.strategy, shard, out.num_shards, out.compression)
+
+
+def report_path(config: SynthConfig, name: str) -> Path:
+    return config.output.out / ".state" / f"{name}.json"
+
+
+def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardReport:
+    config, ext = opened.config, opened.extension
+    out, mining = config.output, config.mining
+    packer = Packer(out.seq_len, out.negative_weight, opened.tokenizer.bos_id,
+                    opened.tokenizer.pad_id)
+    cap = _shard_cap(out.max_sequences, shard, out.num_shards)
+    rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse)
+    if mining.strategy == "plain-concat":
+        docs = _shard_docs(ext.corpus.num_docs, shard, out.num_shards, mining.seed)
+        sequences = concatenated_sequences(ext.corpus, docs, packer, cap)
+    else:
+        source = IndexCandidates(opened.index) if mining.strategy == "nextlong" else \
+            RandomCandidates(ext.corpus.embeddings, np.random.default_rng([mining.seed, shard, 1]))
+        docs = _shard_docs(ext.meta.num_docs, shard, out.num_shards, mining.seed)
+        sequences = extended_sequences(ext, source, rules, docs, packer, cap)
+    bar = tqdm(desc=f"shard {shard + 1}/{out.num_shards}", unit="seq", leave=False,
+               dynamic_ncols=True, disable=not progress)
+
+    def examples() -> Iterator[bytes]:
+        for sequence in sequences:
+            bar.update(1)
+            yield to_example(sequence)
+
+    name = shard_file(config, shard)
+    tmp = out.out / f"{name}.tmp"
+    count, sha256 = write_shard(tmp, examples(), out.compression)
+    bar.close()
+    report = ShardReport.collect(name, count, sha256, packer.stats, rules.stats)
+    write_json(report_path(config, name), report.to_dict())
+    os.replace(tmp, out.out / name)
+    return report
+
+
+_worker_inputs: OpenInputs | None = None  # one per worker process, opened once
+
+
+def _open_worker(inputs: ShardInputs) -> None:
+    global _worker_inputs
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _worker_inputs = OpenInputs.open(inputs)
+
+
+def _make_in_worker(shard: int) -> ShardReport:
+    return make_shard(_worker_inputs, shard, progress=False)
+
+
+def make_shards(inputs: ShardInputs, opened: OpenInputs, workers: int) -> list[ShardReport]:
+    """All shards, reusing finished ones; missing shards in `workers` processes (1 = here)."""
+    config = inputs.config
+    num_shards = config.output.num_shards
+    reports: dict[int, ShardReport] = {}
+    for shard in range(num_shards):
+        name = shard_file(config, shard)
+        if (config.output.out / name).is_file():
+            reports[shard] = ShardReport.from_dict(
+                json.loads(report_path(config, name).read_text()))
+    missing = [s for s in range(num_shards) if s not in reports]
+    bar = tqdm(total=num_shards, initial=len(reports), desc="shards", unit="shard",
+               dynamic_ncols=True)
+    if workers <= 1 or len(missing) <= 1:
+        for shard in missing:
+            reports[shard] = make_shard(opened, shard)
+            bar.update(1)
+    else:
+        # Spawned, not forked: TensorFlow and OpenMP thread pools do not survive a fork.
+        with ProcessPoolExecutor(min(workers, len(missing)), mp_context=get_context("spawn"),
+                                 initializer=_open_worker, initargs=(inputs,)) as pool:
+            futures = {pool.submit(_make_in_worker, s): s for s in missing}
+            for future in as_completed(futures):
+                reports[futures[future]] = future.result()
+                bar.update(1)
+    bar.close()
+    return [reports[s] for s in range(num_shards)]
