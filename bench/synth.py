@@ -47,18 +47,19 @@ def run_synth(*args: str) -> float:
     return time.perf_counter() - started
 
 
-def bench_pipeline_vs_tokenizer(work: Path, limit: int | None) -> None:
+def bench_pipeline_vs_tokenizer(work: Path, limit: int | None, workers: int) -> None:
     tokenizer = load_tokenizer()
     texts = [d.text for d in documents("sample:pydocs", limit)]
     started = time.perf_counter()
     tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
     tokenize_s = time.perf_counter() - started
-    out = work / "hashing"
-    pipeline_s = run_synth("--meta", "sample:pydocs", "--out", str(out),
+    out = work / f"hashing-{workers}"
+    pipeline_s = run_synth("--meta", "sample:pydocs", "--out", str(out), "--workers", str(workers),
                            "--embedder", "hashing", "--index", "faiss-flat", "--seq-len", "32768",
                            "--num-shards", "4", *(["--max-meta-docs", str(limit)] if limit else []))
     written = json.loads((out / "manifest.json").read_text())["counts"]["sequences"] * 32768
-    print(f"\n[1] {len(texts)} docs, {tokens:,} tokens read, {written:,} tokens written")
+    print(f"\n[1] {len(texts)} docs, {tokens:,} tokens read, {written:,} tokens written, "
+          f"{workers} shard worker(s)")
     print(f"    tokenizer only          : {tokens / tokenize_s:12,.0f} tokens/s")
     print(f"    pipeline, tokens read   : {tokens / pipeline_s:12,.0f} tokens/s "
           f"(ratio {tokenize_s / pipeline_s:.2f}, goal >= 0.5)")
@@ -134,12 +135,14 @@ def bench_indexes(embeddings: np.ndarray, queries: int = 1000) -> None:
               f"{recall_at_k(ids, exact, 10):10.3f}")
 
 
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's.
 RSS_CHILD = """
-import resource, sys
+import re, sys
 sys.path.insert(0, {root!r})
 from synth.cli import main
 code = main({args!r})
-print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code)
+status = open("/proc/self/status").read()
+print("RSS", re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1), code)
 """
 
 
@@ -161,13 +164,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small slices, for a smoke run")
+    parser.add_argument("--parts", default="1234", help="which measurements to run (default 1234)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bench_pipeline_vs_tokenizer(work, 300 if args.quick else None)
-        bench_minilm(work, 200 if args.quick else None)
-        bench_indexes(minilm_embeddings(work, 150 if args.quick else 1500))
-        bench_rss(work, [250, 500] if args.quick else [1000, 2000, 4000])
+        if "4" in args.parts:  # first, while this process is small
+            bench_rss(work, [250, 500] if args.quick else [1000, 2000, 4000])
+        if "1" in args.parts:
+            for workers in (1, 2):
+                bench_pipeline_vs_tokenizer(work, 300 if args.quick else None, workers)
+        if "2" in args.parts:
+            bench_minilm(work, 200 if args.quick else None)
+        if "3" in args.parts:
+            bench_indexes(minilm_embeddings(work, 150 if args.quick else 1500))
 
 
 if __name__ == "__main__":
