@@ -86,4 +86,4 @@ def test_unavailable_backend_falls_back_with_warning(backend, caplog):
 def test_unknown_backend_is_an_error():
     q, k, v = _inputs(length=8)
     with pytest.raises(ValueError, match="unknown attention backend"):
-        attention(q, k, v, backend="ring")
+        attention(q, k, v, backend="nope")

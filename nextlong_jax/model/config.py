@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-ATTENTION_BACKENDS = ("reference", "blockwise", "cudnn", "splash")
+ATTENTION_BACKENDS = ("reference", "blockwise", "cudnn", "splash", "ring")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from nextlong_jax.model.attention import cudnn, splash
 from nextlong_jax.model.attention.blockwise import blockwise_attention
 from nextlong_jax.model.attention.reference import reference_attention
+from nextlong_jax.model.attention.ring import ring_attention
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -26,7 +27,7 @@ def resolve_backend(backend: str) -> str:
             _warned.add(backend)
             logger.warning("attention backend %r needs %s; falling back to 'blockwise'", backend, needs[backend][1])
         return "blockwise"
-    if backend not in ("reference", "blockwise", "cudnn", "splash"):
+    if backend not in ("reference", "blockwise", "cudnn", "splash", "ring"):
         raise ValueError(f"unknown attention backend {backend!r}")
     return backend
 
@@ -39,11 +40,16 @@ def attention(
     *,
     backend: str = "blockwise",
     block_size: int = 512,
+    token_index: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """q [B, L, H, D], k/v [B, L, K, D] with K dividing H; segment_ids [B, L] (0 = padding) or None.
 
     A token attends to earlier-or-same tokens of its own segment. Scale is 1/sqrt(D).
     Returns [B, L, H, D] in q's dtype.
+
+    "ring" shards the length over the ambient mesh's sequence axis and expects the sequence in
+    `load_balance.reorder`'s zig-zag order unless `token_index` [L] (original index of each
+    position) says otherwise; other backends expect the original order and ignore `token_index`.
     """
     backend = resolve_backend(backend)
     if backend == "cudnn":
@@ -54,4 +60,6 @@ def attention(
         return splash.splash_attention(q, k, v, segment_ids)
     if backend == "reference":
         return reference_attention(q, k, v, segment_ids)
+    if backend == "ring":
+        return ring_attention(q, k, v, segment_ids, token_index, block_size=block_size)
     return blockwise_attention(q, k, v, segment_ids, block_size=block_size)

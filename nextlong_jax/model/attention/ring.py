@@ -1,0 +1,240 @@
+"""Ring attention: sequence parallelism over the mesh axis that the logical name `length` maps to.
+
+Each device of the sequence axis keeps its queries and passes its keys and values (with their
+segment ids and original token indices) to the next device, S-1 times, folding every visiting
+chunk into an online softmax. The causal mask compares ORIGINAL token indices, never local offsets,
+so any order of the sequence works (zig-zag load balancing in particular, see
+`nextlong_jax.load_balance`). Within a ring step the chunk pair is processed in blocks, and block
+pairs with nothing visible are skipped at run time: that is where load balancing pays off.
+
+Backward is a custom VJP: it recomputes scores from the saved log-sum-exp and sends the key/value
+gradients around the ring with the keys and values, one extra hop bringing them home. Heavy
+tensors use the [B, K, G, ...] layout (K kv heads, G query heads per kv head), so GQA never
+materialises repeated keys; heads sharded over `tensor` stay local since a query head and its kv
+head live on the same shard.
+
+The mesh is the ambient one (`jax.set_mesh(mesh)`), which is also where the trainer's jit and the
+model's sharding constraints get it, so no mesh has to be threaded through the model config.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nextlong_jax import load_balance
+from nextlong_jax.model.attention.blockwise import blockwise_attention
+from nextlong_jax.model.attention.mask import MASK_VALUE, visible
+from nextlong_jax.sharding import LOGICAL_AXIS_RULES
+
+F32 = jnp.float32
+
+
+def _spec(*names: str | None) -> jax.sharding.PartitionSpec:
+    return nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
+
+
+def ring_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    segment_ids: jnp.ndarray,
+    token_index: jnp.ndarray | None = None,
+    *,
+    block_size: int = 512,
+) -> jnp.ndarray:
+    """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D], sharded like q.
+
+    `token_index` [L] gives the original index of each position; None means the zig-zag order of
+    `load_balance.reorder` for the ambient sequence axis size. Without a sequence axis (or size 1)
+    this is `blockwise_attention`, for which the order must be the original one.
+    """
+    (axis,) = _spec("length")
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty or axis not in mesh.axis_names else mesh.shape[axis]
+    if shards == 1:
+        return blockwise_attention(q, k, v, segment_ids, block_size=block_size)
+    length, head_dim = q.shape[1], q.shape[3]
+    chunk = length // shards
+    # At most half a local chunk: zig-zag chunks are two halves far apart, and a block straddling
+    # both is never fully masked, so it could not be skipped.
+    block = min(block_size, max(chunk // 2, 1))
+    if length % shards or chunk % block:
+        raise ValueError(f"ring attention needs length ({length}) / {shards} shards divisible by block {block}")
+    if token_index is None:
+        token_index = jnp.asarray(load_balance.token_index(length, shards))
+
+    def local(q, k, v, segment_ids, token_index):
+        b, local_length, heads, _ = q.shape  # this device's slice: heads may be split over `tensor`
+        kv_heads = k.shape[2]
+        qg = q.reshape(b, local_length, kv_heads, heads // kv_heads, head_dim)
+        out = _ring(qg, k, v, segment_ids.astype(jnp.int32), token_index.astype(jnp.int32), axis, shards, block)
+        return out.reshape(b, local_length, heads, head_dim)
+
+    q_spec = _spec("batch", "length", "heads", "head_dim")
+    kv_spec = _spec("batch", "length", "kv_heads", "head_dim")
+    # check_vma off: the loop states start as constants (not device-varying) and would need an
+    # explicit pcast in every cond and scan carry; every value in `local` is per-device anyway.
+    in_specs = (q_spec, kv_spec, kv_spec, _spec("batch", "length"), _spec("length"))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
+        q, k, v, segment_ids, token_index)
+
+
+def _rotate(tree, axis: str, shards: int):
+    """Send every leaf to the next device on the ring."""
+    perm = [(i, (i + 1) % shards) for i in range(shards)]
+    return jax.tree.map(lambda x: lax.ppermute(x, axis, perm), tree)
+
+
+def _to_blocks(x: jnp.ndarray, axis: int, block: int) -> jnp.ndarray:
+    """Split `axis` into (n, block) and move n to the front, ready to be scanned over."""
+    shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _from_blocks(x: jnp.ndarray, axis: int) -> jnp.ndarray:
+    """Inverse of `_to_blocks`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def _block(x: jnp.ndarray, j, block: int, axis: int) -> jnp.ndarray:
+    return lax.dynamic_slice_in_dim(x, j * block, block, axis=axis)
+
+
+def _key_block(kv, j, block: int):
+    """Block j of a visiting (k, v, segment_ids, token_index) chunk."""
+    k, v, seg, index = kv
+    return _block(k, j, block, 1), _block(v, j, block, 1), _block(seg, j, block, 1), _block(index, j, block, 0)
+
+
+def _scores(q_blk, k_blk, mask):
+    # q_blk [B, bq, K, G, D], k_blk [B, bk, K, D] -> [B, K, G, bq, bk] float32, scaled and masked
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=F32) * q_blk.shape[-1] ** -0.5
+    return jnp.where(mask, s, MASK_VALUE)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _ring(q, k, v, segment_ids, token_index, axis, shards, block):
+    return _ring_fwd(q, k, v, segment_ids, token_index, axis, shards, block)[0]
+
+
+def _attend(queries, kv, carry, block: int):
+    """Fold one visiting chunk into the online-softmax state of every local query block.
+
+    queries: blocked (q [nq, B, bq, K, G, D], segment ids [nq, B, bq], token index [nq, bq]);
+    carry: (max, sum) [nq, B, K, G, bq] and accumulator [nq, B, K, G, bq, D], float32.
+    """
+    num_keys = kv[0].shape[1] // block
+
+    def query_block(_, xs):
+        q_blk, q_seg, q_index, m, l, acc = xs
+
+        def key_block(j, state):
+            k_blk, v_blk, k_seg, k_index = _key_block(kv, j, block)
+            mask = visible(q_index, k_index, q_seg, k_seg)[:, None, None]
+
+            def update(state):
+                m, l, acc = state
+                s = _scores(q_blk, k_blk, mask)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                alpha = jnp.exp(m - m_new)
+                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
+                return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+            return lax.cond(mask.any(), update, lambda state: state, state)
+
+        return None, lax.fori_loop(0, num_keys, key_block, (m, l, acc))
+
+    _, carry = lax.scan(query_block, None, (*queries, *carry))
+    return carry
+
+
+def _ring_fwd(q, k, v, segment_ids, token_index, axis, shards, block):
+    b, _, kv_heads, groups, d = q.shape
+    queries = (_to_blocks(q, 1, block), _to_blocks(segment_ids, 1, block), _to_blocks(token_index, 0, block))
+    num_q = queries[0].shape[0]
+    stats = jnp.full((num_q, b, kv_heads, groups, block), MASK_VALUE, F32)
+    carry = (stats, jnp.zeros_like(stats), jnp.zeros((*stats.shape, d), F32))
+    kv = (k, v, segment_ids, token_index)
+    carry = _attend(queries, kv, carry, block)
+
+    def step(state, _):
+        carry, kv = state
+        kv = _rotate(kv, axis, shards)
+        return (_attend(queries, kv, carry, block), kv), None
+
+    (carry, _), _ = lax.scan(step, (carry, kv), None, length=shards - 1)
+    m, l, acc = carry
+    # Every query sees at least itself, so l > 0.
+    out_blocks = jnp.moveaxis(acc / l[..., None], 4, 2).astype(q.dtype)  # [nq, B, bq, K, G, D], like q blocks
+    lse = m + jnp.log(l)
+    out = _from_blocks(out_blocks, 1)
+    return out, (queries, k, v, segment_ids, token_index, out_blocks, lse)
+
+
+def _attend_bwd(queries, d_out, lse, delta, kv, dq, block: int):
+    """Gradient contributions of one visiting chunk: dq (local, accumulated) and dk, dv [B, Lc, K, D].
+
+    Blocked like `_attend`; d_out like q blocks, lse and delta [nq, B, K, G, bq].
+    """
+    q, q_seg, q_index = queries
+    num_q, num_keys = q.shape[0], kv[0].shape[1] // block
+    b, _, kv_heads, _, d = q.shape[1:]
+    scale = d**-0.5
+
+    def key_block(dq, j):
+        k_blk, v_blk, k_seg, k_index = _key_block(kv, j, block)
+
+        def query_block(i, state):
+            mask = visible(q_index[i], k_index, q_seg[i], k_seg)[:, None, None]
+
+            def update(state):
+                dq, dk, dv = state
+                q_blk, do_blk = q[i], d_out[i]
+                s = _scores(q_blk, k_blk, mask)
+                p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
+                dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_blk.dtype), do_blk, preferred_element_type=F32)
+                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_blk, v_blk, preferred_element_type=F32)
+                ds = p * (dp - delta[i][..., None]) * scale
+                dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q_blk.dtype), q_blk, preferred_element_type=F32)
+                dq_blk = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=F32)
+                return dq.at[i].add(dq_blk), dk, dv
+
+            return lax.cond(mask.any(), update, lambda state: state, state)
+
+        zeros = jnp.zeros((b, block, kv_heads, d), F32)
+        dq, dk, dv = lax.fori_loop(0, num_q, query_block, (dq, zeros, zeros))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = lax.scan(key_block, dq, jnp.arange(num_keys))
+    return dq, (_from_blocks(dk, 1), _from_blocks(dv, 1))
+
+
+def _ring_bwd(axis, shards, block, residuals, d_out):
+    queries, k, v, segment_ids, token_index, out_blocks, lse = residuals
+    d_out = _to_blocks(d_out, 1, block)
+    # delta_i = sum_d dO_i * O_i, the softmax-Jacobian correction, [nq, B, K, G, bq]
+    delta = jnp.einsum("nbqkgd,nbqkgd->nbkgq", d_out.astype(F32), out_blocks.astype(F32))
+    kv = (k, v, segment_ids, token_index)
+    dq, dkv = _attend_bwd(queries, d_out, lse, delta, kv, jnp.zeros(queries[0].shape, F32), block)
+
+    def step(state, _):
+        dq, kv, dkv = state
+        kv, dkv = _rotate((kv, dkv), axis, shards)
+        dq, step_dkv = _attend_bwd(queries, d_out, lse, delta, kv, dq, block)
+        return (dq, kv, jax.tree.map(jnp.add, dkv, step_dkv)), None
+
+    (dq, _, dkv), _ = lax.scan(step, (dq, kv, dkv), None, length=shards - 1)
+    # After S-1 hops each chunk's gradient sits one device short of the chunk's owner.
+    dk, dv = _rotate(dkv, axis, shards)
+    dq = _from_blocks(dq, 1)
+    return dq.astype(queries[0].dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
