@@ -1,0 +1,171 @@
+"""Training input: TFRecord shards written by synthesis -> per-host numpy batches.
+
+The schema is the contract with `nextlong-synth` (shared design, "TFRecord schema"); it is
+re-declared here because training does not import synthesis. Provenance features are ignored.
+
+Order is a pure function of (files, seed): files are shuffled per epoch, read interleaved, and
+records pass a seeded shuffle buffer. Resuming skips the records already consumed, before parsing,
+so a restarted run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nextlong_jax.train_config import DataConfig
+
+INT_FEATURES = ("input_ids", "token_roles", "segment_ids", "positions")
+FLOAT_FEATURES = ("loss_weights",)
+FEATURES = INT_FEATURES + FLOAT_FEATURES
+ROLE_META, ROLE_NEGATIVE = 1, 2
+MANIFEST = "manifest.json"
+
+
+class DataError(ValueError):
+    """A user-facing problem with the dataset."""
+
+
+@dataclass(frozen=True)
+class Shards:
+    files: tuple[str, ...]
+    compression: str  # "" or "GZIP", as tf.data spells it
+
+
+def find_shards(source: str, seq_len: int) -> Shards:
+    """Shards from a synthesis output dir, its manifest.json, or a glob of .tfrecord(.gz) files."""
+    if not source:
+        raise DataError("no dataset given (--data GLOB_OR_MANIFEST)")
+    path = Path(source)
+    if path.is_dir() or path.suffix == ".json":
+        manifest_path = path / MANIFEST if path.is_dir() else path
+        if not manifest_path.is_file():
+            raise DataError(f"no {MANIFEST} at {manifest_path}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = tuple(str(manifest_path.parent / s["file"]) for s in manifest["shards"])
+            manifest_len = int(manifest["seq_len"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{manifest_path}: not a synthesis manifest ({e})") from None
+        if manifest_len != seq_len:
+            raise DataError(f"{manifest_path}: sequences are {manifest_len} tokens but data.seq_len={seq_len}")
+        compression = "GZIP" if manifest.get("compression") == "gzip" else ""
+    else:
+        files = tuple(sorted(glob.glob(source)))
+        gz = {f.endswith(".gz") for f in files}
+        if len(gz) > 1:
+            raise DataError(f"{source}: mixes compressed and uncompressed shards")
+        compression = "GZIP" if gz == {True} else ""
+    if not files:
+        raise DataError(f"no TFRecord shards match {source}")
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise DataError(f"shard {missing[0]} is missing ({len(missing)} missing in all)")
+    return Shards(files, compression)
+
+
+def host_shards(shards: Shards, process_index: int, process_count: int) -> Shards:
+    """Every host reads a disjoint subset of the files (round-robin)."""
+    if len(shards.files) < process_count:
+        raise DataError(f"{len(shards.files)} shards cannot feed {process_count} hosts: synthesize more shards")
+    return Shards(shards.files[process_index::process_count], shards.compression)
+
+
+def check_first_record(path: str, compression: str, seq_len: int) -> None:
+    """Fail at start, naming the file, when its records lack features or have another length."""
+    import tensorflow as tf
+
+    try:
+        record = next(iter(tf.data.TFRecordDataset(path, compression_type=compression).take(1)), None)
+    except tf.errors.OpError as e:
+        raise DataError(f"{path}: unreadable TFRecord ({e.message.splitlines()[0]})") from None
+    if record is None:
+        raise DataError(f"{path}: no records")
+    try:
+        example = tf.train.Example.FromString(record.numpy())
+    except Exception:  # protobuf's DecodeError has no stable import path
+        raise DataError(f"{path}: records are not tf.train.Example") from None
+    features = example.features.feature
+    missing = [name for name in FEATURES if name not in features]
+    if missing:
+        raise DataError(f"{path}: records lack feature(s) {', '.join(missing)}")
+    for name in FEATURES:
+        values = features[name].float_list.value if name in FLOAT_FEATURES else features[name].int64_list.value
+        if len(values) != seq_len:
+            raise DataError(f"{path}: feature {name} has {len(values)} values but data.seq_len={seq_len}")
+
+
+def _dataset(shards: Shards, config: DataConfig, per_host_batch: int, skip_records: int):
+    import tensorflow as tf
+
+    spec = {name: tf.io.FixedLenFeature([config.seq_len], tf.int64) for name in INT_FEATURES}
+    spec["loss_weights"] = tf.io.FixedLenFeature([config.seq_len], tf.float32)
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, spec)
+        return {k: tf.cast(v, tf.int32) if v.dtype == tf.int64 else v for k, v in example.items()}
+
+    files = tf.data.Dataset.from_tensor_slices(list(shards.files))
+    files = files.shuffle(len(shards.files), seed=config.seed, reshuffle_each_iteration=True).repeat()
+    records = files.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=shards.compression),
+        cycle_length=min(len(shards.files), 8), block_length=1)
+    records = records.shuffle(config.shuffle_buffer, seed=config.seed + 1).skip(skip_records)
+    batches = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = batches.batch(per_host_batch, drop_remainder=True).prefetch(config.prefetch)
+    options = tf.data.Options()
+    options.deterministic = True
+    return batches.with_options(options)
+
+
+def apply_negative_weight(batch: dict[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
+    """Re-weight hard-negative tokens; pads and each segment's first token (never predicted) keep 0."""
+    seg = batch["segment_ids"]
+    first = np.ones_like(seg, dtype=bool)
+    first[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    negative = (batch["token_roles"] == ROLE_NEGATIVE) & (seg != 0) & ~first
+    weights = np.where(negative, np.float32(weight), batch["loss_weights"]).astype(np.float32)
+    return {**batch, "loss_weights": weights}
+
+
+class BatchIterator:
+    """Per-host batches as numpy dicts; `position` is what a checkpoint stores to resume exactly."""
+
+    def __init__(self, shards: Shards, config: DataConfig, per_host_batch: int, *,
+                 negative_weight: float | None = None, start_batches: int = 0):
+        for path in shards.files:
+            check_first_record(path, shards.compression, config.seq_len)
+        self._per_host_batch = per_host_batch
+        self._negative_weight = negative_weight
+        self.batches = start_batches
+        self._it = iter(_dataset(shards, config, per_host_batch, start_batches * per_host_batch).as_numpy_iterator())
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        self.batches += 1
+        if self._negative_weight is not None:
+            batch = apply_negative_weight(batch, self._negative_weight)
+        return batch
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"batches": self.batches, "per_host_batch": self._per_host_batch}
+
+
+def resume_batches(position: dict[str, int] | None, per_host_batch: int) -> int:
+    """Batches to skip given a saved position; a changed batch size is honoured only on record boundaries."""
+    if not position:
+        return 0
+    records = position["batches"] * position["per_host_batch"]
+    if records % per_host_batch:
+        raise DataError(f"cannot resume: {records} records consumed is not a whole number of "
+                        f"{per_host_batch}-sequence batches; keep the batch size of the run being resumed")
+    return records // per_host_batch

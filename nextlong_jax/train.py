@@ -1,0 +1,311 @@
+"""Train step and loop: weighted next-token loss, AdamW, sharded by the logical rules.
+
+Loss = sum(w * nll) / sum(w) over the global batch (the weight convention is stated once, in
+`nextlong_jax.model.loss`). Gradient accumulation sums unnormalised microbatch gradients and
+divides once by the global weight sum, so accumulating is exactly a bigger batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nextlong_jax.data import FEATURES, ROLE_META, ROLE_NEGATIVE, BatchIterator, find_shards, host_shards, resume_batches
+from nextlong_jax.model.config import LlamaConfig
+from nextlong_jax.model.llama import Llama
+from nextlong_jax.model.loss import next_token_loss
+from nextlong_jax.sharding import axis_rules, logical_sharding, logical_shardings, make_mesh
+from nextlong_jax.train_config import Config, OptimizerConfig
+
+
+class TrainError(RuntimeError):
+    """A user-facing reason the run cannot start or continue."""
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+
+
+# ---------------------------------------------------------------- optimizer
+
+def lr_schedule(cfg: OptimizerConfig, steps: int) -> optax.Schedule:
+    peak, warmup = cfg.learning_rate, cfg.warmup_steps
+    decay_steps = max(steps - warmup, 1)
+    if cfg.decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.final_lr_ratio)
+    elif cfg.decay == "linear":
+        decay = optax.linear_schedule(peak, peak * cfg.final_lr_ratio, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params: Any, decay_norms_and_embeddings: bool) -> Any:
+    """True where weight decay applies. Norm scales are stacked [layers, E], so rank cannot tell them apart."""
+    def wants_decay(path, _):
+        names = {getattr(k, "key", None) for k in path}
+        return decay_norms_and_embeddings or not ({"scale", "embed_tokens"} & names)
+    return jax.tree_util.tree_map_with_path(wants_decay, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def build_optimizer(cfg: OptimizerConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = lr_schedule(cfg, steps)
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        mask=partial(decay_mask, decay_norms_and_embeddings=cfg.decay_norms_and_embeddings))
+    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
+    return optax.chain(clip, adamw), schedule
+
+
+# ---------------------------------------------------------------- loss and step
+
+def _hidden_and_head(module: Llama, input_ids, positions, segment_ids):
+    return module.hidden_states(input_ids, positions, segment_ids), module.head()
+
+
+def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(nll sums, weight sums), each [3]: training weights, meta tokens, negative tokens.
+
+    The role losses are unweighted NLL on that role's tokens (so they stay comparable whatever
+    `loss.negative_weight` is). vmap over the weight rows shares one pass of blocked logits: the
+    logits do not depend on the weights, so vmap leaves them unbatched.
+    """
+    # RING ATTENTION INTEGRATION POINT: with mesh.sequence > 1 a load-balanced ring reorders the sequence;
+    # targets must be shifted before reordering. Until ring.py lands, GSPMD shards `length` as the rules say.
+    hidden, head = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                               method=_hidden_and_head)
+    roles = batch["token_roles"]
+    weights = jnp.stack([batch["loss_weights"].astype(jnp.float32), (roles == ROLE_META).astype(jnp.float32),
+                         (roles == ROLE_NEGATIVE).astype(jnp.float32)])
+    block = model.config.logits_block_size
+    per_row = jax.vmap(lambda w: next_token_loss(hidden, head, batch["input_ids"], w, batch["segment_ids"],
+                                                 block_size=block))
+    return per_row(weights)
+
+
+def _safe_ratio(num, den):
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
+
+
+def make_train_step(model: Llama, tx: optax.GradientTransformation, grad_accum: int) -> Callable:
+    def grad_sums(params, microbatch):
+        def objective(p):
+            nll, w = loss_sums(model, p, microbatch)
+            return nll[0], (nll, w)
+        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return grads, sums
+
+    def step(state: TrainState, batch: dict[str, jnp.ndarray]):
+        if grad_accum == 1:
+            grads, (nll, w) = grad_sums(state.params, batch)
+        else:
+            # [B, L] -> [A, B/A, L] taking rows A apart, so each device's rows stay on that device.
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch)
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(3), jnp.zeros(3)))
+
+            def body(acc, mb):
+                return jax.tree.map(jnp.add, acc, grad_sums(state.params, mb)), None
+
+            (grads, (nll, w)), _ = jax.lax.scan(body, zeros, micro)
+        total = jnp.where(w[0] > 0, w[0], 1.0)
+        grads = jax.tree.map(lambda g: g / total, grads)
+        grad_norm = optax.global_norm(grads)
+        loss = _safe_ratio(nll[0], w[0])
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updated = TrainState(optax.apply_updates(state.params, updates), opt_state)
+        # A non-finite step leaves params and optimizer state (its step count too) untouched.
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        metrics = dict(loss=loss, meta_loss=_safe_ratio(nll[1], w[1]), negative_loss=_safe_ratio(nll[2], w[2]),
+                       grad_norm=grad_norm, finite=finite, weight=w[0])
+        return new_state, metrics
+
+    return step
+
+
+# ---------------------------------------------------------------- setup
+
+def maybe_initialize_distributed() -> None:
+    """Join the other hosts when the environment describes a multi-host job (TPU pod, SLURM, MPI, explicit)."""
+    env = os.environ
+    multi = (env.get("JAX_COORDINATOR_ADDRESS") or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+             or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def build_mesh(config: Config) -> Mesh:
+    try:
+        mesh = make_mesh(**dataclasses.asdict(config.mesh))
+    except ValueError as e:
+        raise TrainError(f"mesh: {e}") from None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.optimizer.grad_accum
+    if config.data.batch_size % shards or config.data.batch_size % jax.process_count():
+        raise TrainError(f"data.batch_size={config.data.batch_size} must divide by data*fsdp*grad_accum={shards} "
+                         f"and by the {jax.process_count()} host(s)")
+    return mesh
+
+
+class Setup(NamedTuple):
+    model: Llama
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Mesh
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+
+
+def build(config: Config, mesh: Mesh) -> Setup:
+    """Model, optimizer and shardings; call inside `jax.set_mesh(mesh)` and `axis_rules()`."""
+    model = Llama(config.model)
+    tx, schedule = build_optimizer(config.optimizer, config.train.steps)
+
+    def boxed_state(rng):
+        ids = jnp.zeros((1, config.data.seq_len), jnp.int32)
+        params = model.init(rng, ids, ids, ids)["params"]
+        return TrainState(params, tx.init(params))
+
+    # Optimizer state built from boxed params keeps the logical names, so it shards like the params.
+    abstract = jax.eval_shape(boxed_state, jax.random.key(0))
+    return Setup(model, tx, schedule, mesh, logical_shardings(abstract, mesh),
+                 logical_sharding(mesh, ("batch", "length")))
+
+
+def _fresh_state(setup: Setup, rng: jax.Array, params: Any | None = None) -> TrainState:
+    if params is None:
+        ids = jnp.zeros((1, 8), jnp.int32)  # parameter shapes do not depend on the length
+        params = nn.unbox(setup.model.init(rng, ids, ids, ids)["params"])
+    return TrainState(params, setup.tx.init(params))
+
+
+def init_state(setup: Setup, seed: int, params: Any | None = None) -> TrainState:
+    """Fresh state from `seed`, or around given host params (an HF checkpoint's), laid out as the rules say."""
+    if params is not None:
+        params = jax.device_put(params, setup.state_shardings.params)
+    return jax.jit(partial(_fresh_state, setup), out_shardings=setup.state_shardings)(jax.random.key(seed), params)
+
+
+def abstract_state(setup: Setup) -> TrainState:
+    """ShapeDtypeStructs carrying the target shardings (what a restore fills in)."""
+    shapes = jax.eval_shape(partial(_fresh_state, setup), jax.random.key(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        setup.state_shardings)
+
+
+def jit_step(setup: Setup, grad_accum: int) -> Callable:
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    return jax.jit(make_train_step(setup.model, setup.tx, grad_accum),
+                   in_shardings=(setup.state_shardings, setup.batch_sharding),
+                   out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Per-host rows -> one global array per feature (hosts hold consecutive slices of the batch)."""
+    return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in FEATURES}
+
+
+def hf_params(hf_dir: Path, model_config: LlamaConfig) -> Any:
+    """Weights of an HF Llama directory; its architecture must equal the configured one (rope may differ)."""
+    from nextlong_jax.convert import read_hf_config, read_hf_params
+
+    hf = read_hf_config(hf_dir)
+    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "tie_word_embeddings")
+    diff = [f"{f}: config {getattr(model_config, f)} vs {hf_dir} {getattr(hf, f)}"
+            for f in shape_fields if getattr(model_config, f) != getattr(hf, f)]
+    if diff:
+        raise TrainError("--init-from-hf architecture differs from the config (" + "; ".join(diff) + ")")
+    params = read_hf_params(hf_dir, model_config)
+    return jax.tree.map(lambda x: np.asarray(x, model_config.jnp_param_dtype), params)
+
+
+def model_flops_per_token(c: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token (6 x matmul params, plus causal attention scores), the usual MFU numerator."""
+    e, h, kv, d, f = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+    per_layer = e * (h + 2 * kv) * d + h * d * e + 3 * e * f
+    dense = c.num_hidden_layers * per_layer + e * c.vocab_size
+    attention = c.num_hidden_layers * 2 * h * d * seq_len  # QK^T and PV, halved by causality, x2 multiply-add
+    return 6.0 * dense + 3.0 * attention
+
+
+# ---------------------------------------------------------------- loop
+
+class Reporter:
+    """Where per-step metrics go (metrics.jsonl, TensorBoard, console); see train_cli."""
+
+    def start(self, first_step: int, total_steps: int) -> None: ...
+    def log(self, step: int, metrics: dict[str, float | None]) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Path | None = None) -> int:
+    """Runs (or resumes) to `train.steps`; returns the last completed step."""
+    from nextlong_jax.checkpoint import Checkpointer, Preemption
+
+    maybe_initialize_distributed()
+    mesh = build_mesh(config)
+    shards = host_shards(find_shards(config.data.source, config.data.seq_len), jax.process_index(),
+                         jax.process_count())
+    per_host_batch = config.data.batch_size // jax.process_count()
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    flops_per_step = model_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+    checkpoints = Checkpointer(out_dir / "checkpoints", config.checkpoint)
+    with jax.set_mesh(mesh), axis_rules():
+        setup = build(config, mesh)
+        restored = checkpoints.restore_latest(abstract_state(setup))
+        if restored is not None:
+            state, progress = restored
+            reporter.message(f"resumed from step {progress['step']} in {out_dir}")
+        else:
+            params = hf_params(init_from_hf, config.model) if init_from_hf else None
+            state, progress = init_state(setup, config.train.seed, params), {"step": 0, "data": None, "skipped": 0}
+        step, skipped, nonfinite_run = progress["step"], progress["skipped"], 0
+        data = BatchIterator(shards, config.data, per_host_batch, negative_weight=config.loss.negative_weight,
+                             start_batches=resume_batches(progress["data"], per_host_batch))
+        train_step = jit_step(setup, config.optimizer.grad_accum)
+        reporter.start(step, config.train.steps)
+        preemption = Preemption(checkpoints)
+        tick = time.perf_counter()
+        while step < config.train.steps:
+            lr = float(setup.schedule(step - skipped))  # optax counts applied updates only
+            state, metrics = train_step(state, global_batch(next(data), setup.batch_sharding))
+            metrics = jax.device_get(metrics)
+            step += 1
+            now = time.perf_counter()
+            seconds, tick = now - tick, now
+            finite = bool(metrics.pop("finite"))
+            nonfinite_run = 0 if finite else nonfinite_run + 1
+            skipped += not finite
+            row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items() if k != "weight"}
+            row.update(lr=lr, tokens_per_s=tokens_per_step / seconds,
+                       mfu=(flops_per_step / seconds / (config.train.peak_flops_per_device * mesh.size)
+                            if config.train.peak_flops_per_device else None),
+                       skipped=skipped)
+            reporter.log(step, row)
+            progress = {"step": step, "data": data.position, "skipped": skipped}
+            stop = preemption.requested(step)
+            checkpoints.save(step, state, progress, config, force=stop or step == config.train.steps)
+            if nonfinite_run >= config.train.max_consecutive_nonfinite:
+                checkpoints.close()
+                raise TrainError(f"stopping at step {step}: loss or gradients non-finite for {nonfinite_run} steps "
+                                 f"in a row ({skipped} skipped in all); lower optimizer.learning_rate or check the data")
+            if stop:
+                reporter.message(f"preempted: saved step {step}; rerun the same command to resume")
+                break
+        checkpoints.close()
+    return step

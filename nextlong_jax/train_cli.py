@@ -1,0 +1,117 @@
+"""`nextlong-train`: train or resume a run. User errors exit 1 with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+JSONL_KEYS = ("step", "loss", "meta_loss", "negative_loss", "lr", "grad_norm", "tokens_per_s")
+
+
+class RunLog:
+    """metrics.jsonl, TensorBoard scalars and a console line; only process 0 writes."""
+
+    def __init__(self, out_dir: Path, primary: bool):
+        self._out_dir, self._primary = out_dir, primary
+        self._jsonl = None
+        self._tb = None
+        self._total = 0
+
+    def start(self, first_step: int, total_steps: int) -> None:
+        self._total = total_steps
+        if not self._primary:
+            return
+        path = self._out_dir / "metrics.jsonl"
+        # A resumed run repeats the steps after its checkpoint: drop their old rows (and a row cut by a kill).
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= first_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue
+        path.write_text("".join(kept))
+        self._jsonl = path.open("a")
+        import tensorflow as tf
+
+        self._tb = tf.summary.create_file_writer(str(self._out_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self._primary:
+            return
+        row = {"step": step, **metrics}
+        self._jsonl.write(json.dumps({k: row[k] for k in JSONL_KEYS}) + "\n")
+        self._jsonl.flush()
+        with self._tb.as_default(step=step):
+            import tensorflow as tf
+
+            for name, value in metrics.items():
+                if value is not None:
+                    tf.summary.scalar(name, value)
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        print(f"step {step}/{self._total}  loss {fmt(row['loss'], '.4f')}  meta {fmt(row['meta_loss'], '.4f')}  "
+              f"neg {fmt(row['negative_loss'], '.4f')}  lr {row['lr']:.2e}  gnorm {fmt(row['grad_norm'], '.3f')}  "
+              f"{row['tokens_per_s']:.0f} tok/s" + (f"  skipped {row['skipped']}" if row["skipped"] else ""),
+              flush=True)
+
+    def message(self, text: str) -> None:
+        if self._primary:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nextlong-train", description="Train the Llama on nextlong-synth TFRecords; "
+                                "rerunning with the same --out resumes from its latest checkpoint.")
+    p.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/train/tiny-cpu.yaml")
+    p.add_argument("--data", help="shard glob, manifest.json or synthesis output dir (sets data.source)")
+    p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard")
+    p.add_argument("--init-from-hf", type=Path, help="warm start from an HF Llama directory (fresh runs only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's INFO chatter is not for CLI users
+    from nextlong_jax.convert import ConversionError
+    from nextlong_jax.data import DataError
+    from nextlong_jax.train import TrainError, train
+    from nextlong_jax.train_config import ConfigError, load_config
+
+    overrides = list(args.overrides) + ([f"data.source={json.dumps(args.data)}"] if args.data else [])
+    log = None
+    try:
+        config = load_config(args.config, overrides)
+        import jax
+        import tensorflow as tf
+
+        # TF only reads files here; keep it off accelerators JAX owns.
+        tf.config.set_visible_devices([], "GPU")
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = RunLog(args.out, primary=jax.process_index() == 0)
+        step = train(config, args.out, log, init_from_hf=args.init_from_hf)
+        log.message(f"done at step {step}; checkpoints in {args.out / 'checkpoints'}")
+        return 0
+    except (ConfigError, DataError, ConversionError, TrainError, OSError) as e:
+        error = e
+    finally:
+        if log is not None:
+            log.close()
+    print(f"nextlong-train: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

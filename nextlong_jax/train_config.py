@@ -1,0 +1,223 @@
+"""Training configuration: frozen dataclasses read from YAML, with dotted `key=value` overrides.
+
+The YAML mirrors the dataclass tree (`model`, `mesh`, `data`, `loss`, `optimizer`, `checkpoint`,
+`train`). `model.preset` names a base architecture whose fields the rest of `model` overrides.
+Unknown keys and ill-typed values fail with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nextlong_jax.model.config import LlamaConfig, RopeScaling
+
+
+class ConfigError(ValueError):
+    """A user-facing problem with the config file or an override."""
+
+
+# Architectures as published; a preset fixes shapes, the YAML adds context length and training knobs.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                        rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072,
+                        bos_token_id=128000, eos_token_id=128001),
+}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Axis sizes; one may be -1 (the remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    sequence: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = ""  # glob of shards, a manifest.json, or the synthesis output dir; the CLI's --data sets it
+    seq_len: int = 2048
+    batch_size: int = 8  # global, in sequences, per optimizer step
+    shuffle_buffer: int = 256  # in sequences
+    seed: int = 0
+    prefetch: int = 2  # batches
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # None keeps the weights synthesis wrote; a number re-weights hard-negative tokens (role 2).
+    negative_weight: float | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 4e-5
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine | linear | constant, from the peak to final_lr_ratio * peak
+    final_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_and_embeddings: bool = False
+    clip_norm: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1  # microbatches per step; the global batch is split, not multiplied
+
+    def __post_init__(self):
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optimizer.decay={self.decay!r} not in (cosine, linear, constant)")
+        if self.grad_accum < 1:
+            raise ConfigError("optimizer.grad_accum must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps; a final and a SIGTERM checkpoint are written regardless
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class TrainRunConfig:
+    steps: int = 1000
+    seed: int = 0  # parameter init; the data order has its own seed
+    max_consecutive_nonfinite: int = 5  # stop after this many skipped (NaN/inf) updates in a row
+    peak_flops_per_device: float = 0.0  # for MFU in TensorBoard; 0 leaves MFU out
+
+
+@dataclass(frozen=True)
+class Config:
+    model: LlamaConfig = field(default_factory=LlamaConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainRunConfig = field(default_factory=TrainRunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """`value` converted to `hint` where lossless (int -> float, list -> tuple), else ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_check_type(key, v, typing.get_args(hint)[0]) for v in value)
+    elif hint is RopeScaling:
+        if isinstance(value, dict):
+            try:
+                return RopeScaling(**value)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{key}: {e}") from None
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot, no exponent sign) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key}={value!r}: expected {getattr(hint, '__name__', hint)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown key {prefix}{key} (known in {prefix.rstrip('.') or 'top level'}: {known})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and hint is not RopeScaling:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key} must be a mapping")
+            kwargs[key] = _model(value, f"{prefix}{key}.") if hint is LlamaConfig else _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, hint)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+
+
+def _model(values: dict[str, Any], prefix: str) -> LlamaConfig:
+    values = dict(values)
+    preset = values.pop("preset", None)
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"unknown {prefix}preset {preset!r} (known: {', '.join(MODEL_PRESETS)})")
+        values = {**MODEL_PRESETS[preset], **values}
+    return _build(LlamaConfig, values, prefix)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = tree.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        tree = child
+    tree[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optimizer.learning_rate=1e-4' -> ('optimizer.learning_rate', 1e-4); values parse as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return _build(Config, tree, "")
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Inverse of `Config.to_dict` (a checkpoint's saved config)."""
+    return _build(Config, tree, "")

@@ -1,0 +1,103 @@
+"""Config loading, the weighted loss against a hand computation, the optimizer's decay mask and NaN skipping."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nextlong_jax.model import Llama, LlamaConfig
+from nextlong_jax.train import TrainState, build_optimizer, decay_mask, loss_sums, make_train_step
+from nextlong_jax.train_config import ConfigError, OptimizerConfig, config_from_dict, load_config
+
+TINY = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, attention_block_size=8, logits_block_size=4)
+
+
+def test_yaml_preset_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: llama3-8b, rope_theta: 2.0e8}\ndata: {seq_len: 1024}\n")
+    c = load_config(path, ["mesh.data=2", "train.steps=50", "optimizer.learning_rate=1e-4", "loss.negative_weight=0.5"])
+    assert (c.model.hidden_size, c.model.num_key_value_heads, c.model.rope_theta) == (4096, 8, 2e8)
+    assert (c.mesh.data, c.train.steps, c.optimizer.learning_rate, c.loss.negative_weight) == (2, 50, 1e-4, 0.5)
+    assert config_from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown key train.stepz"),
+    ("mesh.data=two", "mesh.data='two': expected int"),
+    ("model.preset=llama9", "unknown model.preset"),
+    ("optimizer.decay=step", "optimizer.decay='step'"),
+    ("nokey", "not key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, TINY.vocab_size, (2, 12)).astype(np.int32)
+    segments = np.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12], np.int32)
+    positions = np.array([list(range(5)) * 2 + [0, 0], list(range(12))], np.int32)
+    roles = np.array([[1, 1, 2, 2, 1, 1, 2, 1, 1, 2, 0, 0], [1] * 6 + [2] * 6], np.int32)
+    weights = rng.uniform(0.1, 2.0, (2, 12)).astype(np.float32) * (segments > 0)
+    return dict(input_ids=ids, positions=positions, segment_ids=segments, token_roles=roles, loss_weights=weights)
+
+
+def test_weighted_loss_matches_hand_computation():
+    model, batch = Llama(TINY), _batch()
+    params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
+    nll, w = jax.jit(lambda p, b: loss_sums(model, p, b))(params, batch)
+
+    logits = np.asarray(model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"]),
+                        np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    want = np.zeros((3, 2))  # rows: training weights, meta, negative; cols: nll sum, weight sum
+    seg, roles = batch["segment_ids"], batch["token_roles"]
+    for b in range(2):
+        for t in range(1, 12):  # weight at t: predict input_ids[t] from the hidden state at t-1
+            if seg[b, t] == 0 or seg[b, t] != seg[b, t - 1]:
+                continue
+            token_nll = -logp[b, t - 1, batch["input_ids"][b, t]]
+            for row, weight in enumerate((batch["loss_weights"][b, t], roles[b, t] == 1, roles[b, t] == 2)):
+                want[row] += (weight * token_nll, weight)
+    np.testing.assert_allclose(np.asarray(w), want[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(nll), want[:, 0], rtol=1e-5)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    model, batch = Llama(TINY), _batch()
+    batch = {k: np.concatenate([v, v[::-1]]) for k, v in batch.items()}
+    tx, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
+    params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
+    state = TrainState(params, tx.init(params))
+    (s1, m1), (s2, m2) = (jax.jit(make_train_step(model, tx, a))(state, batch) for a in (1, 2))
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)  # Adam divides by tiny sqrt(v)
+
+
+def test_nonfinite_step_is_skipped():
+    model, batch = Llama(TINY), _batch()
+    tx, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2), 10)
+    params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
+    params = nn.unbox(params)
+    params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(jnp.nan)
+    state = TrainState(params, tx.init(params))
+    new, metrics = jax.jit(make_train_step(model, tx, 1))(state, batch)
+    assert not bool(metrics["finite"])
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_decay_mask_spares_norms_and_embeddings():
+    ids = np.zeros((1, 4), np.int32)
+    params = Llama(TINY).init(jax.random.key(0), ids, ids, ids)["params"]
+    mask = decay_mask(params, decay_norms_and_embeddings=False)
+    assert not mask["embed_tokens"] and not mask["final_norm"]["scale"]
+    assert not mask["layers"]["input_norm"]["scale"] and mask["layers"]["attn"]["q_proj"] and mask["lm_head"]
+    assert all(jax.tree.leaves(decay_mask(params, decay_norms_and_embeddings=True)))
