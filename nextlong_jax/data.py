@@ -10,7 +10,6 @@ so a restarted run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import glob
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ class Shards:
 
 def find_shards(source: str, seq_len: int) -> Shards:
     """Shards from a synthesis output dir, its manifest.json, or a glob of .tfrecord(.gz) files."""
+    import tensorflow as tf
+
     if not source:
         raise DataError("no dataset given (--data GLOB_OR_MANIFEST)")
     path = Path(source)
@@ -56,14 +57,15 @@ def find_shards(source: str, seq_len: int) -> Shards:
             raise DataError(f"{manifest_path}: sequences are {manifest_len} tokens but data.seq_len={seq_len}")
         compression = "GZIP" if manifest.get("compression") == "gzip" else ""
     else:
-        files = tuple(sorted(glob.glob(source)))
+        # tf.io.gfile, not glob: pod hosts read shards from object stores (gs://...) as well.
+        files = tuple(sorted(tf.io.gfile.glob(source)))
         gz = {f.endswith(".gz") for f in files}
         if len(gz) > 1:
             raise DataError(f"{source}: mixes compressed and uncompressed shards")
         compression = "GZIP" if gz == {True} else ""
     if not files:
         raise DataError(f"no TFRecord shards match {source}")
-    missing = [f for f in files if not Path(f).is_file()]
+    missing = [f for f in files if not tf.io.gfile.exists(f)]
     if missing:
         raise DataError(f"shard {missing[0]} is missing ({len(missing)} missing in all)")
     return Shards(files, compression)
