@@ -3,6 +3,10 @@
 Loss = sum(w * nll) / sum(w) over the global batch (the weight convention is stated once, in
 `nextlong_jax.model.loss`). Gradient accumulation sums unnormalised microbatch gradients and
 divides once by the global weight sum, so accumulating is exactly a bigger batch.
+
+With `mesh.sequence` > 1 the length is sharded and attention is the load-balanced ring: targets are
+shifted in the original order, then every [B, L] feature is put in zig-zag order inside the step
+(see `nextlong_jax.load_balance`), and the loss, being position-wise, needs no un-reordering.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nextlong_jax import load_balance
 from nextlong_jax.data import FEATURES, ROLE_META, ROLE_NEGATIVE, BatchIterator, find_shards, host_shards, resume_batches
 from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.llama import Llama
-from nextlong_jax.model.loss import next_token_loss
+from nextlong_jax.model.loss import next_token_targets, target_loss
 from nextlong_jax.sharding import axis_rules, logical_sharding, logical_shardings, make_mesh
 from nextlong_jax.train_config import Config, OptimizerConfig
 
@@ -78,34 +83,54 @@ def _hidden_and_head(module: Llama, input_ids, positions, segment_ids):
     return module.hidden_states(input_ids, positions, segment_ids), module.head()
 
 
-def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _check_ring(model: Llama, sequence_shards: int) -> None:
+    """Ring attention takes its mesh from the ambient context at trace time; without it the model would
+    silently run blockwise attention on zig-zag-ordered tokens, i.e. with a wrong causal mask."""
+    if model.config.attention_backend != "ring":
+        raise TrainError(f"mesh.sequence={sequence_shards} needs model.attention_backend=ring, "
+                         f"not {model.config.attention_backend!r}")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get("sequence") != sequence_shards:
+        raise TrainError(f"sequence-parallel step traced outside `jax.set_mesh` of a mesh with sequence="
+                         f"{sequence_shards} (ambient mesh: {None if mesh.empty else dict(mesh.shape)})")
+
+
+def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray],
+              sequence_shards: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(nll sums, weight sums), each [3]: training weights, meta tokens, negative tokens.
 
     The role losses are unweighted NLL on that role's tokens (so they stay comparable whatever
     `loss.negative_weight` is). vmap over the weight rows shares one pass of blocked logits: the
-    logits do not depend on the weights, so vmap leaves them unbatched.
+    logits do not depend on the weights, so vmap leaves them unbatched. `sequence_shards` > 1 runs
+    the model in zig-zag order for ring attention over that many shards of the ambient mesh.
     """
-    # RING ATTENTION INTEGRATION POINT: with mesh.sequence > 1 a load-balanced ring reorders the sequence;
-    # targets must be shifted before reordering. Until ring.py lands, GSPMD shards `length` as the rules say.
-    hidden, head = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                               method=_hidden_and_head)
     roles = batch["token_roles"]
     weights = jnp.stack([batch["loss_weights"].astype(jnp.float32), (roles == ROLE_META).astype(jnp.float32),
                          (roles == ROLE_NEGATIVE).astype(jnp.float32)])
+    # Shift first: "the next token" only means something in the original order.
+    targets, weights = next_token_targets(batch["input_ids"], weights, batch["segment_ids"])
+    features = dict(input_ids=batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                    targets=targets, weights=jnp.moveaxis(weights, 0, -1))  # weights [B, L, 3]: reorder wants L second
+    if sequence_shards > 1:
+        _check_ring(model, sequence_shards)
+        features = load_balance.reorder(features, sequence_shards)
+    hidden, head = model.apply({"params": params}, features["input_ids"], features["positions"],
+                               features["segment_ids"], method=_hidden_and_head)
     block = model.config.logits_block_size
-    per_row = jax.vmap(lambda w: next_token_loss(hidden, head, batch["input_ids"], w, batch["segment_ids"],
-                                                 block_size=block))
-    return per_row(weights)
+    per_row = jax.vmap(lambda w: target_loss(hidden, head, features["targets"], w, block_size=block), in_axes=-1)
+    return per_row(features["weights"])
 
 
 def _safe_ratio(num, den):
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
 
 
-def make_train_step(model: Llama, tx: optax.GradientTransformation, grad_accum: int) -> Callable:
+def make_train_step(model: Llama, tx: optax.GradientTransformation, grad_accum: int,
+                    sequence_shards: int = 1) -> Callable:
+    """Trace the result inside `jax.set_mesh` of a mesh with that many `sequence` shards (see `loss_sums`)."""
     def grad_sums(params, microbatch):
         def objective(p):
-            nll, w = loss_sums(model, p, microbatch)
+            nll, w = loss_sums(model, p, microbatch, sequence_shards)
             return nll[0], (nll, w)
         (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return grads, sums
@@ -158,6 +183,13 @@ def build_mesh(config: Config) -> Mesh:
     if config.data.batch_size % shards or config.data.batch_size % jax.process_count():
         raise TrainError(f"data.batch_size={config.data.batch_size} must divide by data*fsdp*grad_accum={shards} "
                          f"and by the {jax.process_count()} host(s)")
+    sequence = mesh.shape["sequence"]
+    if sequence > 1 and config.model.attention_backend != "ring":
+        raise TrainError(f"mesh.sequence={sequence} needs model.attention_backend=ring "
+                         f"(got {config.model.attention_backend!r})")
+    if config.data.seq_len % (2 * sequence):
+        raise TrainError(f"data.seq_len={config.data.seq_len} must divide by 2*mesh.sequence={2 * sequence} "
+                         "(zig-zag load balancing)")
     return mesh
 
 
@@ -170,6 +202,11 @@ class Setup(NamedTuple):
     batch_sharding: NamedSharding
 
 
+def _init_model(model: Llama) -> Llama:
+    """The same parameters without ring attention, whose shard_map cannot take init's one-row dummy batch."""
+    return Llama(model.config.replace(attention_backend="blockwise"))
+
+
 def build(config: Config, mesh: Mesh) -> Setup:
     """Model, optimizer and shardings; call inside `jax.set_mesh(mesh)` and `axis_rules()`."""
     model = Llama(config.model)
@@ -177,7 +214,7 @@ def build(config: Config, mesh: Mesh) -> Setup:
 
     def boxed_state(rng):
         ids = jnp.zeros((1, config.data.seq_len), jnp.int32)
-        params = model.init(rng, ids, ids, ids)["params"]
+        params = _init_model(model).init(rng, ids, ids, ids)["params"]
         return TrainState(params, tx.init(params))
 
     # Optimizer state built from boxed params keeps the logical names, so it shards like the params.
@@ -189,7 +226,7 @@ def build(config: Config, mesh: Mesh) -> Setup:
 def _fresh_state(setup: Setup, rng: jax.Array, params: Any | None = None) -> TrainState:
     if params is None:
         ids = jnp.zeros((1, 8), jnp.int32)  # parameter shapes do not depend on the length
-        params = nn.unbox(setup.model.init(rng, ids, ids, ids)["params"])
+        params = nn.unbox(_init_model(setup.model).init(rng, ids, ids, ids)["params"])
     return TrainState(params, setup.tx.init(params))
 
 
@@ -209,7 +246,7 @@ def abstract_state(setup: Setup) -> TrainState:
 
 def jit_step(setup: Setup, grad_accum: int) -> Callable:
     replicated = NamedSharding(setup.mesh, PartitionSpec())
-    return jax.jit(make_train_step(setup.model, setup.tx, grad_accum),
+    return jax.jit(make_train_step(setup.model, setup.tx, grad_accum, setup.mesh.shape["sequence"]),
                    in_shardings=(setup.state_shardings, setup.batch_sharding),
                    out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
 

@@ -13,6 +13,21 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def next_token_targets(
+    input_ids: jnp.ndarray, loss_weights: jnp.ndarray, segment_ids: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """[B, L] ids and segment ids, weights [..., B, L] -> (targets [B, L], target weights [..., B, L] float32).
+
+    Position t gets target input_ids[t+1] and weight loss_weights[t+1] (zero across a segment boundary,
+    into padding, and at the last position). Leading weight axes share one set of targets.
+    """
+    same_doc = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    weights = jnp.where(same_doc, loss_weights[..., 1:].astype(jnp.float32), 0.0)
+    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+    weights = jnp.pad(weights, ((0, 0),) * (weights.ndim - 1) + ((0, 1),))
+    return targets, weights
+
+
 def next_token_loss(
     hidden: jnp.ndarray,
     head: jnp.ndarray,
@@ -26,12 +41,20 @@ def next_token_loss(
 
     Returning the two sums (not their ratio) lets the trainer normalise over the global batch.
     """
+    # Shift targets, not hidden: position t predicts t+1.
+    targets, weights = next_token_targets(input_ids, loss_weights, segment_ids)
+    return target_loss(hidden, head, targets, weights, block_size=block_size)
+
+
+def target_loss(
+    hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *, block_size: int = 1024
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Like `next_token_loss` but targets [B, L] and weights are already aligned with `hidden` (no shift).
+
+    Position-wise, so any token order works (the zig-zag order of ring attention in particular).
+    """
     b, length, e = hidden.shape
-    same_doc = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
-    weights = jnp.where(same_doc, loss_weights[:, 1:].astype(jnp.float32), 0.0)
-    # Shift targets, not hidden: position t predicts t+1; the last position gets weight 0.
-    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
-    weights = jnp.pad(weights, ((0, 0), (0, 1)))
+    weights = weights.astype(jnp.float32)
 
     block = min(block_size, length)
     pad = -length % block
