@@ -7,18 +7,14 @@ pytest process keeps its single CPU device for every other test module.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from multidevice import run_on_8_devices
 from nextlong_jax import load_balance
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("length,shards", [(8, 1), (8, 4), (24, 3), (64, 4), (96, 8), (32, 16)])
@@ -61,20 +57,12 @@ def test_ring_without_sequence_axis_is_blockwise():
                                np.asarray(attention(q, k, v, backend="reference")), atol=1e-5)
 
 
-def _run_child(part: str) -> str:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__, part], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
 def test_ring_attention_matches_reference_on_8_devices():
-    assert "attention ok" in _run_child("attention")
+    assert "attention ok" in run_on_8_devices(__file__, "attention")
 
 
 def test_ring_llama_loss_and_grads_match_single_device():
-    assert "model ok" in _run_child("model")
+    assert "model ok" in run_on_8_devices(__file__, "model")
 
 
 def _packed_segments(b: int, length: int) -> np.ndarray:

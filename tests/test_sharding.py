@@ -6,12 +6,7 @@ the pytest process keeps its single CPU device for every other test module.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from multidevice import run_on_8_devices
 
 
 def test_mesh_shape_resolves_minus_one():
@@ -38,11 +33,7 @@ def test_logical_rules_shard_params_and_activations_differently():
 
 
 def test_sharded_forward_and_loss_match_unsharded():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "sharded ok" in proc.stdout
+    assert "sharded ok" in run_on_8_devices(__file__)
 
 
 def _child() -> None:

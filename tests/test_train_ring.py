@@ -6,17 +6,12 @@ The device count is fixed before jax starts, so the mesh checks run in a child i
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from multidevice import run_on_8_devices
 
 
 def _config(mesh, grad_accum: int = 2):
@@ -62,11 +57,7 @@ def test_sequence_parallel_loss_refuses_to_run_without_a_mesh():
 
 
 def test_ring_train_step_matches_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ring step ok" in proc.stdout
+    assert "ring step ok" in run_on_8_devices(__file__)
 
 
 def _child() -> None:

@@ -5,20 +5,11 @@ The device count is fixed before jax starts, so the check runs in a child interp
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from multidevice import run_on_8_devices
 
 
 def test_sharded_train_step_matches_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "sharded step ok" in proc.stdout
+    assert "sharded step ok" in run_on_8_devices(__file__)
 
 
 def _child() -> None:
