@@ -6,6 +6,8 @@
    length. The virtual devices share this machine's cores, so the ratio is the cost of sequence
    parallelism's bookkeeping (ppermute copies, reorder, per-device dispatch), not a speed-up.
 3. Attention alone, ring vs blockwise (`bench/ring.py`'s measurement, imported).
+4. Memory per device of the compiled train step (XLA's own accounting: arguments + temporaries)
+   against sequence length, single device vs ring over 8.
 
     python bench/train.py [--layers 4] [--hidden 256] [--seq-len 2048]
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -34,8 +37,8 @@ from nextlong_jax.train import build, global_batch, init_state, jit_step, model_
 from nextlong_jax.train_config import Config, DataConfig, MeshConfig  # noqa: E402
 
 
-def step_runner(config: Config, mesh: jax.sharding.Mesh) -> Callable[[], None]:
-    """A no-argument callable running one train step to completion (state threads through calls)."""
+def _prepared(config: Config, mesh: jax.sharding.Mesh):
+    """(state, jitted step, global batch) for one step on random tokens."""
     length = config.data.seq_len
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.model.vocab_size, (config.data.batch_size, length)).astype(np.int32)
@@ -44,8 +47,21 @@ def step_runner(config: Config, mesh: jax.sharding.Mesh) -> Callable[[], None]:
                  segment_ids=ones, token_roles=ones, loss_weights=ones.astype(np.float32))
     with jax.set_mesh(mesh), axis_rules():
         setup = build(config, mesh)
-        state, step = init_state(setup, 0), jit_step(setup, config.optimizer.grad_accum)
-        inputs = global_batch(batch, setup.batch_sharding)
+        return init_state(setup, 0), jit_step(setup, config.optimizer.grad_accum), \
+            global_batch(batch, setup.batch_sharding)
+
+
+def step_memory_mib(config: Config, mesh: jax.sharding.Mesh) -> float:
+    """Per-device bytes XLA plans for one compiled step: arguments plus temporaries."""
+    state, step, inputs = _prepared(config, mesh)
+    with jax.set_mesh(mesh), axis_rules():
+        stats = step.lower(state, inputs).compile().memory_analysis()
+    return (stats.argument_size_in_bytes + stats.temp_size_in_bytes) / 2**20
+
+
+def step_runner(config: Config, mesh: jax.sharding.Mesh) -> Callable[[], None]:
+    """A no-argument callable running one train step to completion (state threads through calls)."""
+    state, step, inputs = _prepared(config, mesh)
 
     def run() -> None:
         nonlocal state
@@ -64,6 +80,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-lengths", type=int, nargs="*", default=[2048, 8192, 32768])
     args = p.parse_args()
     heads = args.hidden // 64
     model = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
@@ -72,8 +89,12 @@ def main() -> None:
     single = Config(model=model, data=DataConfig(seq_len=args.seq_len, batch_size=1), mesh=MeshConfig(1, 1, 1, 1))
     sharded = Config(model=model.replace(attention_backend="ring"), data=single.data,
                      mesh=MeshConfig(1, 1, 1, ring.SHARDS))
-    runs = {"single_device": step_runner(single, make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])),
-            f"ring_sequence_{ring.SHARDS}": step_runner(sharded, make_mesh(1, 1, 1, ring.SHARDS))}
+    meshes = {"single_device": (single, make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])),
+              f"ring_sequence_{ring.SHARDS}": (sharded, make_mesh(1, 1, 1, ring.SHARDS))}
+    memory = {name: {length: round(step_memory_mib(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=length)), mesh), 1)
+        for length in args.memory_lengths} for name, (cfg, mesh) in meshes.items()}
+    runs = {name: step_runner(cfg, mesh) for name, (cfg, mesh) in meshes.items()}
     seconds = best_times(runs, args.repeats)
     peak = matmul_peak()
     flops = model_flops_per_token(model, args.seq_len) * args.seq_len
@@ -86,6 +107,7 @@ def main() -> None:
                               "fraction_of_matmul_peak": flops / t / peak} for name, t in seconds.items()},
         "ring_step_over_single": seconds[f"ring_sequence_{ring.SHARDS}"] / seconds["single_device"],
         "attention_only": ring.bench_length(args.seq_len, heads, 64, args.block, args.repeats),
+        "step_memory_per_device_mib_by_seq_len": memory,
     }, indent=1), flush=True)
 
 
