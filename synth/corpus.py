@@ -69,9 +69,6 @@ class ReadStats:
     accepted: int = 0
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> count
 
-    def merged(self, other: ReadStats) -> ReadStats:
-        return ReadStats(self.accepted + other.accepted, self.skipped + other.skipped)
-
     def to_dict(self) -> dict:
         return {"accepted": self.accepted, "skipped": dict(sorted(self.skipped.items()))}
 

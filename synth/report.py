@@ -68,8 +68,7 @@ def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport],
         "strategy": config.mining.strategy,
         "seq_len": config.output.seq_len,
         "documents": {
-            name: {"accepted": c.read.accepted, "skipped": dict(sorted(c.read.skipped.items())),
-                   "chunks": c.store.num_chunks}
+            name: {**c.read.to_dict(), "chunks": c.store.num_chunks}
             for name, c in collections.items()
         },
         "sequences": sum(r.sequences for r in reports),

@@ -46,10 +46,6 @@ class TextTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def offsets(self, text: str) -> list[tuple[int, int]]:
-        """Character span of each token of `text`."""
-        return self.backend.encode(text, add_special_tokens=False).offsets
-
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)
 

@@ -256,12 +256,6 @@ def test_fingerprint_follows_the_files_and_the_spec(tmp_path):
     assert corpus_fingerprint(CorpusSpec(str(path))) != corpus_fingerprint(spec)
 
 
-def test_read_stats_merge():
-    one = ReadStats(2, Counter(non_utf8=1))
-    two = ReadStats(3, Counter(non_utf8=2, too_long=1))
-    assert one.merged(two).to_dict() == {"accepted": 5, "skipped": {"non_utf8": 3, "too_long": 1}}
-
-
 def test_tfds_dataset_on_disk(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     features = tfds.features.FeaturesDict({"doc_id": tfds.features.Text(),
