@@ -63,6 +63,18 @@ def logical_sharding(mesh: Mesh, names: tuple[str | None, ...]) -> NamedSharding
     return NamedSharding(mesh, nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES))
 
 
+def ambient_shards(name: str) -> tuple[str | None, int]:
+    """(mesh axis, number of shards) of logical axis `name` on the ambient `jax.set_mesh` mesh.
+
+    (axis, 1) when no mesh is set or the mesh lacks that axis: the dimension is then whole on each device.
+    """
+    (axis,) = nn.logical_to_mesh_axes((name,), LOGICAL_AXIS_RULES)
+    mesh = jax.sharding.get_abstract_mesh()
+    if axis is None or mesh.empty or axis not in mesh.axis_names:
+        return axis, 1
+    return axis, mesh.shape[axis]
+
+
 def axis_rules():
     """Context in which `nn.with_logical_constraint` inside the model uses this table."""
     return nn.logical_axis_rules(LOGICAL_AXIS_RULES)

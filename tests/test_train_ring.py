@@ -60,6 +60,47 @@ def test_ring_train_step_matches_single_device():
     assert "ring step ok" in run_on_8_devices(__file__)
 
 
+def test_ring_step_scales_per_device():
+    assert "ring memory ok" in run_on_8_devices(__file__, "memory")
+
+
+def _memory_child() -> None:
+    """Sequence parallelism must divide the per-device work, not copy it.
+
+    Guards two regressions met at 32K tokens: JAX hoisting the ring's masks out of the layer scan
+    (one [block, block] mask per block pair per ring step: 384 MiB here vs 66 MiB on one device), and
+    the loss gathering the whole hidden state onto every device to score all of it.
+    """
+    import re
+
+    from nextlong_jax.model import LlamaConfig
+    from nextlong_jax.sharding import axis_rules, make_mesh
+    from nextlong_jax.train import build, init_state, jit_step
+    from nextlong_jax.train_config import Config, DataConfig, MeshConfig
+
+    hidden, length = 96, 2048  # 96: no other dimension of the step has that size
+
+    def compiled(sequence: int):
+        model = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=160, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, attention_block_size=64,
+                            logits_block_size=128, attention_backend="ring" if sequence > 1 else "blockwise")
+        cfg = Config(model=model, data=DataConfig(seq_len=length, batch_size=1), mesh=MeshConfig(1, 1, 1, sequence))
+        mesh = make_mesh(1, 1, 1, sequence, devices=jax.devices()[:sequence])
+        with jax.set_mesh(mesh), axis_rules():
+            setup = build(cfg, mesh)
+            ids = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=setup.batch_sharding)
+            batch = dict(input_ids=ids, positions=ids, segment_ids=ids, token_roles=ids,
+                         loss_weights=jax.ShapeDtypeStruct((1, length), jnp.float32, sharding=setup.batch_sharding))
+            return jit_step(setup, 1).lower(init_state(setup, 0), batch).compile()
+
+    single, ring = compiled(1), compiled(8)
+    per_device = ring.memory_analysis().temp_size_in_bytes / single.memory_analysis().temp_size_in_bytes
+    assert per_device < 0.25, f"ring temporaries per device are {per_device:.2f} of one device's (0.21 measured)"
+    gathered = re.findall(r"= (f32\[[0-9,]*\b{}\]).* all-gather\(".format(hidden), ring.as_text())
+    assert not gathered, f"the hidden state is all-gathered: {gathered}"
+    print("ring memory ok", round(per_device, 3))
+
+
 def _child() -> None:
     import dataclasses
 
@@ -103,4 +144,6 @@ def _child() -> None:
 
 
 if __name__ == "__main__":
-    _child()
+    import sys
+
+    _memory_child() if sys.argv[1:] == ["memory"] else _child()

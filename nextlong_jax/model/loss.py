@@ -8,9 +8,12 @@ never predicted, whatever its weight.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from nextlong_jax.sharding import ambient_shards
 
 
 def next_token_targets(
@@ -55,28 +58,36 @@ def target_loss(
     """
     b, length, e = hidden.shape
     weights = weights.astype(jnp.float32)
+    # Blocks never straddle two shards of a sequence-sharded length: [B, S, local, ...] with S on the
+    # `length` mesh axis, and the scan runs over blocks of `local`. Each device then scores only its
+    # own tokens; a scan over blocks of the whole length would make every device gather the hidden
+    # state and project all of it onto the vocabulary.
+    axis, shards = ambient_shards("length")
+    if length % shards:
+        raise ValueError(f"length {length} does not split over the {shards} shards of mesh axis {axis!r}")
+    local = length // shards
+    block = min(block_size, local)
+    pad = -local % block
+    num_blocks = (local + pad) // block
 
-    block = min(block_size, length)
-    pad = -length % block
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
-    num_blocks = (length + pad) // block
-
-    def to_blocks(x):  # [B, nb * block, ...] -> [nb, B, block, ...]
-        return jnp.moveaxis(x.reshape(b, num_blocks, block, *x.shape[2:]), 1, 0)
+    def to_blocks(x, names):  # [B, L, ...] -> [nb, B, S, block, ...]
+        x = x.reshape(b, shards, local, *x.shape[2:])
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3))
+        x = jnp.moveaxis(x.reshape(b, shards, num_blocks, block, *x.shape[3:]), 2, 0)
+        return nn.with_logical_constraint(x, (None, "batch", "length", None, *names))
 
     # Rematerialised so the backward pass recomputes one block of logits at a time. (A custom VJP that
     # forms gradients in the forward pass saves that matmul but measured slower on CPU: the [E, V]
     # gradient carry and the scatter into d_logits cost more than the recompute.)
     @jax.checkpoint
     def block_nll(h, t, w):
-        logits = jnp.einsum("bse,ev->bsv", h, head, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bcte,ev->bctv", h, head, preferred_element_type=jnp.float32)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * w)
 
     def step(total, xs):
         return total + block_nll(*xs), None
 
-    nll_sum, _ = lax.scan(step, jnp.zeros((), jnp.float32), (to_blocks(hidden), to_blocks(targets), to_blocks(weights)))
+    xs = (to_blocks(hidden, ("embed",)), to_blocks(targets, ()), to_blocks(weights, ()))
+    nll_sum, _ = lax.scan(step, jnp.zeros((), jnp.float32), xs)
     return nll_sum, jnp.sum(weights)

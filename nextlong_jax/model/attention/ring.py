@@ -29,7 +29,7 @@ from jax import lax
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention.blockwise import blockwise_attention
 from nextlong_jax.model.attention.mask import MASK_VALUE, visible
-from nextlong_jax.sharding import LOGICAL_AXIS_RULES
+from nextlong_jax.sharding import LOGICAL_AXIS_RULES, ambient_shards
 
 F32 = jnp.float32
 
@@ -53,9 +53,7 @@ def ring_attention(
     `load_balance.reorder` for the ambient sequence axis size. Without a sequence axis (or size 1)
     this is `blockwise_attention`, for which the order must be the original one.
     """
-    (axis,) = _spec("length")
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty or axis not in mesh.axis_names else mesh.shape[axis]
+    axis, shards = ambient_shards("length")
     if shards == 1:
         return blockwise_attention(q, k, v, segment_ids, block_size=block_size)
     length, head_dim = q.shape[1], q.shape[3]
@@ -80,7 +78,7 @@ def ring_attention(
     # check_vma off: the loop states start as constants (not device-varying) and would need an
     # explicit pcast in every cond and scan carry; every value in `local` is per-device anyway.
     in_specs = (q_spec, kv_spec, kv_spec, _spec("batch", "length"), _spec("length"))
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs, out_specs=q_spec, check_vma=False)(
         q, k, v, segment_ids, token_index)
 
 
@@ -110,6 +108,21 @@ def _key_block(kv, j, block: int):
     """Block j of a visiting (k, v, segment_ids, token_index) chunk."""
     k, v, seg, index = kv
     return _block(k, j, block, 1), _block(v, j, block, 1), _block(seg, j, block, 1), _block(index, j, block, 0)
+
+
+def _loop(n: int, body, init):
+    """`lax.fori_loop(0, n, body, init)` kept a while loop, which JAX's partial evaluation cannot split.
+
+    A static-length fori_loop becomes a scan, and when the ring runs inside another scan (the layer
+    stack) JAX hoists every part of it that depends only on loop-invariant inputs out of that scan:
+    here the masks, which depend only on segment ids and token indices. That stacked a [bq, bk] mask
+    per block pair per ring step (gigabytes at 32K tokens). In a while loop they stay per iteration.
+    """
+    def step(state):
+        i, carry = state
+        return i + 1, body(i, carry)
+
+    return lax.while_loop(lambda state: state[0] < n, step, (jnp.zeros((), jnp.int32), init))[1]
 
 
 def _scores(q_blk, k_blk, mask):
@@ -149,7 +162,7 @@ def _attend(queries, kv, carry, block: int):
 
             return lax.cond(mask.any(), update, lambda state: state, state)
 
-        return None, lax.fori_loop(0, num_keys, key_block, (m, l, acc))
+        return None, _loop(num_keys, key_block, (m, l, acc))
 
     _, carry = lax.scan(query_block, None, (*queries, *carry))
     return carry
@@ -209,7 +222,7 @@ def _attend_bwd(queries, d_out, lse, delta, kv, dq, block: int):
             return lax.cond(mask.any(), update, lambda state: state, state)
 
         zeros = jnp.zeros((b, block, kv_heads, d), F32)
-        dq, dk, dv = lax.fori_loop(0, num_q, query_block, (dq, zeros, zeros))
+        dq, dk, dv = _loop(num_q, query_block, (dq, zeros, zeros))
         return dq, (dk, dv)
 
     dq, (dk, dv) = lax.scan(key_block, dq, jnp.arange(num_keys))
