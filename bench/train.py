@@ -9,7 +9,13 @@
 4. Memory per device of the compiled train step (XLA's own accounting: arguments + temporaries)
    against sequence length, single device vs ring over 8.
 
+With --gpu, instead, on the first accelerator: the Llama-3.2-1B architecture at 32K tokens, bf16
+compute over fp32 master weights, one train step per attention backend (cudnn, blockwise) side by
+side, as tokens/s, model TFLOP/s, MFU against the chip's published dense bf16 peak, the fraction of
+the bf16 matmul peak measured in the same run, and the step's memory.
+
     python bench/train.py [--layers 4] [--hidden 256] [--seq-len 2048]
+    python bench/train.py --gpu [--seq-len 32768] [--layers 16] [--remat full]
 """
 
 from __future__ import annotations
@@ -24,17 +30,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# bench.ring fixes 8 virtual CPU devices before jax initialises, so it comes first.
-from bench import ring  # noqa: E402
+# Decided before jax initialises: the CPU benchmark needs bench.ring's 8 virtual CPU devices, the GPU
+# one the real accelerator.
+GPU = "--gpu" in sys.argv[1:]
+if not GPU:
+    from bench import ring
+
 from bench.model import best_times, matmul_peak  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nextlong_jax.model import LlamaConfig  # noqa: E402
+from nextlong_jax.model.attention import resolve_backend  # noqa: E402
 from nextlong_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from nextlong_jax.train import build, global_batch, init_state, jit_step, model_flops_per_token  # noqa: E402
-from nextlong_jax.train_config import Config, DataConfig, MeshConfig  # noqa: E402
+from nextlong_jax.train_config import MODEL_PRESETS, Config, DataConfig, MeshConfig  # noqa: E402
+
+# Published dense bf16 FLOP/s per chip, matched against `device_kind`; MFU is measured against these.
+PUBLISHED_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12,
+                       "TPU v4": 275e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
 
 
 def _prepared(config: Config, mesh: jax.sharding.Mesh):
@@ -72,16 +87,62 @@ def step_runner(config: Config, mesh: jax.sharding.Mesh) -> Callable[[], None]:
     return run
 
 
+def published_peak(device: jax.Device) -> float | None:
+    return next((flops for name, flops in PUBLISHED_BF16_PEAK.items() if name in device.device_kind), None)
+
+
+def accelerator_main(args: argparse.Namespace) -> None:
+    """The 1B architecture on one accelerator: per attention backend, one timed train step and its MFU."""
+    device = jax.devices()[0]
+    if device.platform == "cpu" and args.seq_len > 4096:
+        raise SystemExit("--gpu found no accelerator (jax sees only the CPU); on a CPU pass a small "
+                         "--seq-len and --layers to smoke-test this path")
+    preset = MODEL_PRESETS["llama3.2-1b"]
+    model = LlamaConfig(**{**preset, "num_hidden_layers": args.layers or preset["num_hidden_layers"]},
+                        dtype="bfloat16", param_dtype="float32", remat_policy=args.remat,
+                        attention_block_size=args.block, logits_block_size=4096)
+    mesh = make_mesh(1, 1, 1, 1, devices=[device])
+    flops = model_flops_per_token(model, args.seq_len) * args.seq_len
+    peak = published_peak(device)
+    measured = matmul_peak(8192 if device.platform != "cpu" else 1024, dtype="bfloat16")
+    results = {}
+    for backend in ("cudnn", "blockwise"):
+        config = Config(model=model.replace(attention_backend=backend), mesh=MeshConfig(1, 1, 1, 1),
+                        data=DataConfig(seq_len=args.seq_len, batch_size=1))
+        try:
+            memory = step_memory_mib(config, mesh)
+            seconds = best_times({backend: step_runner(config, mesh)}, args.repeats)[backend]
+        except Exception as e:  # a backend failing to compile here is a result to report, not a crash
+            results[backend] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            continue
+        results[backend] = {"ran_as": resolve_backend(backend), "seconds": seconds, "tokens_per_s": args.seq_len / seconds,
+                            "model_tflops": flops / seconds / 1e12,
+                            "mfu": flops / seconds / peak if peak else None,
+                            "fraction_of_measured_bf16_matmul_peak": flops / seconds / measured,
+                            "step_memory_gib": memory / 1024}
+    print(json.dumps({
+        "config": f"llama3.2-1b architecture, {model.num_hidden_layers} layers, seq={args.seq_len}, batch=1, "
+                  f"bf16 compute, fp32 master, remat={args.remat}",
+        "device": device.device_kind, "published_bf16_peak_tflops": peak and peak / 1e12,
+        "measured_bf16_matmul_peak_tflops": measured / 1e12, "train_step": results}, indent=1), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--gpu", action="store_true", help="the 1B preset on the first accelerator, reporting MFU")
+    p.add_argument("--layers", type=int, default=None, help="default: 4 on the CPU, the preset's 16 with --gpu")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=None, help="default: 2048 on the CPU, 32768 with --gpu")
     p.add_argument("--block", type=int, default=512)
+    p.add_argument("--remat", default="full", help="remat policy of the --gpu run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[2048, 8192, 32768])
     args = p.parse_args()
+    if args.gpu:
+        args.seq_len = args.seq_len or 32768
+        return accelerator_main(args)
+    args.layers, args.seq_len = args.layers or 4, args.seq_len or 2048
     heads = args.hidden // 64
     model = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
