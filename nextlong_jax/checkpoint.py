@@ -2,8 +2,8 @@
 
 A step directory holds `params` and `config` (the model's HF config.json dict) exactly as
 `nextlong_jax.convert` lays out a model checkpoint, so `nextlong-convert orbax-to-hf --ckpt
-RUN/checkpoints/STEP` exports it; `opt_state` and `progress` (step, data position, skipped
-updates, the full training config) sit beside them.
+RUN/checkpoints/STEP` exports it; `opt_state`, `rng` (the training key) and `progress` (step, data
+position, skipped updates, the full training config) sit beside them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Checkpointer:
             return False
         args = ocp.args.Composite(
             params=ocp.args.PyTreeSave(state.params), opt_state=ocp.args.PyTreeSave(state.opt_state),
-            config=ocp.args.JsonSave(config.model.to_hf_dict()),
+            rng=ocp.args.PyTreeSave({"key": state.rng}), config=ocp.args.JsonSave(config.model.to_hf_dict()),
             progress=ocp.args.JsonSave({**progress, "train_config": config.to_dict()}))
         return self.manager.save(step, args=args, force=force)
 
@@ -50,8 +50,9 @@ class Checkpointer:
 
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=restore_args(abstract_state.params), opt_state=restore_args(abstract_state.opt_state),
-            progress=ocp.args.JsonRestore()))
-        return type(abstract_state)(restored["params"], restored["opt_state"]), restored["progress"]
+            rng=restore_args({"key": abstract_state.rng}), progress=ocp.args.JsonRestore()))
+        state = type(abstract_state)(restored["params"], restored["opt_state"], restored["rng"]["key"])
+        return state, restored["progress"]
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

@@ -43,6 +43,7 @@ class TrainError(RuntimeError):
 class TrainState(NamedTuple):
     params: Any
     opt_state: Any
+    rng: jax.Array  # uint32 key data; each step splits off its dropout key, so a resumed run draws the same
 
 
 # ---------------------------------------------------------------- optimizer
@@ -95,14 +96,15 @@ def _check_ring(model: Llama, sequence_shards: int) -> None:
                          f"{sequence_shards} (ambient mesh: {None if mesh.empty else dict(mesh.shape)})")
 
 
-def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray],
-              sequence_shards: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
+def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray], sequence_shards: int = 1,
+              dropout_key: jax.Array | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(nll sums, weight sums), each [3]: training weights, meta tokens, negative tokens.
 
     The role losses are unweighted NLL on that role's tokens (so they stay comparable whatever
     `loss.negative_weight` is). vmap over the weight rows shares one pass of blocked logits: the
     logits do not depend on the weights, so vmap leaves them unbatched. `sequence_shards` > 1 runs
     the model in zig-zag order for ring attention over that many shards of the ambient mesh.
+    `dropout_key` turns on the model's dropout (when `dropout_rate` > 0).
     """
     roles = batch["token_roles"]
     weights = jnp.stack([batch["loss_weights"].astype(jnp.float32), (roles == ROLE_META).astype(jnp.float32),
@@ -115,7 +117,8 @@ def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray],
         _check_ring(model, sequence_shards)
         features = load_balance.reorder(features, sequence_shards)
     hidden, head = model.apply({"params": params}, features["input_ids"], features["positions"],
-                               features["segment_ids"], method=_hidden_and_head)
+                               features["segment_ids"], method=_hidden_and_head,
+                               rngs=None if dropout_key is None else {"dropout": dropout_key})
     block = model.config.logits_block_size
     per_row = jax.vmap(lambda w: target_loss(hidden, head, features["targets"], w, block_size=block), in_axes=-1)
     return per_row(features["weights"])
@@ -128,34 +131,38 @@ def _safe_ratio(num, den):
 def make_train_step(model: Llama, tx: optax.GradientTransformation, grad_accum: int,
                     sequence_shards: int = 1) -> Callable:
     """Trace the result inside `jax.set_mesh` of a mesh with that many `sequence` shards (see `loss_sums`)."""
-    def grad_sums(params, microbatch):
+    def grad_sums(params, microbatch, key):
         def objective(p):
-            nll, w = loss_sums(model, p, microbatch, sequence_shards)
+            nll, w = loss_sums(model, p, microbatch, sequence_shards, key)
             return nll[0], (nll, w)
         (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return grads, sums
 
     def step(state: TrainState, batch: dict[str, jnp.ndarray]):
+        rng, dropout = jax.random.split(jax.random.wrap_key_data(state.rng))
         if grad_accum == 1:
-            grads, (nll, w) = grad_sums(state.params, batch)
+            grads, (nll, w) = grad_sums(state.params, batch, dropout)
         else:
             # [B, L] -> [A, B/A, L] taking rows A apart, so each device's rows stay on that device.
             micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch)
             zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(3), jnp.zeros(3)))
 
-            def body(acc, mb):
-                return jax.tree.map(jnp.add, acc, grad_sums(state.params, mb)), None
+            def body(acc, xs):
+                mb, key = xs
+                return jax.tree.map(jnp.add, acc, grad_sums(state.params, mb, key)), None
 
-            (grads, (nll, w)), _ = jax.lax.scan(body, zeros, micro)
+            (grads, (nll, w)), _ = jax.lax.scan(body, zeros, (micro, jax.random.split(dropout, grad_accum)))
         total = jnp.where(w[0] > 0, w[0], 1.0)
         grads = jax.tree.map(lambda g: g / total, grads)
         grad_norm = optax.global_norm(grads)
         loss = _safe_ratio(nll[0], w[0])
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        updated = TrainState(optax.apply_updates(state.params, updates), opt_state)
         # A non-finite step leaves params and optimizer state (its step count too) untouched.
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (optax.apply_updates(state.params, updates), opt_state),
+                                         (state.params, state.opt_state))
+        new_state = TrainState(params, opt_state, jax.random.key_data(rng))
         metrics = dict(loss=loss, meta_loss=_safe_ratio(nll[1], w[1]), negative_loss=_safe_ratio(nll[2], w[2]),
                        grad_norm=grad_norm, finite=finite, weight=w[0])
         return new_state, metrics
@@ -215,19 +222,20 @@ def build(config: Config, mesh: Mesh) -> Setup:
     def boxed_state(rng):
         ids = jnp.zeros((1, config.data.seq_len), jnp.int32)
         params = _init_model(model).init(rng, ids, ids, ids)["params"]
-        return TrainState(params, tx.init(params))
+        return params, tx.init(params)
 
     # Optimizer state built from boxed params keeps the logical names, so it shards like the params.
-    abstract = jax.eval_shape(boxed_state, jax.random.key(0))
-    return Setup(model, tx, schedule, mesh, logical_shardings(abstract, mesh),
+    params, opt_state = logical_shardings(jax.eval_shape(boxed_state, jax.random.key(0)), mesh)
+    return Setup(model, tx, schedule, mesh, TrainState(params, opt_state, NamedSharding(mesh, PartitionSpec())),
                  logical_sharding(mesh, ("batch", "length")))
 
 
 def _fresh_state(setup: Setup, rng: jax.Array, params: Any | None = None) -> TrainState:
+    init_key, train_key = jax.random.split(rng)
     if params is None:
         ids = jnp.zeros((1, 8), jnp.int32)  # parameter shapes do not depend on the length
-        params = nn.unbox(_init_model(setup.model).init(rng, ids, ids, ids)["params"])
-    return TrainState(params, setup.tx.init(params))
+        params = nn.unbox(_init_model(setup.model).init(init_key, ids, ids, ids)["params"])
+    return TrainState(params, setup.tx.init(params), jax.random.key_data(train_key))
 
 
 def init_state(setup: Setup, seed: int, params: Any | None = None) -> TrainState:

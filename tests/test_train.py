@@ -68,12 +68,15 @@ def test_weighted_loss_matches_hand_computation():
     np.testing.assert_allclose(np.asarray(nll), want[:, 0], rtol=1e-5)
 
 
+KEY = jax.random.key_data(jax.random.key(1))
+
+
 def test_grad_accumulation_equals_one_big_batch():
     model, batch = Llama(TINY), _batch()
     batch = {k: np.concatenate([v, v[::-1]]) for k, v in batch.items()}
     tx, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
     params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
-    state = TrainState(params, tx.init(params))
+    state = TrainState(params, tx.init(params), KEY)
     (s1, m1), (s2, m2) = (jax.jit(make_train_step(model, tx, a))(state, batch) for a in (1, 2))
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
@@ -87,11 +90,30 @@ def test_nonfinite_step_is_skipped():
     params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
     params = nn.unbox(params)
     params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(jnp.nan)
-    state = TrainState(params, tx.init(params))
+    state = TrainState(params, tx.init(params), KEY)
     new, metrics = jax.jit(make_train_step(model, tx, 1))(state, batch)
     assert not bool(metrics["finite"])
-    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dropout_draws_from_the_state_key_and_only_in_training():
+    model, batch = Llama(TINY.replace(dropout_rate=0.5)), _batch()
+    tx, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2), 10)
+    params = nn.unbox(model.init(jax.random.key(0), batch["input_ids"], batch["positions"],
+                                 batch["segment_ids"])["params"])
+    step = jax.jit(make_train_step(model, tx, 1))
+    state = TrainState(params, tx.init(params), KEY)
+    first, m1 = step(state, batch)
+    _, again = step(state, batch)
+    _, m2 = step(TrainState(params, tx.init(params), first.rng), batch)
+    assert float(m1["loss"]) == float(again["loss"])  # the key decides the masks
+    assert float(m1["loss"]) != float(m2["loss"])  # and the step hands on a new one
+    assert not np.array_equal(np.asarray(first.rng), np.asarray(KEY))
+    # Without a dropout rng (evaluation, export, parity) the model is deterministic and dropout-free.
+    plain = Llama(TINY).apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, batch["input_ids"], batch["positions"],
+                                                         batch["segment_ids"])), np.asarray(plain))
 
 
 def test_decay_mask_spares_norms_and_embeddings():

@@ -14,9 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-# Smaller than the preset so three runs fit in a test; the vocabulary stays Llama-3's.
+# Smaller than the preset so three runs fit in a test; the vocabulary stays Llama-3's. Dropout makes
+# every step draw from the training key, so equal losses after the kill also mean the key was restored.
 ARGS = ["train.steps=6", "checkpoint.every=2", "data.batch_size=1", "model.hidden_size=32",
-        "model.intermediate_size=64", "optimizer.learning_rate=1e-2"]
+        "model.intermediate_size=64", "optimizer.learning_rate=1e-2", "model.dropout_rate=0.1"]
 
 
 @pytest.fixture(scope="module")

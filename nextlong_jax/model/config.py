@@ -75,6 +75,9 @@ class LlamaConfig:
     remat_policy: str = "full"
     scan_layers: bool = True  # False unrolls the layer scan: same parameter layout, faster step, slower compile
     logits_block_size: int = 1024
+    # Residual-branch dropout (attention and MLP outputs), only where the caller passes a "dropout" rng,
+    # i.e. in training; the NExtLong recipe, like Llama pre-training, uses none.
+    dropout_rate: float = 0.0
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -90,6 +93,8 @@ class LlamaConfig:
                 f"num_key_value_heads={self.num_key_value_heads} must divide "
                 f"num_attention_heads={self.num_attention_heads}"
             )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES),
                               ("attention_backend", ATTENTION_BACKENDS), ("remat_policy", REMAT_POLICIES)):
             if getattr(self, name) not in allowed:

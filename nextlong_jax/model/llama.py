@@ -76,8 +76,10 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids):
-        x = x + Attention(self.config, name="attn")(RMSNorm(self.config, name="input_norm")(x), cos, sin, segment_ids)
-        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_norm")(x))
+        c = self.config
+        drop = nn.Dropout(c.dropout_rate, deterministic=not self.has_rng("dropout"))
+        x = x + drop(Attention(c, name="attn")(RMSNorm(c, name="input_norm")(x), cos, sin, segment_ids))
+        x = x + drop(MLP(c, name="mlp")(RMSNorm(c, name="post_attention_norm")(x)))
         return constrain(x, ("batch", "length", "embed")), None  # (carry, output) for nn.scan
 
 
@@ -95,7 +97,7 @@ class Llama(nn.Module):
         if c.remat_policy != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         # One traced layer whatever the depth; scan_layers=False unrolls it, keeping the param layout.
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                         unroll=1 if c.scan_layers else c.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
