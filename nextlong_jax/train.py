@@ -173,12 +173,25 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, grad_accum: 
 # ---------------------------------------------------------------- setup
 
 def maybe_initialize_distributed() -> None:
-    """Join the other hosts when the environment describes a multi-host job (TPU pod, SLURM, MPI, explicit)."""
+    """Join the other hosts when the environment describes a multi-host job.
+
+    Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID,
+    the same on every host but the id. Managed (TPU pod slice, SLURM, Open MPI): jax reads its own.
+    """
     env = os.environ
-    multi = (env.get("JAX_COORDINATOR_ADDRESS") or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-             or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    explicit = env.get("JAX_COORDINATOR_ADDRESS")
+    managed = ("," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("SLURM_NTASKS", "1")) > 1
+               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if jax.distributed.is_initialized() or not (explicit or managed):
+        return
+    # jax itself reads only the address from the environment; the count and id come from a cluster
+    # it recognises, so an explicit launch passes them here.
+    count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+    try:
+        jax.distributed.initialize(explicit, int(count) if count else None, int(index) if index else None)
+    except ValueError as e:
+        raise TrainError(f"multi-host start failed ({e}); outside SLURM/TPU/MPI set JAX_COORDINATOR_ADDRESS, "
+                         "JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host") from None
 
 
 def build_mesh(config: Config) -> Mesh:

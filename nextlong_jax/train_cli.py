@@ -87,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's INFO chatter is not for CLI users
     from nextlong_jax.convert import ConversionError
     from nextlong_jax.data import DataError
-    from nextlong_jax.train import TrainError, train
+    from nextlong_jax.train import TrainError, maybe_initialize_distributed, train
     from nextlong_jax.train_config import ConfigError, load_config
 
     overrides = list(args.overrides) + ([f"data.source={json.dumps(args.data)}"] if args.data else [])
     log = None
     try:
         config = load_config(args.config, overrides)
+        maybe_initialize_distributed()  # before anything asks jax about devices or processes
         import jax
         import tensorflow as tf
 

@@ -1,6 +1,11 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,3 +16,14 @@ def tokenizer():
     from synth.tokenizer import load_tokenizer
 
     return load_tokenizer("llama3")
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """Two shards of 512-token sequences from 16 sample documents (the tiny-cpu preset's length)."""
+    out = tmp_path_factory.mktemp("synth") / "data"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-m", "synth.cli", "--meta", "sample:pydocs", "--max-meta-docs", "16",
+                    "--embedder", "hashing", "--seq-len", "512", "--chunk-tokens", "64", "--num-shards", "2",
+                    "--out", str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    return out

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -18,15 +17,6 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "TF_CPP_MI
 # every step draw from the training key, so equal losses after the kill also mean the key was restored.
 ARGS = ["train.steps=6", "checkpoint.every=2", "data.batch_size=1", "model.hidden_size=32",
         "model.intermediate_size=64", "optimizer.learning_rate=1e-2", "model.dropout_rate=0.1"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "data"
-    subprocess.run([sys.executable, "-m", "synth.cli", "--meta", "sample:pydocs", "--max-meta-docs", "16",
-                    "--embedder", "hashing", "--seq-len", "512", "--chunk-tokens", "64", "--num-shards", "2",
-                    "--out", str(out)], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
-    return out
 
 
 def _train(data: Path, out: Path) -> subprocess.Popen:
@@ -46,9 +36,9 @@ def _committed(out: Path) -> list[int]:
     return [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
 
 
-def test_sigkill_resume_reproduces_losses_and_loss_goes_down(data, tmp_path):
-    reference = _train(data, tmp_path / "ref")
-    victim = _train(data, tmp_path / "killed")  # both at once: two cores, and the results must not care
+def test_sigkill_resume_reproduces_losses_and_loss_goes_down(train_data, tmp_path):
+    reference = _train(train_data, tmp_path / "ref")
+    victim = _train(train_data, tmp_path / "killed")  # both at once: two cores, and the results must not care
     deadline = time.time() + 240
     while not [s for s in _committed(tmp_path / "killed") if s >= 2] and victim.poll() is None:
         assert time.time() < deadline, "no checkpoint appeared"
@@ -57,7 +47,7 @@ def test_sigkill_resume_reproduces_losses_and_loss_goes_down(data, tmp_path):
     victim.wait()
     ref_out, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, ref_out
-    resumed = _train(data, tmp_path / "killed")
+    resumed = _train(train_data, tmp_path / "killed")
     res_out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, res_out
     assert "resumed from step" in res_out
