@@ -7,7 +7,7 @@
    parallelism's bookkeeping (ppermute copies, reorder, per-device dispatch), not a speed-up.
 3. Attention alone, ring vs blockwise (`bench/ring.py`'s measurement, imported).
 4. Memory per device of the compiled train step (XLA's own accounting: arguments + temporaries)
-   against sequence length, single device vs ring over 8.
+   against sequence length, single device vs ring over 8 (the ring also at 128K and 512K).
 
 With --gpu, instead, on the first accelerator: the Llama-3.2-1B architecture at 32K tokens, bf16
 compute over fp32 master weights, one train step per attention backend (cudnn, blockwise) side by
@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--remat", default="full", help="remat policy of the --gpu run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[2048, 8192, 32768])
+    p.add_argument("--ring-memory-lengths", type=int, nargs="*", default=[131072, 524288],
+                   help="further lengths planned for the ring only (one device would need tens of GiB)")
     args = p.parse_args()
     if args.gpu:
         args.seq_len = args.seq_len or 32768
@@ -152,9 +154,11 @@ def main() -> None:
                      mesh=MeshConfig(1, 1, 1, ring.SHARDS))
     meshes = {"single_device": (single, make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])),
               f"ring_sequence_{ring.SHARDS}": (sharded, make_mesh(1, 1, 1, ring.SHARDS))}
+    lengths = {"single_device": args.memory_lengths,
+               f"ring_sequence_{ring.SHARDS}": args.memory_lengths + args.ring_memory_lengths}
     memory = {name: {length: round(step_memory_mib(
         dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=length)), mesh), 1)
-        for length in args.memory_lengths} for name, (cfg, mesh) in meshes.items()}
+        for length in lengths[name]} for name, (cfg, mesh) in meshes.items()}
     runs = {name: step_runner(cfg, mesh) for name, (cfg, mesh) in meshes.items()}
     seconds = best_times(runs, args.repeats)
     peak = matmul_peak()
