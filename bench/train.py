@@ -115,7 +115,8 @@ def accelerator_main(args: argparse.Namespace) -> None:
         except Exception as e:  # a backend failing to compile here is a result to report, not a crash
             results[backend] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             continue
-        results[backend] = {"ran_as": resolve_backend(backend), "seconds": seconds, "tokens_per_s": args.seq_len / seconds,
+        results[backend] = {"ran_as": resolve_backend(backend), "seconds": seconds,
+                            "tokens_per_s": args.seq_len / seconds,
                             "model_tflops": flops / seconds / 1e12,
                             "mfu": flops / seconds / peak if peak else None,
                             "fraction_of_measured_bf16_matmul_peak": flops / seconds / measured,

@@ -78,7 +78,8 @@ def ring_attention(
     # check_vma off: the loop states start as constants (not device-varying) and would need an
     # explicit pcast in every cond and scan carry; every value in `local` is per-device anyway.
     in_specs = (q_spec, kv_spec, kv_spec, _spec("batch", "length"), _spec("length"))
-    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs, out_specs=q_spec, check_vma=False)(
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
         q, k, v, segment_ids, token_index)
 
 
