@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--embedder", help="'minilm' (bundled all-MiniLM-L6-v2), 'hashing[:DIM]', "
                                           "or a local sentence-transformers directory")
     model.add_argument("--index", choices=INDEX_KINDS, help="nearest-neighbour index (default: faiss-flat)")
+    model.add_argument("--index-param", dest="index_params", action="append", metavar="KEY=VALUE",
+                       help="index tuning, repeatable: nlist, nprobe, pq_m (faiss-ivfpq); hnsw_m, ef_search, "
+                            "ef_construction (faiss-hnsw); scann_leaves, scann_leaves_to_search (scann). "
+                            "Unset ones keep their defaults (nlist, pq_m and the ScaNN leaves follow the "
+                            "corpus size). YAML: index-params: {nprobe: 32}")
     mine = p.add_argument_group("negatives and layout")
     mine.add_argument("--strategy", choices=STRATEGIES,
                       help="nextlong (default), random-negatives or plain-concat (ablations)")

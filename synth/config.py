@@ -91,7 +91,7 @@ FLAT_DEFAULTS: dict[str, object] = {
     "tokenizer": "llama3", "embedder": "minilm",
     "chunk-tokens": None, "chunk-chars": None,
     "seq-len": 32768, "k": None, "max-k": 64,
-    "index": "faiss-flat", "negative-weight": 1.0, "dedup-threshold": 0.95,
+    "index": "faiss-flat", "index-params": None, "negative-weight": 1.0, "dedup-threshold": 0.95,
     "max-reuse": 8, "num-shards": 8, "max-sequences": None, "seed": 0,
     "strategy": "nextlong", "compression": "none", "cache-dir": None,
     "strict": False, "docs-per-block": 1024,
@@ -116,6 +116,27 @@ def _chunking(flat: dict) -> ChunkingConfig:
     if size < 16:
         raise SynthError("--chunk-tokens must be at least 16")
     return ChunkingConfig(unit="tokens", size=size)
+
+
+# IndexConfig fields a user may set; kind and seed have their own options.
+INDEX_PARAMS = tuple(f.name for f in dataclasses.fields(IndexConfig) if f.name not in ("kind", "seed"))
+
+
+def _index_params(value) -> dict[str, int]:
+    """`--index-param KEY=VALUE` strings (repeated) or a YAML mapping -> IndexConfig keyword arguments."""
+    if value is None:
+        return {}
+    pairs = value.items() if isinstance(value, dict) else (str(v).partition("=")[::2] for v in value)
+    params = {}
+    for key, raw in pairs:
+        key = str(key).replace("-", "_")
+        if key not in INDEX_PARAMS:
+            raise SynthError(f"unknown index parameter {key!r}; known: {', '.join(INDEX_PARAMS)}")
+        try:
+            params[key] = int(raw)
+        except (TypeError, ValueError):
+            raise SynthError(f"index parameter {key} must be an integer, not {raw!r}") from None
+    return params
 
 
 def _choice(flat: dict, key: str, allowed: tuple[str, ...]) -> str:
@@ -159,7 +180,8 @@ def build_config(flat: dict) -> SynthConfig:
         tokenizer=str(flat["tokenizer"]),
         embedder=str(flat["embedder"]),
         chunking=chunking,
-        index=IndexConfig(kind=_choice(flat, "index", INDEX_KINDS), seed=int(flat["seed"])),
+        index=IndexConfig(kind=_choice(flat, "index", INDEX_KINDS), seed=int(flat["seed"]),
+                          **_index_params(flat["index-params"])),
         mining=MiningConfig(
             strategy=_choice(flat, "strategy", STRATEGIES), k=k, max_k=int(flat["max-k"]),
             dedup_threshold=float(flat["dedup-threshold"]), max_reuse=int(flat["max-reuse"]),
