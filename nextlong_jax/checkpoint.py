@@ -39,7 +39,10 @@ class Checkpointer:
         return self.manager.save(step, args=args, force=force)
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-        """(state placed as `abstract_state`'s shardings say, progress), or None for a fresh run."""
+        """(state placed as `abstract_state`'s shardings say, progress), or None for a fresh run.
+
+        The state's `rng` is None for a checkpoint written before training keys were saved.
+        """
         ocp = self._ocp
         step = self.manager.latest_step()
         if step is None:
@@ -48,11 +51,14 @@ class Checkpointer:
         def restore_args(tree):
             return ocp.args.PyTreeRestore(item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
 
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=restore_args(abstract_state.params), opt_state=restore_args(abstract_state.opt_state),
-            rng=restore_args({"key": abstract_state.rng}), progress=ocp.args.JsonRestore()))
-        state = type(abstract_state)(restored["params"], restored["opt_state"], restored["rng"]["key"])
-        return state, restored["progress"]
+        items = dict(params=restore_args(abstract_state.params), opt_state=restore_args(abstract_state.opt_state),
+                     progress=ocp.args.JsonRestore())
+        has_rng = (Path(self.manager.directory) / str(step) / "rng").exists()
+        if has_rng:
+            items["rng"] = restore_args({"key": abstract_state.rng})
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        rng = restored["rng"]["key"] if has_rng else None
+        return type(abstract_state)(restored["params"], restored["opt_state"], rng), restored["progress"]
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

@@ -243,12 +243,18 @@ def build(config: Config, mesh: Mesh) -> Setup:
                  logical_sharding(mesh, ("batch", "length")))
 
 
-def _fresh_state(setup: Setup, rng: jax.Array, params: Any | None = None) -> TrainState:
-    init_key, train_key = jax.random.split(rng)
+def _seed_keys(seed_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(parameter init key, training key data) of a run's `jax.random.key(train.seed)`."""
+    init_key, train_key = jax.random.split(seed_key)
+    return init_key, jax.random.key_data(train_key)
+
+
+def _fresh_state(setup: Setup, seed_key: jax.Array, params: Any | None = None) -> TrainState:
+    init_key, train_key = _seed_keys(seed_key)
     if params is None:
         ids = jnp.zeros((1, 8), jnp.int32)  # parameter shapes do not depend on the length
         params = nn.unbox(_init_model(setup.model).init(init_key, ids, ids, ids)["params"])
-    return TrainState(params, setup.tx.init(params), jax.random.key_data(train_key))
+    return TrainState(params, setup.tx.init(params), train_key)
 
 
 def init_state(setup: Setup, seed: int, params: Any | None = None) -> TrainState:
@@ -325,9 +331,16 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
     checkpoints = Checkpointer(out_dir / "checkpoints", config.checkpoint)
     with jax.set_mesh(mesh), axis_rules():
         setup = build(config, mesh)
-        restored = checkpoints.restore_latest(abstract_state(setup))
+        try:
+            restored = checkpoints.restore_latest(abstract_state(setup))
+        except (KeyError, ValueError) as e:
+            raise TrainError(f"cannot resume from {out_dir / 'checkpoints'}: {e}. Use another --out to start "
+                             "afresh, or move the checkpoints away") from None
         if restored is not None:
             state, progress = restored
+            if state.rng is None:  # written before keys were saved; such runs drew no randomness
+                train_key = _seed_keys(jax.random.key(config.train.seed))[1]
+                state = state._replace(rng=jax.device_put(train_key, setup.state_shardings.rng))
             reporter.message(f"resumed from step {progress['step']} in {out_dir}")
         else:
             params = hf_params(init_from_hf, config.model) if init_from_hf else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,3 +72,22 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["--config", "configs/train/tiny-cpu.yaml", "--out", str(tmp_path),
                  "--data", str(tmp_path / "none-*.tfrecord")]) == 1
     assert "no TFRecord shards match" in capsys.readouterr().err
+
+
+def test_old_and_damaged_checkpoints(train_data, tmp_path):
+    """A checkpoint from before training keys were saved resumes; a damaged one is a one-line error."""
+    def run(steps: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
+                               "--data", str(train_data), "--out", str(tmp_path), *ARGS[2:], f"train.steps={steps}"],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+    assert run(2).returncode == 0
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "rng")
+    resumed = run(3)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 2" in resumed.stdout
+    assert sorted(_losses(tmp_path)) == [1, 2, 3]
+    shutil.rmtree(tmp_path / "checkpoints" / "3" / "opt_state")
+    damaged = run(4)
+    assert damaged.returncode == 1
+    assert damaged.stderr.count("\n") == 1 and "cannot resume from" in damaged.stderr, damaged.stderr
