@@ -1,4 +1,8 @@
-"""`nextlong-train`: train or resume a run. User errors exit 1 with one line on stderr."""
+"""`nextlong-train`: train or resume a run.
+
+Exit codes: 0 trained to `train.steps`; 1 a user error (one line on stderr); 143 stopped by SIGTERM
+after saving a checkpoint (rerun the same command to resume).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+PREEMPTED = 128 + 15  # the shell's code for "ended by SIGTERM"
 JSONL_KEYS = ("step", "loss", "meta_loss", "negative_loss", "lr", "grad_norm", "tokens_per_s")
 
 
@@ -72,7 +77,9 @@ class RunLog:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nextlong-train", description="Train the Llama on nextlong-synth TFRecords; "
-                                "rerunning with the same --out resumes from its latest checkpoint.")
+                                "rerunning with the same --out resumes from its latest checkpoint.",
+                                epilog="exit codes: 0 trained to train.steps; 1 a user error; 143 stopped by SIGTERM "
+                                       "after saving a checkpoint (rerun the same command to resume)")
     p.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/train/tiny-cpu.yaml")
     p.add_argument("--data", help="shard glob, manifest.json or synthesis output dir (sets data.source)")
     p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard")
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         log = RunLog(args.out, primary=jax.process_index() == 0)
         step = train(config, args.out, log, init_from_hf=args.init_from_hf)
+        if step < config.train.steps:
+            return PREEMPTED  # saved and stopped early: a scheduler must not take the run as finished
         log.message(f"done at step {step}; checkpoints in {args.out / 'checkpoints'}")
         return 0
     except (ConfigError, DataError, ConversionError, TrainError, OSError) as e:

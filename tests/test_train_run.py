@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -91,3 +92,23 @@ def test_old_and_damaged_checkpoints(train_data, tmp_path):
     damaged = run(4)
     assert damaged.returncode == 1
     assert damaged.stderr.count("\n") == 1 and "cannot resume from" in damaged.stderr, damaged.stderr
+
+
+def test_sigterm_saves_stops_and_resumes(train_data, tmp_path):
+    cmd = [sys.executable, "-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
+           "--data", str(train_data), "--out", str(tmp_path), *ARGS[2:], "checkpoint.every=1000"]
+    proc = subprocess.Popen([*cmd, "train.steps=1000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "no training steps"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out  # not 0: the run did not reach train.steps
+    saved = int(out.split("preempted: saved step ")[1].split(";")[0])
+    assert saved >= 2 and saved in _committed(tmp_path)  # saved although no save was due
+    resumed = subprocess.run([*cmd, f"train.steps={saved + 1}"], cwd=ROOT, env=ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from step {saved}" in resumed.stdout
