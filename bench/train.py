@@ -41,15 +41,13 @@ from bench.model import best_times, matmul_peak  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nextlong_jax.hardware import published_bf16_peak  # noqa: E402
 from nextlong_jax.model import LlamaConfig  # noqa: E402
 from nextlong_jax.model.attention import resolve_backend  # noqa: E402
 from nextlong_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from nextlong_jax.train import build, global_batch, init_state, jit_step, model_flops_per_token  # noqa: E402
 from nextlong_jax.train_config import MODEL_PRESETS, Config, DataConfig, MeshConfig  # noqa: E402
 
-# Published dense bf16 FLOP/s per chip, matched against `device_kind`; MFU is measured against these.
-PUBLISHED_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12,
-                       "TPU v4": 275e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
 
 
 def _prepared(config: Config, mesh: jax.sharding.Mesh):
@@ -87,10 +85,6 @@ def step_runner(config: Config, mesh: jax.sharding.Mesh) -> Callable[[], None]:
     return run
 
 
-def published_peak(device: jax.Device) -> float | None:
-    return next((flops for name, flops in PUBLISHED_BF16_PEAK.items() if name in device.device_kind), None)
-
-
 def accelerator_main(args: argparse.Namespace) -> None:
     """The 1B architecture on one accelerator: per attention backend, one timed train step and its MFU."""
     device = jax.devices()[0]
@@ -103,7 +97,7 @@ def accelerator_main(args: argparse.Namespace) -> None:
                         attention_block_size=args.block, logits_block_size=4096)
     mesh = make_mesh(1, 1, 1, 1, devices=[device])
     flops = model_flops_per_token(model, args.seq_len) * args.seq_len
-    peak = published_peak(device)
+    peak = published_bf16_peak(device)
     measured = matmul_peak(8192 if device.platform != "cpu" else 1024, dtype="bfloat16")
     results = {}
     for backend in ("cudnn", "blockwise"):

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nextlong_jax import load_balance
 from nextlong_jax.data import FEATURES, ROLE_META, ROLE_NEGATIVE, BatchIterator, find_shards, host_shards, resume_batches
+from nextlong_jax.hardware import published_bf16_peak
 from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.llama import Llama
 from nextlong_jax.model.loss import next_token_targets, target_loss
@@ -328,6 +329,8 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
     per_host_batch = config.data.batch_size // jax.process_count()
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = model_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+    peak = config.train.peak_flops_per_device or (
+        config.model.dtype == "bfloat16" and published_bf16_peak(jax.devices()[0]))
     checkpoints = Checkpointer(out_dir / "checkpoints", config.checkpoint)
     with jax.set_mesh(mesh), axis_rules():
         setup = build(config, mesh)
@@ -364,8 +367,7 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
             skipped += not finite
             row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items() if k != "weight"}
             row.update(lr=lr, tokens_per_s=tokens_per_step / seconds,
-                       mfu=(flops_per_step / seconds / (config.train.peak_flops_per_device * mesh.size)
-                            if config.train.peak_flops_per_device else None),
+                       mfu=flops_per_step / seconds / (peak * mesh.size) if peak else None,
                        skipped=skipped)
             reporter.log(step, row)
             progress = {"step": step, "data": data.position, "skipped": skipped}

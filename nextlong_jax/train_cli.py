@@ -18,6 +18,10 @@ PREEMPTED = 128 + 15  # the shell's code for "ended by SIGTERM"
 JSONL_KEYS = ("step", "loss", "meta_loss", "negative_loss", "lr", "grad_norm", "tokens_per_s")
 
 
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 class RunLog:
     """metrics.jsonl, TensorBoard scalars and a console line; only process 0 writes."""
 
@@ -26,6 +30,7 @@ class RunLog:
         self._jsonl = None
         self._tb = None
         self._total = 0
+        self._rows: list[dict[str, Any]] = []  # this invocation's steps, for the closing summary
 
     def start(self, first_step: int, total_steps: int) -> None:
         self._total = total_steps
@@ -51,6 +56,7 @@ class RunLog:
         if not self._primary:
             return
         row = {"step": step, **metrics}
+        self._rows.append(row)
         self._jsonl.write(json.dumps({k: row[k] for k in JSONL_KEYS}) + "\n")
         self._jsonl.flush()
         with self._tb.as_default(step=step):
@@ -59,10 +65,10 @@ class RunLog:
             for name, value in metrics.items():
                 if value is not None:
                     tf.summary.scalar(name, value)
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        print(f"step {step}/{self._total}  loss {fmt(row['loss'], '.4f')}  meta {fmt(row['meta_loss'], '.4f')}  "
-              f"neg {fmt(row['negative_loss'], '.4f')}  lr {row['lr']:.2e}  gnorm {fmt(row['grad_norm'], '.3f')}  "
-              f"{row['tokens_per_s']:.0f} tok/s" + (f"  skipped {row['skipped']}" if row["skipped"] else ""),
+        print(f"step {step}/{self._total}  loss {_fmt(row['loss'], '.4f')}  meta {_fmt(row['meta_loss'], '.4f')}  "
+              f"neg {_fmt(row['negative_loss'], '.4f')}  lr {row['lr']:.2e}  gnorm {_fmt(row['grad_norm'], '.3f')}  "
+              f"{row['tokens_per_s']:.0f} tok/s" + (f"  mfu {row['mfu']:.1%}" if row["mfu"] is not None else "")
+              + (f"  skipped {row['skipped']}" if row["skipped"] else ""),
               flush=True)
 
     def message(self, text: str) -> None:
@@ -73,6 +79,16 @@ class RunLog:
         if self._jsonl:
             self._jsonl.close()
             self._tb.close()
+        if self._rows:
+            print(self.summary(), flush=True)
+
+    def summary(self) -> str:
+        """One line over this invocation's steps; the first step's time includes compilation, so it is left out."""
+        first, last = self._rows[0], self._rows[-1]
+        speeds = sorted(r["tokens_per_s"] for r in self._rows[1:]) or [first["tokens_per_s"]]
+        return (f"summary: steps {first['step']}-{last['step']} of {self._total}, loss {_fmt(first['loss'])} -> "
+                f"{_fmt(last['loss'])} (meta {_fmt(last['meta_loss'])}, negative {_fmt(last['negative_loss'])}), "
+                f"median {speeds[len(speeds) // 2]:.0f} tokens/s, {last['skipped']} skipped step(s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

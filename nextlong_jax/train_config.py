@@ -94,7 +94,8 @@ class TrainRunConfig:
     steps: int = 1000
     seed: int = 0  # parameter init; the data order has its own seed
     max_consecutive_nonfinite: int = 5  # stop after this many skipped (NaN/inf) updates in a row
-    peak_flops_per_device: float = 0.0  # for MFU in TensorBoard; 0 leaves MFU out
+    # MFU's denominator; 0: the published bf16 peak of a known GPU/TPU when computing in bf16, else no MFU
+    peak_flops_per_device: float = 0.0
 
 
 @dataclass(frozen=True)

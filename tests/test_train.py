@@ -123,3 +123,13 @@ def test_decay_mask_spares_norms_and_embeddings():
     assert not mask["embed_tokens"] and not mask["final_norm"]["scale"]
     assert not mask["layers"]["input_norm"]["scale"] and mask["layers"]["attn"]["q_proj"] and mask["lm_head"]
     assert all(jax.tree.leaves(decay_mask(params, decay_norms_and_embeddings=True)))
+
+
+def test_mfu_denominator_is_known_for_accelerators():
+    from types import SimpleNamespace
+
+    from nextlong_jax.hardware import published_bf16_peak
+
+    assert published_bf16_peak(SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989e12
+    assert published_bf16_peak(SimpleNamespace(device_kind="TPU v5 lite")) == 197e12
+    assert published_bf16_peak(jax.devices()[0]) is None  # this CPU: no MFU unless train.peak_flops_per_device

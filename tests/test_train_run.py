@@ -53,6 +53,8 @@ def test_sigkill_resume_reproduces_losses_and_loss_goes_down(train_data, tmp_pat
     res_out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, res_out
     assert "resumed from step" in res_out
+    resumed_from = int(res_out.split("resumed from step ")[1].split()[0])
+    assert "summary: steps 1-6 of 6, loss " in ref_out and f"summary: steps {resumed_from + 1}-6 of 6" in res_out
 
     want, got = _losses(tmp_path / "ref"), _losses(tmp_path / "killed")
     assert sorted(got) == sorted(want) == list(range(1, 7))
