@@ -49,7 +49,6 @@ from nextlong_jax.train import build, global_batch, init_state, jit_step, model_
 from nextlong_jax.train_config import MODEL_PRESETS, Config, DataConfig, MeshConfig  # noqa: E402
 
 
-
 def _prepared(config: Config, mesh: jax.sharding.Mesh):
     """(state, jitted step, global batch) for one step on random tokens."""
     length = config.data.seq_len
