@@ -71,11 +71,12 @@ def find_shards(source: str, seq_len: int) -> Shards:
     return Shards(files, compression)
 
 
-def host_shards(shards: Shards, process_index: int, process_count: int) -> Shards:
-    """Every host reads a disjoint subset of the files (round-robin)."""
-    if len(shards.files) < process_count:
-        raise DataError(f"{len(shards.files)} shards cannot feed {process_count} hosts: synthesize more shards")
-    return Shards(shards.files[process_index::process_count], shards.compression)
+def host_shards(shards: Shards, block: int, blocks: int) -> Shards:
+    """The files of batch row block `block` of `blocks` (round-robin); hosts of one block read the same."""
+    if len(shards.files) < blocks:
+        raise DataError(f"{len(shards.files)} shards cannot feed {blocks} hosts reading different rows: "
+                        "synthesize more shards")
+    return Shards(shards.files[block::blocks], shards.compression)
 
 
 def check_first_record(path: str, compression: str, seq_len: int) -> None:

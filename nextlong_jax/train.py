@@ -201,9 +201,8 @@ def build_mesh(config: Config) -> Mesh:
     except ValueError as e:
         raise TrainError(f"mesh: {e}") from None
     shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.optimizer.grad_accum
-    if config.data.batch_size % shards or config.data.batch_size % jax.process_count():
-        raise TrainError(f"data.batch_size={config.data.batch_size} must divide by data*fsdp*grad_accum={shards} "
-                         f"and by the {jax.process_count()} host(s)")
+    if config.data.batch_size % shards:
+        raise TrainError(f"data.batch_size={config.data.batch_size} must divide by data*fsdp*grad_accum={shards}")
     sequence = mesh.shape["sequence"]
     if sequence > 1 and config.model.attention_backend != "ring":
         raise TrainError(f"mesh.sequence={sequence} needs model.attention_backend=ring "
@@ -279,9 +278,29 @@ def jit_step(setup: Setup, grad_accum: int) -> Callable:
                    out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Per-host rows -> one global array per feature (hosts hold consecutive slices of the batch)."""
-    return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in FEATURES}
+def host_rows(sharding: NamedSharding, global_shape: tuple[int, int]) -> tuple[int, int]:
+    """(index, count): this host's devices hold row block `index` of the batch's `count` equal blocks.
+
+    Hosts with the same block (when the sequence axis spans hosts, say) must read the same data.
+    """
+    spans = sorted({(rows.start or 0, global_shape[0] if rows.stop is None else rows.stop)
+                    for rows, *_ in sharding.addressable_devices_indices_map(global_shape).values()})
+    start, stop = spans[0][0], max(end for _, end in spans)
+    size = stop - start
+    if any(a > b for (_, b), (a, _) in zip(spans, spans[1:])) or global_shape[0] % size or start % size:
+        raise TrainError(f"host {jax.process_index()} holds batch rows {spans}, not one block: keep the mesh's "
+                         "data and fsdp axes over whole hosts")
+    return start // size, global_shape[0] // size
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int | None = None
+                 ) -> dict[str, jax.Array]:
+    """This host's rows of the batch (whole rows: `batch_size` in all, default just these) -> global arrays.
+
+    Each device takes its slice; columns are sliced here when the sequence axis spans hosts.
+    """
+    shape = (batch_size or len(local["input_ids"]), local["input_ids"].shape[1])
+    return {k: jax.make_array_from_process_local_data(sharding, local[k], shape) for k in FEATURES}
 
 
 def hf_params(hf_dir: Path, model_config: LlamaConfig) -> Any:
@@ -324,9 +343,10 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
 
     maybe_initialize_distributed()
     mesh = build_mesh(config)
-    shards = host_shards(find_shards(config.data.source, config.data.seq_len), jax.process_index(),
-                         jax.process_count())
-    per_host_batch = config.data.batch_size // jax.process_count()
+    batch_shape = (config.data.batch_size, config.data.seq_len)
+    block, blocks = host_rows(logical_sharding(mesh, ("batch", "length")), batch_shape)
+    shards = host_shards(find_shards(config.data.source, config.data.seq_len), block, blocks)
+    per_host_batch = config.data.batch_size // blocks
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = model_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
     peak = config.train.peak_flops_per_device or (
@@ -357,7 +377,8 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
         tick = time.perf_counter()
         while step < config.train.steps:
             lr = float(setup.schedule(step - skipped))  # optax counts applied updates only
-            state, metrics = train_step(state, global_batch(next(data), setup.batch_sharding))
+            batch = global_batch(next(data), setup.batch_sharding, config.data.batch_size)
+            state, metrics = train_step(state, batch)
             metrics = jax.device_get(metrics)
             step += 1
             now = time.perf_counter()

@@ -1,7 +1,8 @@
 """Two processes with 4 virtual CPU devices each, joined by `jax.distributed` (gloo) as two hosts of
-one job: `nextlong-train` trains on a (data=2, fsdp=2, sequence=2) mesh spanning both, each host
-reading its own shard file, checkpoints, and resumes; the per-step losses equal one process with 8
-devices stepping through the same global batches (host 0's rows, then host 1's)."""
+one job, run `nextlong-train`; the per-step losses equal one process with 8 devices stepping through
+the same global batches. Two layouts: (data=2, fsdp=2, sequence=2), where each host reads its own
+shard file for its own rows, checkpoints and resumes; and sequence=8, where the ring spans both
+hosts, so both read the same rows and each keeps its half of the columns."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from multidevice import run_on_8_devices
 ROOT = Path(__file__).resolve().parents[1]
 HOSTS = 2
 # Constant lr, so the schedule does not depend on train.steps and the run can be cut in two.
-ARGS = ["data.batch_size=4", "mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2", "model.attention_backend=ring",
-        "model.hidden_size=32", "model.intermediate_size=64", "optimizer.decay=constant",
-        "optimizer.warmup_steps=0", "optimizer.learning_rate=1e-2", "checkpoint.every=2"]
+ARGS = ["model.attention_backend=ring", "model.hidden_size=32", "model.intermediate_size=64",
+        "optimizer.decay=constant", "optimizer.warmup_steps=0", "optimizer.learning_rate=1e-2", "checkpoint.every=2"]
+# layout -> (overrides, how many different row blocks the hosts read)
+LAYOUTS = {"rows": (["data.batch_size=4", "mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2"], 2),
+           "sequence": (["data.batch_size=2", "mesh.data=1", "mesh.fsdp=1", "mesh.sequence=8"], 1)}
 
 
 def _free_port() -> int:
@@ -30,7 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_hosts(data: Path, out: Path, steps: int) -> list[str]:
+def _run_two_hosts(data: Path, out: Path, layout: str, steps: int) -> list[str]:
     port = _free_port()
     procs = []
     for host in range(HOSTS):
@@ -39,7 +42,7 @@ def _run_two_hosts(data: Path, out: Path, steps: int) -> list[str]:
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(HOSTS),
                "JAX_PROCESS_ID": str(host)}
         cmd = [sys.executable, "-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
-               "--data", str(data), "--out", str(out), *ARGS, f"train.steps={steps}"]
+               "--data", str(data), "--out", str(out), *ARGS, *LAYOUTS[layout][0], f"train.steps={steps}"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outputs = [p.communicate(timeout=400)[0] for p in procs]
@@ -48,22 +51,32 @@ def _run_two_hosts(data: Path, out: Path, steps: int) -> list[str]:
     return outputs
 
 
-def test_two_hosts_train_resume_and_match_one_process(train_data, tmp_path):
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
+
+
+def _reference(data: Path, layout: str, steps: int) -> list[float]:
+    return json.loads(run_on_8_devices(__file__, str(data), layout, str(steps)).splitlines()[-1])
+
+
+def test_two_hosts_with_own_rows_train_resume_and_match_one_process(train_data, tmp_path):
     out = tmp_path / "run"
-    _run_two_hosts(train_data, out, steps=2)
-    first, second = _run_two_hosts(train_data, out, steps=4)
+    _run_two_hosts(train_data, out, "rows", steps=2)
+    first, second = _run_two_hosts(train_data, out, "rows", steps=4)
     assert "resumed from step 2" in first
     assert "step 3/4" not in second  # only host 0 reports
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    got = [r["loss"] for r in rows]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-
-    want = json.loads(run_on_8_devices(__file__, str(train_data)).splitlines()[-1])
-    np.testing.assert_allclose(got, want, rtol=2e-5)
+    np.testing.assert_allclose(_losses(out), _reference(train_data, "rows", 4), rtol=2e-5)
 
 
-def _one_process_reference(data: str) -> None:
-    """The same 4 steps in one process; each step's batch is every host's next batch, host 0 first."""
+def test_ring_across_two_hosts_matches_one_process(train_data, tmp_path):
+    _run_two_hosts(train_data, tmp_path, "sequence", steps=2)
+    np.testing.assert_allclose(_losses(tmp_path), _reference(train_data, "sequence", 2), rtol=2e-5)
+
+
+def _one_process_reference(data: str, layout: str, steps: int) -> None:
+    """The same steps in one process; each step's batch is every row block's next batch, block 0 first."""
     import jax
 
     from nextlong_jax.data import BatchIterator, find_shards, host_shards
@@ -71,17 +84,19 @@ def _one_process_reference(data: str) -> None:
     from nextlong_jax.train import build, build_mesh, global_batch, init_state, jit_step
     from nextlong_jax.train_config import load_config
 
-    config = load_config(ROOT / "configs/train/tiny-cpu.yaml", [*ARGS, "train.steps=4", f"data.source={data}"])
+    overrides, blocks = LAYOUTS[layout]
+    config = load_config(ROOT / "configs/train/tiny-cpu.yaml",
+                         [*ARGS, *overrides, f"train.steps={steps}", f"data.source={data}"])
     shards = find_shards(config.data.source, config.data.seq_len)
-    per_host = config.data.batch_size // HOSTS
-    hosts = [BatchIterator(host_shards(shards, h, HOSTS), config.data, per_host,
-                           negative_weight=config.loss.negative_weight) for h in range(HOSTS)]
+    per_block = config.data.batch_size // blocks
+    hosts = [BatchIterator(host_shards(shards, b, blocks), config.data, per_block,
+                           negative_weight=config.loss.negative_weight) for b in range(blocks)]
     mesh = build_mesh(config)
     losses = []
     with jax.set_mesh(mesh), axis_rules():
         setup = build(config, mesh)
         state, step = init_state(setup, config.train.seed), jit_step(setup, config.optimizer.grad_accum)
-        for _ in range(4):
+        for _ in range(steps):
             parts = [next(h) for h in hosts]
             batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             state, metrics = step(state, global_batch(batch, setup.batch_sharding))
@@ -90,4 +105,4 @@ def _one_process_reference(data: str) -> None:
 
 
 if __name__ == "__main__":
-    _one_process_reference(sys.argv[1])
+    _one_process_reference(sys.argv[1], sys.argv[2], int(sys.argv[3]))
