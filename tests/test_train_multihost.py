@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_hosts(data: Path, out: Path, layout: str, steps: int) -> list[str]:
+def _launch(data: Path, out: Path, layout: str, steps: int) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for host in range(HOSTS):
@@ -45,10 +47,18 @@ def _run_two_hosts(data: Path, out: Path, layout: str, steps: int) -> list[str]:
                "--data", str(data), "--out", str(out), *ARGS, *LAYOUTS[layout][0], f"train.steps={steps}"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], code: int = 0) -> list[str]:
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text
+        assert p.returncode == code, text
     return outputs
+
+
+def _run_two_hosts(data: Path, out: Path, layout: str, steps: int) -> list[str]:
+    return _finish(_launch(data, out, layout, steps))
 
 
 def _losses(out: Path) -> list[float]:
@@ -73,6 +83,20 @@ def test_two_hosts_with_own_rows_train_resume_and_match_one_process(train_data, 
 def test_ring_across_two_hosts_matches_one_process(train_data, tmp_path):
     _run_two_hosts(train_data, tmp_path, "sequence", steps=2)
     np.testing.assert_allclose(_losses(tmp_path), _reference(train_data, "sequence", 2), rtol=2e-5)
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_saved_step(train_data, tmp_path):
+    """As when one VM of a pod gets a maintenance notice: jax's preemption sync picks one step for all."""
+    procs = _launch(train_data, tmp_path, "rows", steps=1000)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, "no training steps"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    first, _ = _finish(procs, code=143)
+    saved = int(first.split("preempted: saved step ")[1].split(";")[0])
+    assert (tmp_path / "checkpoints" / str(saved) / "params").is_dir()
+    assert _run_two_hosts(train_data, tmp_path, "rows", steps=saved + 1)[0].count(f"resumed from step {saved}") == 1
 
 
 def _one_process_reference(data: str, layout: str, steps: int) -> None:
