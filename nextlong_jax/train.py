@@ -297,7 +297,8 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_si
                  ) -> dict[str, jax.Array]:
     """This host's rows of the batch (whole rows: `batch_size` in all, default just these) -> global arrays.
 
-    Each device takes its slice; columns are sliced here when the sequence axis spans hosts.
+    Passing the global shape lets every device take its own rows and columns from whole local rows,
+    which is what hosts sharing rows (the sequence axis spanning hosts) need.
     """
     shape = (batch_size or len(local["input_ids"]), local["input_ids"].shape[1])
     return {k: jax.make_array_from_process_local_data(sharding, local[k], shape) for k in FEATURES}
