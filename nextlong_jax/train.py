@@ -344,10 +344,7 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
 
     maybe_initialize_distributed()
     mesh = build_mesh(config)
-    batch_shape = (config.data.batch_size, config.data.seq_len)
-    block, blocks = host_rows(logical_sharding(mesh, ("batch", "length")), batch_shape)
-    shards = host_shards(find_shards(config.data.source, config.data.seq_len), block, blocks)
-    per_host_batch = config.data.batch_size // blocks
+    shards = find_shards(config.data.source, config.data.seq_len)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = model_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
     peak = config.train.peak_flops_per_device or (
@@ -355,6 +352,8 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
     checkpoints = Checkpointer(out_dir / "checkpoints", config.checkpoint)
     with jax.set_mesh(mesh), axis_rules():
         setup = build(config, mesh)
+        block, blocks = host_rows(setup.batch_sharding, (config.data.batch_size, config.data.seq_len))
+        shards, per_host_batch = host_shards(shards, block, blocks), config.data.batch_size // blocks
         try:
             restored = checkpoints.restore_latest(abstract_state(setup))
         except (KeyError, ValueError) as e:

@@ -1,8 +1,4 @@
-"""`nextlong-train`: train or resume a run.
-
-Exit codes: 0 trained to `train.steps`; 1 a user error (one line on stderr); 143 stopped by SIGTERM
-after saving a checkpoint (rerun the same command to resume).
-"""
+"""`nextlong-train`: train or resume a run (exit codes in EXIT_CODES, shown by --help)."""
 
 from __future__ import annotations
 
@@ -15,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 PREEMPTED = 128 + 15  # the shell's code for "ended by SIGTERM"
+EXIT_CODES = (f"exit codes: 0 trained to train.steps; 1 a user error (one line on stderr); {PREEMPTED} stopped by "
+              "SIGTERM after saving a checkpoint (rerun the same command to resume)")
 JSONL_KEYS = ("step", "loss", "meta_loss", "negative_loss", "lr", "grad_norm", "tokens_per_s")
 
 
@@ -94,8 +92,7 @@ class RunLog:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nextlong-train", description="Train the Llama on nextlong-synth TFRecords; "
                                 "rerunning with the same --out resumes from its latest checkpoint.",
-                                epilog="exit codes: 0 trained to train.steps; 1 a user error; 143 stopped by SIGTERM "
-                                       "after saving a checkpoint (rerun the same command to resume)")
+                                epilog=EXIT_CODES)
     p.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/train/tiny-cpu.yaml")
     p.add_argument("--data", help="shard glob, manifest.json or synthesis output dir (sets data.source)")
     p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard")

@@ -21,10 +21,15 @@ ARGS = ["train.steps=6", "checkpoint.every=2", "data.batch_size=1", "model.hidde
         "model.intermediate_size=64", "optimizer.learning_rate=1e-2", "model.dropout_rate=0.1"]
 
 
-def _train(data: Path, out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
-           "--data", str(data), "--out", str(out), *ARGS]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _command(data: Path, out: Path, *overrides: str) -> list[str]:
+    """`nextlong-train` on the small model; `overrides` come after ARGS, so they win."""
+    return [sys.executable, "-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
+            "--data", str(data), "--out", str(out), *ARGS, *overrides]
+
+
+def _train(data: Path, out: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(_command(data, out, *overrides), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -80,9 +85,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 def test_old_and_damaged_checkpoints(train_data, tmp_path):
     """A checkpoint from before training keys were saved resumes; a damaged one is a one-line error."""
     def run(steps: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
-                               "--data", str(train_data), "--out", str(tmp_path), *ARGS[2:], f"train.steps={steps}"],
-                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        return subprocess.run(_command(train_data, tmp_path, f"train.steps={steps}"), cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=300)
 
     assert run(2).returncode == 0
     shutil.rmtree(tmp_path / "checkpoints" / "2" / "rng")
@@ -97,10 +101,7 @@ def test_old_and_damaged_checkpoints(train_data, tmp_path):
 
 
 def test_sigterm_saves_stops_and_resumes(train_data, tmp_path):
-    cmd = [sys.executable, "-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
-           "--data", str(train_data), "--out", str(tmp_path), *ARGS[2:], "checkpoint.every=1000"]
-    proc = subprocess.Popen([*cmd, "train.steps=1000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = _train(train_data, tmp_path, "checkpoint.every=1000", "train.steps=1000")
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() < deadline, "no training steps"
@@ -110,7 +111,7 @@ def test_sigterm_saves_stops_and_resumes(train_data, tmp_path):
     assert proc.returncode == 143, out  # not 0: the run did not reach train.steps
     saved = int(out.split("preempted: saved step ")[1].split(";")[0])
     assert saved >= 2 and saved in _committed(tmp_path)  # saved although no save was due
-    resumed = subprocess.run([*cmd, f"train.steps={saved + 1}"], cwd=ROOT, env=ENV, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(_command(train_data, tmp_path, "checkpoint.every=1000", f"train.steps={saved + 1}"),
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from step {saved}" in resumed.stdout
