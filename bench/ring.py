@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench.model import best_times  # noqa: E402
 from nextlong_jax import load_balance  # noqa: E402
-from nextlong_jax.model.attention import attention  # noqa: E402
+from nextlong_jax.model.attention import Blocks, attention  # noqa: E402
 from nextlong_jax.sharding import make_mesh  # noqa: E402
 
 SHARDS = 8
@@ -40,7 +40,7 @@ def bench_length(length: int, heads: int, head_dim: int, block: int, repeats: in
     segments = jnp.ones((1, length), jnp.int32)
 
     def grad_fn(**kwargs):
-        loss = lambda q, k, v: jnp.sum(attention(q, k, v, segments, block_size=block, **kwargs))  # noqa: E731
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v, segments, blocks=Blocks(block), **kwargs))  # noqa: E731
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
     blockwise = grad_fn(backend="blockwise")

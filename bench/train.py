@@ -1,6 +1,6 @@
 """Train-step benchmark on this CPU; every figure is measured side by side in this one run.
 
-1. The full train step (`nextlong_jax.train.jit_step`: loss, grads, AdamW) on one device: tokens/s
+1. The full train step (`nextlong_jax.train_setup.jit_step`: loss, grads, AdamW) on one device: tokens/s
    and model FLOP/s as a fraction of the measured jnp.dot fp32 peak.
 2. The same step with ring attention and zig-zag order over sequence=8 virtual devices, same total
    length. The virtual devices share this machine's cores, so the ratio is the cost of sequence
@@ -10,9 +10,10 @@
    against sequence length, single device vs ring over 8 (the ring also at 128K and 512K).
 
 With --gpu, instead, on the first accelerator: the Llama-3.2-1B architecture at 32K tokens, bf16
-compute over fp32 master weights, one train step per attention backend (cudnn, blockwise) side by
-side, as tokens/s, model TFLOP/s, MFU against the chip's published dense bf16 peak, the fraction of
-the bf16 matmul peak measured in the same run, and the step's memory.
+compute over fp32 master weights, one train step per attention backend (pallas_gpu, which GPU
+training runs, and blockwise) side by side, as tokens/s, model TFLOP/s, MFU against the chip's
+published dense bf16 peak, the fraction of the bf16 matmul peak measured in the same run, and the
+step's memory.
 
     python bench/train.py [--layers 4] [--hidden 256] [--seq-len 2048]
     python bench/train.py --gpu [--seq-len 32768] [--layers 16] [--remat full]
@@ -42,11 +43,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nextlong_jax.hardware import published_bf16_peak  # noqa: E402
+from nextlong_jax.host_data import global_batch  # noqa: E402
 from nextlong_jax.model import LlamaConfig  # noqa: E402
 from nextlong_jax.model.attention import resolve_backend  # noqa: E402
 from nextlong_jax.sharding import axis_rules, make_mesh  # noqa: E402
-from nextlong_jax.train import build, global_batch, init_state, jit_step, model_flops_per_token  # noqa: E402
 from nextlong_jax.train_config import MODEL_PRESETS, Config, DataConfig, MeshConfig  # noqa: E402
+from nextlong_jax.train_setup import build, init_state, jit_step  # noqa: E402
 
 
 def _prepared(config: Config, mesh: jax.sharding.Mesh):
@@ -95,11 +97,11 @@ def accelerator_main(args: argparse.Namespace) -> None:
                         dtype="bfloat16", param_dtype="float32", remat_policy=args.remat,
                         attention_block_size=args.block, logits_block_size=4096)
     mesh = make_mesh(1, 1, 1, 1, devices=[device])
-    flops = model_flops_per_token(model, args.seq_len) * args.seq_len
+    flops = model.flops_per_token(args.seq_len) * args.seq_len
     peak = published_bf16_peak(device)
     measured = matmul_peak(8192 if device.platform != "cpu" else 1024, dtype="bfloat16")
     results = {}
-    for backend in ("cudnn", "blockwise"):
+    for backend in ("pallas_gpu", "blockwise"):  # what GPU training runs, and the pure-JAX baseline
         config = Config(model=model.replace(attention_backend=backend), mesh=MeshConfig(1, 1, 1, 1),
                         data=DataConfig(seq_len=args.seq_len, batch_size=1))
         try:
@@ -108,7 +110,7 @@ def accelerator_main(args: argparse.Namespace) -> None:
         except Exception as e:  # a backend failing to compile here is a result to report, not a crash
             results[backend] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             continue
-        results[backend] = {"ran_as": resolve_backend(backend), "seconds": seconds,
+        results[backend] = {"ran_as": resolve_backend(backend, device.platform).value, "seconds": seconds,
                             "tokens_per_s": args.seq_len / seconds,
                             "model_tflops": flops / seconds / 1e12,
                             "mfu": flops / seconds / peak if peak else None,
@@ -156,7 +158,7 @@ def main() -> None:
     runs = {name: step_runner(cfg, mesh) for name, (cfg, mesh) in meshes.items()}
     seconds = best_times(runs, args.repeats)
     peak = matmul_peak()
-    flops = model_flops_per_token(model, args.seq_len) * args.seq_len
+    flops = model.flops_per_token(args.seq_len) * args.seq_len
     print(json.dumps({
         "config": f"{args.layers} layers, d={args.hidden}, heads={heads}, vocab={args.vocab}, seq={args.seq_len}, "
                   f"batch=1, fp32, remat={model.remat_policy}",

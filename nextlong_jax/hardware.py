@@ -1,14 +1,53 @@
-"""Published peak matmul throughput of accelerators, the denominator of MFU."""
+"""Accelerator chips as their makers publish them: dense bf16 peak (MFU's denominator) and HBM.
+
+Chips are recognised by `Device.device_kind` as the chip itself reports it, which is not always
+its marketing name: a v5p says "TPU v5", a v5e "TPU v5 lite", a v6e "TPU v6 lite". Compile-only
+devices (`nextlong_jax.topology`) report the same kinds, so a plan made on a CPU machine and a run
+on the real chip read the same row.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import jax
 
-# Dense bf16 FLOP/s per chip as published, matched as substrings of `Device.device_kind`.
-PUBLISHED_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12,
-                       "TPU v4": 275e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
+
+@dataclass(frozen=True)
+class Chip:
+    name: str  # the name slice and host topologies use: v5p-64, h100-8
+    kind: str  # regular expression matched in full against `Device.device_kind`
+    bf16_flops: float  # dense, per chip
+    hbm_bytes: int  # published decimal gigabytes
+
+    @property
+    def hbm_gib(self) -> float:
+        return self.hbm_bytes / 2**30
+
+
+GB = 10**9
+CHIPS: tuple[Chip, ...] = (
+    Chip("v4", r"TPU v4", 275e12, 32 * GB),
+    Chip("v5p", r"TPU v5", 459e12, 95 * GB),
+    Chip("v5e", r"TPU v5 lite", 197e12, 16 * GB),
+    Chip("v6e", r"TPU v6 lite", 918e12, 32 * GB),
+    Chip("h100", r"NVIDIA H100.*", 989e12, 80 * GB),
+    Chip("h200", r"NVIDIA H200.*", 989e12, 141 * GB),
+    Chip("a100", r"NVIDIA A100.*80GB.*", 312e12, 80 * GB),
+    Chip("a100-40gb", r"NVIDIA A100.*", 312e12, 40 * GB),
+    Chip("b200", r"NVIDIA B200.*", 2250e12, 180 * GB),
+    Chip("l40s", r"NVIDIA L40S.*", 362e12, 48 * GB),
+)
+CHIPS_BY_NAME = {chip.name: chip for chip in CHIPS}
+
+
+def chip_of(device: jax.Device) -> Chip | None:
+    """The first chip whose kind matches the device's; None for CPUs and unknown chips."""
+    return next((chip for chip in CHIPS if re.fullmatch(chip.kind, device.device_kind)), None)
 
 
 def published_bf16_peak(device: jax.Device) -> float | None:
     """FLOP/s for a known accelerator; None for CPUs and unknown chips."""
-    return next((flops for name, flops in PUBLISHED_BF16_PEAK.items() if name in device.device_kind), None)
+    chip = chip_of(device)
+    return chip.bf16_flops if chip else None

@@ -1,8 +1,10 @@
-"""`nextlong-train`: train or resume a run (exit codes in EXIT_CODES, shown by --help)."""
+"""`nextlong-train`: train or resume a run, or plan one for named hardware with --compile-only
+(exit codes in EXIT_CODES, shown by --help)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -11,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 PREEMPTED = 128 + 15  # the shell's code for "ended by SIGTERM"
-EXIT_CODES = (f"exit codes: 0 trained to train.steps; 1 a user error (one line on stderr); {PREEMPTED} stopped by "
-              "SIGTERM after saving a checkpoint (rerun the same command to resume)")
+EXIT_CODES = (f"exit codes: 0 trained to train.steps (--compile-only: compiled and fits); 1 a user error, or a plan "
+              f"that does not compile or fit (one line on stderr); {PREEMPTED} stopped by SIGTERM after saving a "
+              "checkpoint (rerun the same command to resume)")
 JSONL_KEYS = ("step", "loss", "meta_loss", "negative_loss", "lr", "grad_norm", "tokens_per_s")
 
 
@@ -95,22 +98,65 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXIT_CODES)
     p.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/train/tiny-cpu.yaml")
     p.add_argument("--data", help="shard glob, manifest.json or synthesis output dir (sets data.source)")
-    p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard")
+    p.add_argument("--out", type=Path, help="run directory: checkpoints, metrics.jsonl, tensorboard (required to train)")
     p.add_argument("--init-from-hf", type=Path, help="warm start from an HF Llama directory (fresh runs only)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="train nothing: compile the full train step for --topology on this machine (a CPU is "
+                        "enough) and print per-chip memory against HBM, the attention kernels in the program and "
+                        "model FLOPs per step; the last line is one JSON object")
+    p.add_argument("--topology", help="with --compile-only: a TPU slice (v4-128, v5p-256, v5e-256, v6e-64, "
+                   "v5p:4x4x2) or GPU host (h100-8, h200-8, a100-8, b200-8), prefixed Nx for N slices or hosts")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
     return p
 
 
+def compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
+    from nextlong_jax.topology import TopologyError, parse_topology, prepare_environment
+
+    try:
+        topology = parse_topology(args.topology)
+    except TopologyError as e:
+        print(f"nextlong-train: error: {e}", file=sys.stderr)
+        return 1
+    prepare_environment()
+    from nextlong_jax.compile_only import plan
+    from nextlong_jax.train_config import ConfigError, load_config
+    from nextlong_jax.train_setup import TrainError
+
+    try:
+        result = plan(load_config(args.config, overrides), topology)
+    except (ConfigError, TrainError) as e:
+        error = str(e)
+    except Exception as e:  # XLA's own failures (out of memory at compile, unsupported ops) are the answer here
+        error = f"does not compile for {topology.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    else:
+        print(result.summary())
+        print(json.dumps(dataclasses.asdict(result)), flush=True)
+        if result.fits:
+            return 0
+        error = f"needs {result.total_gib:.1f} GiB per chip, more than the {result.hbm_gib:.1f} GiB of a {result.chip}"
+    print(f"nextlong-train: error: {' '.join(error.split())}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"data.source={json.dumps(args.data)}"] if args.data else [])
+    if args.compile_only != bool(args.topology):
+        parser.error("--compile-only and --topology go together")
+    if args.compile_only:
+        return compile_only(args, overrides)
+    if args.out is None:
+        parser.error("--out is required to train")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's INFO chatter is not for CLI users
     from nextlong_jax.convert import ConversionError
     from nextlong_jax.data import DataError
-    from nextlong_jax.train import TrainError, maybe_initialize_distributed, train
+    from nextlong_jax.train import train
+    from nextlong_jax.train_setup import TrainError, maybe_initialize_distributed
     from nextlong_jax.train_config import ConfigError, load_config
 
-    overrides = list(args.overrides) + ([f"data.source={json.dumps(args.data)}"] if args.data else [])
     log = None
     try:
         config = load_config(args.config, overrides)

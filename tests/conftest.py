@@ -9,6 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The test install carries libtpu and the CUDA plugin (to compile for TPUs and GPUs); without this
+# jax would first probe for those chips, noisily, before settling on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(scope="session")

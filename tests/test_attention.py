@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nextlong_jax.model.attention import attention
+from nextlong_jax.model.attention import Blocks, attention
 
 
 def _inputs(b=2, length=96, heads=4, kv_heads=2, d=16, seed=0):
@@ -45,7 +45,7 @@ def test_blockwise_matches_reference_value_and_gradient(case):
 
     def run(backend):
         def f(q, k, v):
-            return attention(q, k, v, seg, backend=backend, block_size=32)
+            return attention(q, k, v, seg, backend=backend, blocks=Blocks(32, 32, 32, 32))
         out, vjp = jax.vjp(f, q, k, v)
         return (out, *vjp(cotangent))
 
@@ -56,35 +56,43 @@ def test_blockwise_matches_reference_value_and_gradient(case):
 def test_segments_isolate_documents():
     q, k, v = _inputs(b=1, length=64)
     seg = jnp.asarray(np.repeat([[1, 2]], 32, axis=1))
-    alone = attention(q[:, 32:], k[:, 32:], v[:, 32:], None, backend="blockwise", block_size=16)
-    packed = attention(q, k, v, seg, backend="blockwise", block_size=16)
+    alone = attention(q[:, 32:], k[:, 32:], v[:, 32:], None, backend="blockwise", blocks=Blocks(16))
+    packed = attention(q, k, v, seg, backend="blockwise", blocks=Blocks(16))
     np.testing.assert_allclose(np.asarray(packed[:, 32:]), np.asarray(alone), atol=1e-5)
 
 
 def test_bfloat16_inputs_stay_close_to_float32_reference():
     q, k, v = _inputs()
     want = attention(q, k, v, None, backend="reference")
-    got = attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, backend="blockwise", block_size=32)
+    got = attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, backend="blockwise", blocks=Blocks(32))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=5e-2)
 
 
-@pytest.mark.parametrize("backend", ["cudnn", "splash"])
-def test_unavailable_backend_falls_back_with_warning(backend, caplog):
-    from nextlong_jax.model import attention as dispatch
+@pytest.mark.parametrize("backend,platform", [("cudnn", "cpu"), ("pallas_gpu", "tpu"), ("splash", "cuda")])
+def test_kernel_for_another_platform_falls_back_with_warning(backend, platform, caplog):
+    from nextlong_jax.model.attention import Backend, _warned, resolve_backend
 
-    if getattr(dispatch, backend).available():  # on its own accelerator there is nothing to fall back from
-        assert dispatch.resolve_backend(backend) == backend
-        return
-    dispatch._warned.discard(backend)
-    q, k, v = _inputs(length=32)
+    _warned.clear()
     with caplog.at_level(logging.WARNING):
-        got = attention(q, k, v, None, backend=backend, block_size=16)
-    assert f"attention backend '{backend}'" in caplog.text and "falling back to 'blockwise'" in caplog.text
-    np.testing.assert_allclose(np.asarray(got), np.asarray(attention(q, k, v, backend="reference")), atol=1e-5)
+        assert resolve_backend(backend, platform) == Backend.BLOCKWISE
+        assert resolve_backend(backend, platform, sequence_parallel=True) == Backend.RING
+    assert f"attention backend '{backend}' needs a" in caplog.text and "falling back to 'blockwise'" in caplog.text
+
+
+@pytest.mark.parametrize("backend,platform", [("splash", "tpu"), ("pallas_gpu", "cuda"), ("cudnn", "gpu"),
+                                              ("ring", "cpu"), ("blockwise", "tpu")])
+def test_backend_for_its_platform_is_kept(backend, platform):
+    from nextlong_jax.model.attention import resolve_backend
+
+    assert resolve_backend(backend, platform).value == backend
 
 
 def test_unknown_backend_is_an_error():
     q, k, v = _inputs(length=8)
-    with pytest.raises(ValueError, match="unknown attention backend"):
+    with pytest.raises(ValueError, match="nope"):
         attention(q, k, v, backend="nope")
+    from nextlong_jax.model.attention import resolve_backend
+
+    with pytest.raises(ValueError, match="unknown attention backend 'nope' \\(known: reference, blockwise"):
+        resolve_backend("nope", "cpu")

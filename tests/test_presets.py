@@ -23,7 +23,7 @@ def _trace(paths: list[str]) -> None:
     import jax.numpy as jnp
 
     from nextlong_jax.sharding import axis_rules
-    from nextlong_jax.train import abstract_state, build, build_mesh, jit_step
+    from nextlong_jax.train_setup import abstract_state, build, build_mesh, jit_step
     from nextlong_jax.train_config import load_config
 
     for path in map(Path, paths):

@@ -49,11 +49,11 @@ def test_reorder_moves_every_feature_the_same_way():
 
 
 def test_ring_without_sequence_axis_is_blockwise():
-    from nextlong_jax.model.attention import attention
+    from nextlong_jax.model.attention import Blocks, attention
 
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 32, 2, 8)), jnp.float32) for _ in range(3))
-    np.testing.assert_allclose(np.asarray(attention(q, k, v, backend="ring", block_size=8)),
+    np.testing.assert_allclose(np.asarray(attention(q, k, v, backend="ring", blocks=Blocks(8))),
                                np.asarray(attention(q, k, v, backend="reference")), atol=1e-5)
 
 
@@ -78,7 +78,7 @@ def _packed_segments(b: int, length: int) -> np.ndarray:
 def _child_attention() -> None:
     import jax
 
-    from nextlong_jax.model.attention import attention
+    from nextlong_jax.model.attention import Blocks, attention
     from nextlong_jax.sharding import make_mesh
 
     rng = np.random.default_rng(0)
@@ -99,8 +99,8 @@ def _child_attention() -> None:
 
         def ring(q, k, v):
             if not zigzag:
-                return attention(q, k, v, seg, backend="ring", block_size=8, token_index=jnp.arange(length))
-            out = attention(*(load_balance.zigzag(x, shards) for x in (q, k, v, seg)), backend="ring", block_size=8)
+                return attention(q, k, v, seg, backend="ring", blocks=Blocks(8), token_index=jnp.arange(length))
+            out = attention(*(load_balance.zigzag(x, shards) for x in (q, k, v, seg)), backend="ring", blocks=Blocks(8))
             return load_balance.unzigzag(out, shards)
 
         def value_and_grads(fn):

@@ -26,7 +26,8 @@ def test_logical_rules_shard_params_and_activations_differently():
 
     from nextlong_jax.sharding import LOGICAL_AXIS_RULES
 
-    assert tuple(nn.logical_to_mesh_axes(("embed", "heads", "head_dim"), LOGICAL_AXIS_RULES)) == ("fsdp", "tensor", None)
+    params = nn.logical_to_mesh_axes(("embed", "heads", "head_dim"), LOGICAL_AXIS_RULES)
+    assert tuple(params) == (("fsdp", "sequence"), "tensor", None)
     # batch takes fsdp first, so activations keep embed whole
     spec = nn.logical_to_mesh_axes(("batch", "length", "embed"), LOGICAL_AXIS_RULES)
     assert tuple(spec) == (("data", "fsdp"), "sequence", None)
@@ -68,7 +69,7 @@ def _child() -> None:
     mesh = make_mesh(data=2, fsdp=2, tensor=2, sequence=1)
     shardings = logical_shardings(params, mesh)
     q_spec = shardings["params"]["layers"]["attn"]["q_proj"].spec
-    assert tuple(q_spec) == (None, "fsdp", "tensor", None), q_spec
+    assert tuple(q_spec) == (None, ("fsdp", "sequence"), "tensor", None), q_spec
     sharded = jax.device_put(params, shardings)
     tokens = logical_sharding(mesh, ("batch", "length"))
     batch = [jax.device_put(x, tokens) for x in (ids, positions, segments, weights)]

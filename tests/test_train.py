@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from nextlong_jax.model import Llama, LlamaConfig
-from nextlong_jax.train import TrainState, build_optimizer, decay_mask, loss_sums, make_train_step
+from nextlong_jax.optimizer import build_optimizer, decay_mask
+from nextlong_jax.step import TrainState, loss_sums, make_train_step
 from nextlong_jax.train_config import ConfigError, OptimizerConfig, config_from_dict, load_config
 
 TINY = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -105,7 +105,8 @@ def _one_process_reference(data: str, layout: str, steps: int) -> None:
 
     from nextlong_jax.data import BatchIterator, find_shards, host_shards
     from nextlong_jax.sharding import axis_rules
-    from nextlong_jax.train import build, build_mesh, global_batch, init_state, jit_step
+    from nextlong_jax.host_data import global_batch
+    from nextlong_jax.train_setup import build, build_mesh, init_state, jit_step
     from nextlong_jax.train_config import load_config
 
     overrides, blocks = LAYOUTS[layout]

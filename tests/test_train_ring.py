@@ -47,12 +47,12 @@ def _batch() -> dict[str, np.ndarray]:
 
 def test_sequence_parallel_loss_refuses_to_run_without_a_mesh():
     from nextlong_jax.model import Llama
-    from nextlong_jax.train import TrainError, loss_sums
+    from nextlong_jax.step import loss_sums
 
     model = Llama(_config(None).model)
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
     params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
-    with pytest.raises(TrainError, match="outside `jax.set_mesh`"):
+    with pytest.raises(ValueError, match="outside `jax.set_mesh`"):
         loss_sums(model, params, batch, sequence_shards=4)
 
 
@@ -75,7 +75,7 @@ def _memory_child() -> None:
 
     from nextlong_jax.model import LlamaConfig
     from nextlong_jax.sharding import axis_rules, make_mesh
-    from nextlong_jax.train import build, init_state, jit_step
+    from nextlong_jax.train_setup import build, init_state, jit_step
     from nextlong_jax.train_config import Config, DataConfig, MeshConfig
 
     hidden, length = 96, 2048  # 96: no other dimension of the step has that size
@@ -105,7 +105,8 @@ def _child() -> None:
     import dataclasses
 
     from nextlong_jax.sharding import axis_rules, make_mesh
-    from nextlong_jax.train import TrainError, build, build_mesh, global_batch, init_state, jit_step
+    from nextlong_jax.host_data import global_batch
+    from nextlong_jax.train_setup import TrainError, build, build_mesh, init_state, jit_step
     from nextlong_jax.train_config import MeshConfig
 
     batch = _batch()
@@ -139,7 +140,7 @@ def _child() -> None:
         build_mesh(blockwise)
         raise AssertionError("a sequence-parallel mesh accepted blockwise attention")
     except TrainError as e:
-        assert "attention_backend=ring" in str(e)
+        assert "sequence-parallel model.attention_backend" in str(e)
     print("ring step ok", got, "max param error", worst)
 
 

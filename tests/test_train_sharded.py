@@ -19,7 +19,8 @@ def _child() -> None:
     import numpy as np
 
     from nextlong_jax.sharding import axis_rules, make_mesh
-    from nextlong_jax.train import build, global_batch, init_state, jit_step
+    from nextlong_jax.host_data import global_batch
+    from nextlong_jax.train_setup import build, init_state, jit_step
     from nextlong_jax.train_config import Config, DataConfig, MeshConfig, OptimizerConfig
     from nextlong_jax.model import LlamaConfig
 

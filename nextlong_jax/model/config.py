@@ -8,9 +8,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from nextlong_jax.model.attention import Backend, Blocks
+
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-ATTENTION_BACKENDS = ("reference", "blockwise", "cudnn", "splash", "ring")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_BACKENDS = tuple(b.value for b in Backend)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # config.json keys read as-is; rope keys are parsed separately, and the rest (hidden_act, biases, torch
@@ -71,7 +73,11 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay in float32
     attention_backend: str = "blockwise"
-    attention_block_size: int = 512
+    attention_block_size: int = 512  # query block (the only block of blockwise and ring)
+    attention_block_kv: int | None = None  # key/value block of the kernels; None: attention_block_size
+    attention_block_q_bwd: int | None = None  # backward kernels' blocks; None: the forward ones
+    attention_block_kv_bwd: int | None = None
+    attention_fused_bwd: bool = False  # splash: dq inside the dK/dV kernel (short sequences only)
     remat_policy: str = "full"
     scan_layers: bool = True  # False unrolls the layer scan: same parameter layout, faster step, slower compile
     logits_block_size: int = 1024
@@ -99,6 +105,20 @@ class LlamaConfig:
                               ("attention_backend", ATTENTION_BACKENDS), ("remat_policy", REMAT_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} not in {allowed}")
+
+    @property
+    def attention_blocks(self) -> Blocks:
+        q = self.attention_block_size
+        kv = self.attention_block_kv or q
+        return Blocks(q, kv, self.attention_block_q_bwd or q, self.attention_block_kv_bwd or kv, self.attention_fused_bwd)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (6 x matmul params, plus causal attention scores), the usual MFU numerator."""
+        e, h, kv, d = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        per_layer = e * (h + 2 * kv) * d + h * d * e + 3 * e * self.intermediate_size
+        dense = self.num_hidden_layers * per_layer + e * self.vocab_size
+        attention = self.num_hidden_layers * 2 * h * d * seq_len  # QK^T and PV, halved by causality, x2 multiply-add
+        return 6.0 * dense + 3.0 * attention
 
     @property
     def jnp_dtype(self) -> jnp.dtype:

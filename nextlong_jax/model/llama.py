@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nextlong_jax.model.attention import attention
+from nextlong_jax.model.attention import RESIDUAL_NAMES, attention
 from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.loss import next_token_loss
 from nextlong_jax.model.rope import apply_rope, rope_tables
@@ -20,6 +20,9 @@ REMAT_POLICIES = {
     "full": None,  # save nothing but layer inputs
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep each layer's attention residuals: the backward pass then re-runs the projections and the
+    # MLP but not the attention forward (about [B, L, H, D] per layer more memory).
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES),
 }
 _init = nn.initializers.normal(stddev=0.02)
 constrain = nn.with_logical_constraint
@@ -55,7 +58,7 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        out = attention(q, k, v, segment_ids, backend=c.attention_backend, block_size=c.attention_block_size)
+        out = attention(q, k, v, segment_ids, backend=c.attention_backend, blocks=c.attention_blocks)
         return jnp.einsum("blhd,hde->ble", out, _weight(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed")))
 
 

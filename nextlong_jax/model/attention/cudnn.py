@@ -6,10 +6,6 @@ import jax
 import jax.numpy as jnp
 
 
-def available() -> bool:
-    return jax.default_backend() == "gpu"
-
-
 def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
     """q [B, L, H, D], k/v [B, L, K, D] (GQA handled by the kernel) -> [B, L, H, D].
 

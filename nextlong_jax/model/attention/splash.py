@@ -1,35 +1,228 @@
-"""Pallas splash attention (TPU): causal mask, segment ids and GQA handled inside the kernel.
+"""Pallas splash attention (TPU): causal mask, segment ids and GQA inside the kernel.
 
-Runs per device; under a sharded mesh it belongs inside `shard_map` (done by the sequence-parallel
-issue), which is why the kernel is built for the local shape.
+Three things make the bare kernel usable in the sharded trainer:
+
+* shard_map. A Mosaic kernel cannot be partitioned by XLA, so it runs inside `jax.shard_map` over
+  the ambient mesh: batch split over the batch axes, heads over `tensor` (a query head and its kv
+  head share a shard), and each device calls the kernel on its local shape. GQA is native to the
+  kernel (k/v [K, L, D] beside q [H, L, D]); K/V are never repeated.
+* Context parallelism over `sequence`, the all-gather strategy (MaxText's default): each device
+  keeps its queries, all-gathers K/V and their segment ids, and runs the kernel on local queries
+  against all keys. Tokens arrive in zig-zag order (`load_balance`), so the gathered keys are put
+  back in original order and each query row carries its ORIGINAL index (the mask's `q_sequence`);
+  the kernel's causal test `q >= k` is then exact and the block tables skip what is invisible.
+  The tables are built for all L query rows at once (`q_seq_shards` = S) and sharded over
+  `sequence` with the kernel passed as a shard_map argument, so each device gets its own rows.
+  Backward: the transpose of the all-gather reduce-scatters dK/dV to their owners.
+* Cached, vectorised mask tables. splash's own `process_mask` visits every block pair in Python
+  (about 20 s at 64K tokens with 512 blocks, quadratic in length), and the old code redid that at
+  every trace. For a causal mask the tables follow from each block's min/max token index, so
+  `_mask_info` computes them with numpy (6 ms at 64K, 0.3 s at 512K), in exactly splash's layout
+  (a test checks equality with `process_mask`), and `_kernel` caches the kernel per (length,
+  shards, blocks, interpret). Tables stay numpy so building never places arrays on a device.
+
+The kernel's residuals (output [H, L, D] and log-sum-exp [H, L] per example) carry the checkpoint
+name `RESIDUAL_NAME`: a remat policy that saves it skips re-running the forward kernel in the
+backward pass (saving only the attention output does not, the backward kernels need the lse too).
+
+Limits: blocks are multiples of 128 (TPU lanes) dividing the local lengths; the tables live in the
+TPU's scalar memory (1 MiB on v5p) with (L/S / q) x (L / kv) entries each, so 512K tokens with 512
+blocks needs sequence sharding or larger blocks (2 MiB otherwise: the compile fails).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
+from jax.sharding import NamedSharding, PartitionSpec
+
+from nextlong_jax import load_balance
+from nextlong_jax.model.attention.blocks import Blocks
+from nextlong_jax.model.attention.per_device import spec
+from nextlong_jax.sharding import ambient_shards
+
+RESIDUAL_NAME = "splash_residuals"
+LANES = 128  # the kernel tiles sequence blocks on 128 TPU lanes: every block is a multiple
 
 
-def available() -> bool:
-    return jax.default_backend() == "tpu"
+def _causal(q_index, k_index):
+    # Module-level so the kernel's static mask function hashes the same across builds.
+    return q_index >= k_index
 
 
-def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
-    """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D]."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+def splash_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    segment_ids: jnp.ndarray,
+    *,
+    blocks: Blocks = Blocks(),
+    interpret: bool = False,
+) -> jnp.ndarray:
+    """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D], sharded like q.
 
-    b, length, h, d = q.shape
-    kv_heads = k.shape[2]
-    groups = h // kv_heads
-    mask = sa.MultiHeadMask([sa.CausalMask((length, length))] * groups)
-    # One MQA kernel serves the G query heads that share a kv head; vmap over kv heads and batch.
-    kernel = sa.make_splash_mqa(mask, head_shards=1, q_seq_shards=1)
-    qg = (q * d**-0.5).reshape(b, length, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, L, D]
+    With the ambient mesh's `sequence` axis of size S > 1 the length must be in
+    `load_balance.zigzag` order for S. `interpret` runs the Pallas kernels in the interpreter
+    (any platform; for tests).
+    """
+    axis, shards = ambient_shards("length")
+    length, head_dim = q.shape[1], q.shape[3]
+    kernel = _kernel(length, shards, _clamp(blocks, length, shards), interpret)
 
-    def one(qg1, k1, v1, seg):  # [G, L, D], [L, D], [L, D], [L]
-        return kernel(qg1, k1, v1, segment_ids=sa.SegmentIds(q=seg, kv=seg))
+    def local(q, k, v, segment_ids, kernel):
+        # q [b, L/S, h, D], k/v [b, L/S, kh, D] (this device's zig-zag rows), segment_ids [b, L/S]
+        kv_segment_ids = segment_ids
+        if shards > 1:
+            k, v, kv_segment_ids = (load_balance.unzigzag(lax.all_gather(x, axis, axis=1, tiled=True), shards)
+                                    for x in (k, v, segment_ids))
+        # Scaling q is cheaper than scaling [L, L] scores; the kernel applies no scale itself.
+        qt = (q * head_dim**-0.5).transpose(0, 2, 1, 3)  # [b, h, L/S, D]: the kernel's head-major layout
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kh, L, D]
 
-    per_kv_head = jax.vmap(one, in_axes=(0, 0, 0, None))
-    out = jax.vmap(per_kv_head)(qg, kt, vt, segment_ids.astype(jnp.int32))  # [B, K, G, L, D]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, d)
+        def one(q1, k1, v1, q_seg, kv_seg):
+            return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=q_seg, kv=kv_seg))
+
+        out = jax.vmap(one)(qt, kt, vt, segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+        return out.transpose(0, 2, 1, 3)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v, segment_ids, kernel)
+    q_spec = spec("batch", "length", "heads", "head_dim")
+    kv_spec = spec("batch", "length", "kv_heads", "head_dim")
+    # Table rows follow query blocks, so they shard like the length; heads share one table.
+    kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(None, axis if shards > 1 else None)))
+    in_specs = (q_spec, kv_spec, kv_spec, spec("batch", "length"), kernel_spec)
+    # check_vma off: splash's pallas_calls declare outputs without the per-axis variance that
+    # check_vma demands (jax raises); every value in `local` is per-device anyway.
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
+        q, k, v, segment_ids, kernel)
+
+
+def _clamp(blocks: Blocks, length: int, shards: int) -> Blocks:
+    """Blocks fitted to this layout; raises where the kernel's tiling rules cannot be met.
+
+    Query blocks stay within one zig-zag chunk (L / 2S): a block spanning a device's early and
+    late chunk would compute the early rows against every key the late rows need.
+    """
+    if length % (2 * shards if shards > 1 else 1):
+        raise ValueError(f"splash: length {length} not divisible by 2 x {shards} sequence shards")
+    q_span = length // (2 * shards) if shards > 1 else length
+    fitted = Blocks(min(blocks.q, q_span), min(blocks.kv, length), min(blocks.q_bwd, q_span),
+                    min(blocks.kv_bwd, length), blocks.fused_bwd)
+    for name, block, span in zip(("q", "kv", "q_bwd", "kv_bwd"), fitted[:4], (q_span, length, q_span, length)):
+        if block % LANES or span % block:
+            raise ValueError(f"splash: block {name}={block} must be a multiple of {LANES} dividing {span} "
+                             f"(length {length}, {shards} sequence shards)")
+    return fitted
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(length: int, shards: int, blocks: Blocks, interpret: bool) -> sk.SplashAttentionKernel:
+    """The kernel for `length` tokens split over `shards` (zig-zag when > 1), with its mask tables.
+
+    Tables cover all L query rows (S shards of L/S) against all L keys; they do not depend on
+    batch or head counts (every head shares one table), so neither is part of the key.
+    """
+    q_sequence = load_balance.token_index(length, shards) if shards > 1 else np.arange(length, dtype=np.int32)
+    fused = blocks.fused_bwd
+    sizes = sk.BlockSizes(
+        block_q=blocks.q, block_kv=blocks.kv, block_kv_compute=blocks.kv,
+        block_q_dkv=blocks.q_bwd, block_kv_dkv=blocks.kv_bwd, block_kv_dkv_compute=blocks.kv_bwd,
+        block_q_dq=None if fused else blocks.q_bwd, block_kv_dq=None if fused else blocks.kv_bwd,
+        use_fused_bwd_kernel=fused)
+    fwd = _mask_info(q_sequence, length, (blocks.q, blocks.kv), shards, dkv=False, shrink=True)
+    dq = None if fused else _mask_info(q_sequence, length, (blocks.q_bwd, blocks.kv_bwd), shards, dkv=False,
+                                       shrink=True)
+    dkv = _mask_info(q_sequence, length, (blocks.q_bwd, blocks.kv_bwd), shards, dkv=True, shrink=not fused)
+    return sk.SplashAttentionKernel(
+        fwd, dq, dkv, block_sizes=sizes, is_mqa=False, save_residuals=False, mask_value=sk.DEFAULT_MASK_VALUE,
+        attn_logits_soft_cap=None, residual_checkpoint_name=RESIDUAL_NAME, mask_function=_causal,
+        interpret=interpret)
+
+
+def _mask_info(q_sequence: np.ndarray, kv_length: int, block_shape: tuple[int, int], shards: int, *,
+               dkv: bool, shrink: bool) -> mask_info_lib.MaskInfo:
+    """splash's `process_mask(_dkv)` result for the mask `q_sequence[row] >= key`, vectorised.
+
+    q_sequence [Lq] is the original token index of each query row; keys are in original order.
+    Query rows split into `shards` equal shards, each with its own tables, as `q_seq_shards` does.
+
+    block_mask [1, rows, cols] holds 0 (nothing visible), 1 (partial: the kernel evaluates
+    `_causal`) or 2 (all visible); data_next names the block to fetch at each grid step. Shrunk
+    tables list only the non-empty blocks of each query row (forward, dq) or key column (dkv),
+    padded where rows differ: that is where the causal (and zig-zag) sparsity is skipped.
+    """
+    bq, bk = block_shape
+    rows = q_sequence.reshape(-1, bq)
+    first_key = np.arange(0, kv_length, bk)
+    some = rows.max(1)[:, None] >= first_key[None, :]
+    every = rows.min(1)[:, None] >= first_key[None, :] + bk - 1
+    block_mask = np.where(every, 2, np.where(some, 1, 0)).astype(np.int32)  # [nq, nk]
+    per_shard = block_mask.shape[0] // shards
+    shard_masks = [block_mask[s * per_shard:(s + 1) * per_shard] for s in range(shards)]
+    if not shrink:  # only the fused dkv tables: grid order (key block, query block)
+        data_next = np.concatenate([_next_query_block(m) for m in shard_masks], axis=0)
+    else:
+        parts = [_shrink_dkv(m) if dkv else _shrink_rows(m) for m in shard_masks]
+        # Shards are padded to one size (SPMD), repeating the last block so nothing new is fetched.
+        axis = 0 if dkv else 1
+        size = max(m.shape[axis] for m, _ in parts)
+
+        def padded(x, **how):
+            width = [(0, 0), (0, 0)]
+            width[axis] = (0, size - x.shape[axis])
+            return np.pad(x, width, **how)
+
+        block_mask = np.concatenate([padded(m) for m, _ in parts], axis=0)
+        data_next = np.concatenate([padded(d, mode="edge") for _, d in parts], axis=0)
+    return mask_info_lib.MaskInfo(
+        data_next=_smallest_int(data_next)[None], mask_next=None, block_mask=_smallest_int(block_mask)[None],
+        partial_mask_blocks=None, q_sequence=q_sequence.astype(np.int32))
+
+
+def _shrink_rows(block_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query row, its non-empty key blocks in order, right-padded with 0 (forward and dq)."""
+    count = (block_mask > 0).sum(1)
+    width = max(int(count.max()), 1)
+    cols = np.argsort(block_mask == 0, axis=1, kind="stable")[:, :width]  # non-empty first, ascending
+    valid = np.arange(width)[None, :] < count[:, None]
+    return np.where(valid, np.take_along_axis(block_mask, cols, 1), 0), np.where(valid, cols, 0)
+
+
+def _shrink_dkv(block_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per key column, its non-empty query blocks in order, left-padded with 0 (dK/dV)."""
+    count = (block_mask > 0).sum(0)
+    height = max(int(count.max()), 1)
+    order = np.argsort(block_mask == 0, axis=0, kind="stable")
+    position = np.arange(height)[:, None] - (height - count)[None, :]
+    valid = position >= 0
+    rows = np.take_along_axis(order, np.maximum(position, 0), 0)
+    return np.where(valid, np.take_along_axis(block_mask, rows, 0), 0), np.where(valid, rows, 0)
+
+
+def _next_query_block(block_mask: np.ndarray) -> np.ndarray:
+    """Unshrunk dkv data_next: at each (q, k) step in key-major order, the query block of the next
+    non-empty step at or after it (wrapping to the first)."""
+    nq, nk = block_mask.shape
+    flat = (block_mask.T > 0).reshape(-1)  # key-major
+    nonzero = np.flatnonzero(flat)
+    if nonzero.size == 0:
+        return np.zeros_like(block_mask)
+    at = np.searchsorted(nonzero, np.arange(flat.size))
+    following = np.where(at < nonzero.size, nonzero[np.minimum(at, nonzero.size - 1)], nonzero[0])
+    return (following % nq).reshape(nk, nq).T.astype(np.int32)
+
+
+def _smallest_int(x: np.ndarray) -> np.ndarray:
+    # Tables live in the TPU's small scalar memory: int8 or int16 where the values fit.
+    for dtype in (np.int8, np.int16):
+        if x.size == 0 or x.max() <= np.iinfo(dtype).max:
+            return x.astype(dtype)
+    return x.astype(np.int32)

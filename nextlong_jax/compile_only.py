@@ -1,0 +1,87 @@
+"""Plan a run without its hardware: compile the full train step for a named TPU slice or GPU host.
+
+XLA compiles for compile-only devices (`nextlong_jax.topology`) exactly as it would on the chips,
+so the program's per-chip memory, and which attention kernel it runs, are the real ones; only the
+timing is missing. MaxText's train_compile.py is the same idea.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+import jax
+
+from nextlong_jax.sharding import axis_rules
+from nextlong_jax.topology import Topology, compile_only_devices
+from nextlong_jax.train_config import Config
+from nextlong_jax.train_setup import abstract_batch, abstract_state, build, build_mesh, jit_step
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    topology: str
+    chip: str
+    devices: int
+    mesh: dict[str, int]
+    attention_backend: str  # as resolved for the target's platform
+    attention_kernels: list[str]  # custom-call kernels in the compiled program; empty: XLA's own ops
+    argument_gib: float  # per chip: parameters, optimizer state and batch
+    temp_gib: float
+    output_gib: float
+    alias_gib: float  # outputs written over donated arguments (the state), counted once
+    total_gib: float
+    hbm_gib: float  # the chip's published HBM
+    fits: bool
+    model_tflops_per_step: float
+    compile_seconds: float
+
+    def summary(self) -> str:
+        kernels = ", ".join(self.attention_kernels) or "none (XLA ops)"
+        return "\n".join([
+            f"topology {self.topology}: {self.devices} x {self.chip}, mesh {self.mesh}",
+            f"attention {self.attention_backend}; kernels in the program: {kernels}",
+            f"per chip: arguments {self.argument_gib:.2f} GiB + temporaries {self.temp_gib:.2f} GiB + outputs "
+            f"{self.output_gib:.2f} GiB - aliased {self.alias_gib:.2f} GiB = {self.total_gib:.2f} GiB of "
+            f"{self.hbm_gib:.1f} GiB HBM: {'fits' if self.fits else 'DOES NOT FIT'}",
+            f"model {self.model_tflops_per_step:.1f} TFLOP per step; compiled in {self.compile_seconds:.0f} s",
+        ])
+
+
+def kernel_names(hlo_text: str) -> list[str]:
+    """Custom-call kernels of a compiled program: Mosaic (TPU Pallas), Triton and cuDNN calls, by name."""
+    names = set()
+    for line in hlo_text.splitlines():
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        if not target or not re.search(r"tpu_custom_call|triton|cudnn", target[1]):
+            continue
+        # Pallas puts the kernel's name in the call's backend config; cuDNN calls are named by target.
+        config = line.partition("backend_config=")[2]
+        name = re.search(r'(?:kernel_name|\bname)\W*[=:]\s*\\?"([^"\\]+)', config)
+        names.add(f"{target[1]}:{name[1]}" if name else target[1])
+    return sorted(names)
+
+
+def plan(config: Config, topology: Topology) -> Plan:
+    """Compile `config`'s train step (grad accumulation included) for `topology`; raises on failure."""
+    mesh = build_mesh(config, compile_only_devices(topology))
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), axis_rules():
+        setup = build(config, mesh)
+        batch = abstract_batch(setup, config.data.batch_size, config.data.seq_len)
+        compiled = jit_step(setup, config.optimizer.grad_accum).lower(abstract_state(setup), batch).compile()
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    sizes = {name: getattr(stats, f"{name}_size_in_bytes") / GIB for name in ("argument", "temp", "output", "alias")}
+    total = sizes["argument"] + sizes["temp"] + sizes["output"] - sizes["alias"]
+    tokens = config.data.batch_size * config.data.seq_len
+    return Plan(topology=topology.name, chip=topology.chip.name, devices=mesh.size,
+                mesh={k: int(v) for k, v in mesh.shape.items()}, attention_backend=setup.model.config.attention_backend,
+                attention_kernels=kernel_names(compiled.as_text()),
+                **{f"{name}_gib": round(value, 3) for name, value in sizes.items()}, total_gib=round(total, 3),
+                hbm_gib=round(topology.chip.hbm_gib, 2), fits=total <= topology.chip.hbm_gib,
+                model_tflops_per_step=round(config.model.flops_per_token(config.data.seq_len) * tokens / 1e12, 1),
+                compile_seconds=round(seconds, 1))

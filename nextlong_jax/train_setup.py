@@ -1,0 +1,162 @@
+"""From a `Config` to what the train loop (or a compile-only plan) needs: mesh, model, optimizer,
+shardings, and the initial, abstract or restored state laid out on the mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nextlong_jax.data import FEATURES, FLOAT_FEATURES
+from nextlong_jax.model.attention import DENSE_MASK, SEQUENCE_PARALLEL, Backend, resolve_backend
+from nextlong_jax.model.llama import Llama
+from nextlong_jax.optimizer import build_optimizer
+from nextlong_jax.sharding import logical_sharding, logical_shardings, make_mesh
+from nextlong_jax.step import TrainState, make_train_step
+from nextlong_jax.train_config import Config
+
+# Longest sequence a dense-mask backend may take: its [L, L] mask and bias are 1 GiB per row here.
+DENSE_MASK_MAX_LEN = 16384
+
+
+class TrainError(RuntimeError):
+    """A user-facing reason the run cannot start or continue."""
+
+
+def maybe_initialize_distributed() -> None:
+    """Join the other hosts when the environment describes a multi-host job.
+
+    Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID,
+    the same on every host but the id. Managed (TPU pod slice, SLURM, Open MPI): jax reads its own.
+    """
+    env = os.environ
+    explicit = env.get("JAX_COORDINATOR_ADDRESS")
+    managed = ("," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("SLURM_NTASKS", "1")) > 1
+               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if jax.distributed.is_initialized() or not (explicit or managed):
+        return
+    # jax itself reads only the address from the environment; the count and id come from a cluster
+    # it recognises, so an explicit launch passes them here.
+    count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+    try:
+        jax.distributed.initialize(explicit, int(count) if count else None, int(index) if index else None)
+    except ValueError as e:
+        raise TrainError(f"multi-host start failed ({e}); outside SLURM/TPU/MPI set JAX_COORDINATOR_ADDRESS, "
+                         "JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host") from None
+
+
+def build_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The configured mesh over `devices` (default: every device of the job), checked against the config."""
+    try:
+        mesh = make_mesh(**dataclasses.asdict(config.mesh), devices=devices)
+    except ValueError as e:
+        raise TrainError(f"mesh: {e}") from None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.optimizer.grad_accum
+    if config.data.batch_size % shards:
+        raise TrainError(f"data.batch_size={config.data.batch_size} must divide by data*fsdp*grad_accum={shards}")
+    sequence = mesh.shape["sequence"]
+    backend = resolved_backend(config, mesh)
+    if sequence > 1 and backend not in SEQUENCE_PARALLEL:
+        raise TrainError(f"mesh.sequence={sequence} needs a sequence-parallel model.attention_backend "
+                         f"({', '.join(sorted(b.value for b in SEQUENCE_PARALLEL))}), "
+                         f"got {config.model.attention_backend!r}")
+    if config.data.seq_len % (2 * sequence):
+        raise TrainError(f"data.seq_len={config.data.seq_len} must divide by 2*mesh.sequence={2 * sequence} "
+                         "(zig-zag load balancing)")
+    if backend in DENSE_MASK and config.data.seq_len > DENSE_MASK_MAX_LEN:
+        gib = config.data.seq_len**2 * 5 / 2**30  # bool mask + f32 bias per row
+        raise TrainError(f"model.attention_backend={backend.value} builds an [L, L] mask for packed documents "
+                         f"(~{gib:.0f} GiB per sequence at data.seq_len={config.data.seq_len}); above "
+                         f"{DENSE_MASK_MAX_LEN} tokens use pallas_gpu on GPUs, splash on TPUs, blockwise or ring")
+    return mesh
+
+
+def resolved_backend(config: Config, mesh: Mesh) -> Backend:
+    """The attention backend compiled for the mesh's platform (not necessarily this host's)."""
+    return resolve_backend(config.model.attention_backend, mesh.devices.flat[0].platform,
+                           sequence_parallel=mesh.shape["sequence"] > 1)
+
+
+class Setup(NamedTuple):
+    model: Llama
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Mesh
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+
+
+def _init_model(model: Llama) -> Llama:
+    """The same parameters with a backend that runs anywhere on init's one-row dummy batch."""
+    return Llama(model.config.replace(attention_backend=Backend.BLOCKWISE.value))
+
+
+def _abstract_key() -> jax.ShapeDtypeStruct:
+    # Not a concrete key: inside `jax.set_mesh` of compile-only devices a concrete array would be
+    # placed on devices that cannot hold it.
+    return jax.eval_shape(lambda: jax.random.key(0))
+
+
+def build(config: Config, mesh: Mesh) -> Setup:
+    """Model, optimizer and shardings; call inside `jax.set_mesh(mesh)` and `axis_rules()`."""
+    model = Llama(config.model.replace(attention_backend=resolved_backend(config, mesh).value))
+    tx, schedule = build_optimizer(config.optimizer, config.train.steps)
+
+    def boxed_state(rng):
+        ids = jnp.zeros((1, 8), jnp.int32)  # parameter shapes do not depend on the length
+        params = _init_model(model).init(rng, ids, ids, ids)["params"]
+        return params, tx.init(params)
+
+    # Optimizer state built from boxed params keeps the logical names, so it shards like the params.
+    params, opt_state = logical_shardings(jax.eval_shape(boxed_state, _abstract_key()), mesh)
+    return Setup(model, tx, schedule, mesh, TrainState(params, opt_state, NamedSharding(mesh, PartitionSpec())),
+                 logical_sharding(mesh, ("batch", "length")))
+
+
+def seed_keys(seed_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(parameter init key, training key data) of a run's `jax.random.key(train.seed)`."""
+    init_key, train_key = jax.random.split(seed_key)
+    return init_key, jax.random.key_data(train_key)
+
+
+def _fresh_state(setup: Setup, seed_key: jax.Array, params: Any | None = None) -> TrainState:
+    init_key, train_key = seed_keys(seed_key)
+    if params is None:
+        ids = jnp.zeros((1, 8), jnp.int32)
+        params = nn.unbox(_init_model(setup.model).init(init_key, ids, ids, ids)["params"])
+    return TrainState(params, setup.tx.init(params), train_key)
+
+
+def init_state(setup: Setup, seed: int, params: Any | None = None) -> TrainState:
+    """Fresh state from `seed`, or around given host params (an HF checkpoint's), laid out as the rules say."""
+    if params is not None:
+        params = jax.device_put(params, setup.state_shardings.params)
+    return jax.jit(partial(_fresh_state, setup), out_shardings=setup.state_shardings)(jax.random.key(seed), params)
+
+
+def abstract_state(setup: Setup) -> TrainState:
+    """ShapeDtypeStructs carrying the target shardings (what a restore fills in, what a plan compiles)."""
+    shapes = jax.eval_shape(partial(_fresh_state, setup), _abstract_key())
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        setup.state_shardings)
+
+
+def abstract_batch(setup: Setup, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step takes, as shapes with the batch sharding."""
+    return {name: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if name in FLOAT_FEATURES else jnp.int32,
+                                       sharding=setup.batch_sharding) for name in FEATURES}
+
+
+def jit_step(setup: Setup, grad_accum: int) -> Callable:
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    return jax.jit(make_train_step(setup.model, setup.tx, grad_accum, setup.mesh.shape["sequence"]),
+                   in_shardings=(setup.state_shardings, setup.batch_sharding),
+                   out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
