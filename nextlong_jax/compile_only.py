@@ -52,15 +52,15 @@ class Plan:
 
 
 def kernel_names(hlo_text: str) -> list[str]:
-    """Custom-call kernels of a compiled program: Mosaic (TPU Pallas), Triton and cuDNN calls, by name."""
+    """Custom-call kernels of a compiled program (Mosaic on TPU, Triton and cuDNN on GPU) by name."""
     names = set()
     for line in hlo_text.splitlines():
         target = re.search(r'custom_call_target="([^"]+)"', line)
         if not target or not re.search(r"tpu_custom_call|triton|cudnn", target[1]):
             continue
-        # Pallas puts the kernel's name in the call's backend config; cuDNN calls are named by target.
-        config = line.partition("backend_config=")[2]
-        name = re.search(r'(?:kernel_name|\bname)\W*[=:]\s*\\?"([^"\\]+)', config)
+        # Triton calls carry the kernel's name in their backend config; Mosaic calls are named after it.
+        name = (re.search(r'\bname\s*=\s*\\?"([^"\\]+)', line.partition("backend_config=")[2])
+                or re.match(r"\s*%?([\w-]+?)(?:\.\d+)?\s*=", line))
         names.add(f"{target[1]}:{name[1]}" if name else target[1])
     return sorted(names)
 

@@ -111,6 +111,8 @@ def compile_only_devices(topology: Topology) -> list:
     kwargs = {"num_slices": topology.count}
     if topology.chip.name == "v4":
         kwargs["chip_config_name"] = "megacore"  # one device per chip, as v4 pods run by default
+    if math.prod(topology.grid) < 4:  # a slice smaller than libtpu's default 2x2 host is one host
+        kwargs["chips_per_host_bounds"] = (*topology.grid, 1, 1)[:3]
     grid = "x".join(map(str, topology.grid))
     return list(topologies.get_topology_desc(platform="tpu", topology_name=f"{topology.chip.name}:{grid}",
                                              **kwargs).devices)

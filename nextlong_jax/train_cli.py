@@ -104,52 +104,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: compile the full train step for --topology on this machine (a CPU is "
                         "enough) and print per-chip memory against HBM, the attention kernels in the program and "
                         "model FLOPs per step; the last line is one JSON object")
-    p.add_argument("--topology", help="with --compile-only: a TPU slice (v4-128, v5p-256, v5e-256, v6e-64, "
-                   "v5p:4x4x2) or GPU host (h100-8, h200-8, a100-8, b200-8), prefixed Nx for N slices or hosts")
+    p.add_argument("--topology", help="with --compile-only (default: the config's mesh.topology): a TPU slice "
+                   "(v4-128, v5p-256, v5e-256, v6e-64, v5p:4x4x2) or GPU host (h100-8, h200-8, a100-8, b200-8), "
+                   "prefixed Nx for N slices or hosts")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
     return p
 
 
 def compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
     from nextlong_jax.topology import TopologyError, parse_topology, prepare_environment
-
-    try:
-        topology = parse_topology(args.topology)
-    except TopologyError as e:
-        print(f"nextlong-train: error: {e}", file=sys.stderr)
-        return 1
-    prepare_environment()
-    from nextlong_jax.compile_only import plan
     from nextlong_jax.train_config import ConfigError, load_config
+
+    prepare_environment()
+    try:
+        config = load_config(args.config, overrides)
+        if not (args.topology or config.mesh.topology):
+            raise ConfigError(f"{args.config} names no mesh.topology: pass --topology (e.g. v5p-64, h100-8)")
+        topology = parse_topology(args.topology or config.mesh.topology)
+    except (ConfigError, TopologyError) as e:
+        print(f"nextlong-train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    from nextlong_jax.compile_only import plan
     from nextlong_jax.train_setup import TrainError
 
     try:
-        result = plan(load_config(args.config, overrides), topology)
-    except (ConfigError, TrainError) as e:
-        error = str(e)
-    except Exception as e:  # XLA's own failures (out of memory at compile, unsupported ops) are the answer here
-        error = f"does not compile for {topology.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    else:
-        print(result.summary())
-        print(json.dumps(dataclasses.asdict(result)), flush=True)
-        if result.fits:
-            return 0
-        error = f"needs {result.total_gib:.1f} GiB per chip, more than the {result.hbm_gib:.1f} GiB of a {result.chip}"
-    print(f"nextlong-train: error: {' '.join(error.split())}", file=sys.stderr)
-    return 1
+        result = plan(config, topology)
+    except Exception as e:  # XLA's own failures (HBM exhausted at compile, unsupported ops) are the answer here
+        reason = str(e) if isinstance(e, TrainError) else (
+            f"does not compile for {topology.name}: {type(e).__name__}: {(str(e) or '-').splitlines()[0]}")
+        print(json.dumps({"compiled": False, "fits": False, "topology": topology.name, "chip": topology.chip.name,
+                          "error": " ".join(reason.split())}), flush=True)
+        print(f"nextlong-train: error: {' '.join(reason.split())}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    print(json.dumps({"compiled": True, **dataclasses.asdict(result)}), flush=True)
+    if not result.fits:
+        print(f"nextlong-train: error: needs {result.total_gib:.1f} GiB per chip, more than the "
+              f"{result.hbm_gib:.1f} GiB of a {result.chip}", file=sys.stderr)
+    return 0 if result.fits else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"data.source={json.dumps(args.data)}"] if args.data else [])
-    if args.compile_only != bool(args.topology):
-        parser.error("--compile-only and --topology go together")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.topology and not args.compile_only:
+        parser.error("--topology goes with --compile-only")
     if args.compile_only:
         return compile_only(args, overrides)
     if args.out is None:
         parser.error("--out is required to train")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's INFO chatter is not for CLI users
     from nextlong_jax.convert import ConversionError
     from nextlong_jax.data import DataError

@@ -43,6 +43,9 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     sequence: int = 1
+    # The hardware the preset is sized for (e.g. v5p-64, h100-8; see nextlong_jax.topology):
+    # `--compile-only` plans for it unless --topology names another. Training ignores it.
+    topology: str = ""
 
 
 @dataclass(frozen=True)
@@ -202,18 +205,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's tree; `extends: other.yaml` (relative to the file) starts from that preset's tree."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    return _merged(_read_yaml(path.parent / base, (*seen, path.resolve())), tree)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+    tree = _read_yaml(Path(path)) if path is not None else {}
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     return _build(Config, tree, "")

@@ -3,7 +3,6 @@ shardings, and the initial, abstract or restored state laid out on the mesh."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -56,7 +55,8 @@ def maybe_initialize_distributed() -> None:
 def build_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The configured mesh over `devices` (default: every device of the job), checked against the config."""
     try:
-        mesh = make_mesh(**dataclasses.asdict(config.mesh), devices=devices)
+        m = config.mesh
+        mesh = make_mesh(m.data, m.fsdp, m.tensor, m.sequence, devices=devices)
     except ValueError as e:
         raise TrainError(f"mesh: {e}") from None
     shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.optimizer.grad_accum

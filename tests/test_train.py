@@ -26,6 +26,20 @@ def test_yaml_preset_and_dotted_overrides(tmp_path):
     assert config_from_dict(c.to_dict()) == c
 
 
+def test_preset_extends_another(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {preset: llama3-8b, dtype: bfloat16}\ndata: {seq_len: 1024}\n")
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nmodel: {dtype: float32}\nmesh: {sequence: 2}\n")
+    c = load_config(tmp_path / "variant.yaml", ["data.batch_size=4"])
+    assert (c.model.hidden_size, c.model.dtype, c.data.seq_len, c.mesh.sequence, c.data.batch_size) == (
+        4096, "float32", 1024, 2, 4)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match="gone.yaml not found"):
+        load_config(tmp_path / "orphan.yaml")
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=3", "unknown key train.stepz"),
     ("mesh.data=two", "mesh.data='two': expected int"),
@@ -133,4 +147,6 @@ def test_mfu_denominator_is_known_for_accelerators():
 
     assert published_bf16_peak(SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989e12
     assert published_bf16_peak(SimpleNamespace(device_kind="TPU v5 lite")) == 197e12
+    assert published_bf16_peak(SimpleNamespace(device_kind="TPU v5")) == 459e12  # what a v5p reports
+    assert published_bf16_peak(SimpleNamespace(device_kind="NVIDIA A100-SXM4-40GB")) == 312e12
     assert published_bf16_peak(jax.devices()[0]) is None  # this CPU: no MFU unless train.peak_flops_per_device

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 # Segment id for positions added to reach a whole number of blocks. They come last, so causality
 # already hides them from real tokens; an id no real token has (>= 0) keeps them out of any document.
 _PAD_SEGMENT = -1
+# Largest forward tile whose blocks of q, k and v fit a GPU's shared memory at head_dim 128 in bf16:
+# configs written for TPU (512) or CPU blocks are clamped to it rather than failing to compile.
+MAX_BLOCK = 128
 
 
 def _power_of_two(n: int) -> bool:
@@ -52,8 +55,8 @@ def pallas_gpu_attention(
         next power of two with masked loads.
       * Shared memory bounds block x D x itemsize when compiled. Measured on the H100 target:
         bf16/fp16 with D=128 and blocks 128 fit, D=256 needs blocks of 64; float32 compiles
-        (dots may run in TF32) but D=128 needs blocks of 64. Too large a tile fails at compile with
-        RESOURCE_EXHAUSTED, not here.
+        (dots may run in TF32) but D=128 needs blocks of 64. Blocks above MAX_BLOCK are clamped;
+        a tile still too large fails at compile with RESOURCE_EXHAUSTED, not here.
     """
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
@@ -68,6 +71,7 @@ def pallas_gpu_attention(
     if not (_power_of_two(block_q) and _power_of_two(block_k)):
         raise ValueError(f"blocks must be powers of two; got {block_q=}, {block_k=}")
 
+    block_q, block_k = min(block_q, MAX_BLOCK), min(block_k, MAX_BLOCK)
     block = max(block_q, block_k)
     pad = -length % block
     segment_ids = segment_ids.astype(jnp.int32)

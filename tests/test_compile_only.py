@@ -1,0 +1,145 @@
+"""Compile-only plans: topology names, chips as they report themselves, and a reduced Llama (2 layers,
+head_dim 128, GQA) compiled for a TPU v5p slice and an 8-GPU H100 host with the platform's attention
+kernel in the compiled program (no silent fallback), memory reported, and the CLI's verdicts.
+
+Compiling needs jax started on the CPU with the accelerator plugins loaded, so those parts run in
+child interpreters (`JAX_PLATFORMS=cpu`), as the CLI's --compile-only arranges for itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from multidevice import ROOT
+from nextlong_jax.hardware import CHIPS_BY_NAME
+from nextlong_jax.topology import TopologyError, parse_topology
+
+REDUCED = ["data.seq_len=2048", "model.hidden_size=256", "model.num_attention_heads=4", "model.num_key_value_heads=2",
+           "model.head_dim=128", "model.vocab_size=1024", "model.intermediate_size=512",
+           "model.max_position_embeddings=2048", "model.attention_block_size=512", "model.logits_block_size=512",
+           "model.dtype=bfloat16", "model.remat_policy=full", "model.scan_layers=true"]
+
+
+@pytest.mark.parametrize("name,chip,grid,count", [
+    ("v5p-64", "v5p", (2, 4, 4), 1), ("v4-128", "v4", (4, 4, 4), 1), ("v5e-256", "v5e", (16, 16), 1),
+    ("v6e-64", "v6e", (8, 8), 1), ("v5p:4x4x2", "v5p", (4, 4, 2), 1), ("2xv5p-256", "v5p", (4, 4, 8), 2),
+    ("h100-8", "h100", (8,), 1), ("4xH200-8", "h200", (8,), 4), ("v5p-8", "v5p", (2, 2, 1), 1),
+])
+def test_topology_names(name, chip, grid, count):
+    topology = parse_topology(name)
+    assert (topology.chip.name, topology.grid, topology.count) == (chip, grid, count)
+    assert topology.platform == ("gpu" if chip.startswith(("h", "a", "b")) else "tpu")
+
+
+@pytest.mark.parametrize("bad,why", [("v5p-6", "power-of-two"), ("v5p-12", "power-of-two"), ("tpu-8", "accepted:"),
+                                     ("v5e:2x2x2", "2 dimensions"), ("0xh100-8", "at least 1"), ("v4-7", "2 per chip")])
+def test_bad_topology_names_say_what_is_accepted(bad, why):
+    with pytest.raises(TopologyError, match=why):
+        parse_topology(bad)
+
+
+def test_hbm_is_the_published_decimal_figure():
+    assert round(CHIPS_BY_NAME["v5p"].hbm_gib, 1) == 88.5  # 95 GB
+    assert CHIPS_BY_NAME["h100"].hbm_bytes == 80e9 and CHIPS_BY_NAME["v5e"].hbm_bytes == 16e9
+
+
+def _child(*args: str) -> str:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_compile_only_devices_report_kinds_that_hardware_knows():
+    assert "kinds ok" in _child("kinds")
+
+
+@pytest.mark.parametrize("target", ["tpu", "gpu"])
+def test_reduced_llama_compiles_with_the_platform_kernel(target):
+    assert f"{target} plans ok" in _child("plans", target)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nextlong_jax.train_cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_cli_plans_prints_json_and_refuses_what_does_not_fit():
+    fits = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v5p-8",
+                "data.batch_size=4", *REDUCED, "model.attention_backend=splash")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    plan = json.loads(fits.stdout.strip().splitlines()[-1])
+    assert plan["fits"] and plan["devices"] == 4 and plan["chip"] == "v5p" and plan["attention_backend"] == "splash"
+    assert any("splash_mha_fwd" in k for k in plan["attention_kernels"])
+    assert plan["total_gib"] > 0 and plan["hbm_gib"] == 88.48 and plan["model_tflops_per_step"] > 0
+    # 2 x 1.05B embedding parameters in fp32 with two Adam moments: ~25 GB of state on one 16 GB chip.
+    huge = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v5e-1",
+                "data.batch_size=1", "data.seq_len=128", "model.hidden_size=8192", "model.num_attention_heads=64",
+                "model.num_key_value_heads=8", "model.intermediate_size=256", "model.num_hidden_layers=1",
+                "model.tie_word_embeddings=false")
+    assert huge.returncode == 1
+    verdict = json.loads(huge.stdout.strip().splitlines()[-1])
+    assert verdict["fits"] is False and verdict["chip"] == "v5e"
+    # The TPU compiler itself refuses a program that overflows HBM; either way one line says why.
+    assert re.match(r"nextlong-train: error: (needs \S+ GiB per chip|does not compile for v5e-1: .*HBM)",
+                    huge.stderr.strip().splitlines()[-1])
+    unnamed = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only")
+    assert unnamed.returncode == 1 and "names no mesh.topology: pass --topology" in unnamed.stderr
+    bad = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v9-8")
+    assert bad.returncode == 1 and "unknown topology 'v9-8'" in bad.stderr
+
+
+def _kinds() -> None:
+    from nextlong_jax.hardware import chip_of
+    from nextlong_jax.topology import compile_only_devices
+
+    for name in ("v4-8", "v5p-8", "v5e-4", "v6e-4", "h100-8", "h200-8", "a100-8", "b200-8"):
+        topology = parse_topology(name)
+        devices = compile_only_devices(topology)
+        assert len(devices) == topology.num_devices, name
+        chip = chip_of(devices[0])
+        assert chip is not None and chip.name == topology.chip.name, (name, devices[0].device_kind)
+    two = compile_only_devices(parse_topology("2xv5p-8"))
+    assert sorted({d.slice_index for d in two}) == [0, 1]
+    print("kinds ok")
+
+
+def _plans(target: str) -> None:
+    from nextlong_jax.compile_only import plan
+    from nextlong_jax.topology import prepare_environment
+    from nextlong_jax.train_config import load_config
+
+    prepare_environment()
+    cases = {  # (mesh overrides, backend) -> kernel names that must be in the program
+        "tpu": [(["mesh.fsdp=4"], "splash", "splash_mha_fwd"),
+                (["mesh.fsdp=2", "mesh.tensor=2"], "splash", "splash_mha_dkv"),
+                (["mesh.fsdp=2", "mesh.sequence=2"], "splash", "splash_mha_dq"),  # context parallel
+                (["mesh.fsdp=2", "mesh.sequence=2"], "ring", None)],
+        "gpu": [(["mesh.fsdp=8"], "pallas_gpu", "mha_forward"),
+                (["mesh.fsdp=4", "mesh.tensor=2"], "pallas_gpu", "mha_backward")],
+    }[target]
+    topology = parse_topology("v5p-8" if target == "tpu" else "h100-8")
+    for mesh, backend, kernel in cases:
+        config = load_config(ROOT / "configs/train/tiny-cpu.yaml",
+                             [*REDUCED, *mesh, f"model.attention_backend={backend}", "data.batch_size=16",
+                              "optimizer.grad_accum=2"])
+        p = plan(config, topology)
+        assert p.attention_backend == backend, p
+        if kernel:
+            assert any(kernel in k for k in p.attention_kernels), (mesh, p.attention_kernels)
+        else:  # the pure-JAX ring: XLA's own ops, no kernel
+            assert not p.attention_kernels, p.attention_kernels
+        assert p.temp_gib > 0 and p.argument_gib > 0 and p.fits, p
+        print(target, mesh, backend, p.attention_kernels, p.total_gib, flush=True)
+    print(f"{target} plans ok")
+
+
+if __name__ == "__main__":
+    _kinds() if sys.argv[1] == "kinds" else _plans(sys.argv[2])
