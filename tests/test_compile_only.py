@@ -90,6 +90,11 @@ def test_cli_plans_prints_json_and_refuses_what_does_not_fit():
     # The TPU compiler itself refuses a program that overflows HBM; either way one line says why.
     assert re.match(r"nextlong-train: error: (needs \S+ GiB per chip|does not compile for v5e-1: .*HBM)",
                     huge.stderr.strip().splitlines()[-1])
+    # cuDNN on a GPU takes packed documents only as an [L, L] mask: refused at training lengths.
+    dense = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "h100-8",
+                 "data.batch_size=8", "data.seq_len=32768", "model.max_position_embeddings=32768",
+                 "model.attention_backend=cudnn")
+    assert dense.returncode == 1 and "cudnn builds an [L, L] mask" in dense.stderr and "use pallas_gpu" in dense.stderr
     unnamed = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only")
     assert unnamed.returncode == 1 and "names no mesh.topology: pass --topology" in unnamed.stderr
     bad = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v9-8")

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from multidevice import ROOT
+from multidevice import ROOT, run_on_8_devices
 from nextlong_jax.gpu_targets import GPUS, target_config
 from nextlong_jax.model.attention import pallas_gpu
 
@@ -115,6 +115,10 @@ def test_compile_only_devices_for_each_gpu():
     assert "devices ok" in _child("devices")
 
 
+def test_per_device_kernel_under_a_mesh_matches_reference_on_8_devices():
+    assert "sharded ok" in run_on_8_devices(__file__, "sharded")
+
+
 def test_fwd_bwd_compiles_to_triton_for_8_h100s():
     out = _child("compile")
     assert "compile ok" in out, out
@@ -181,5 +185,31 @@ def _child_compile() -> None:
     print("compile ok")
 
 
+def _child_sharded() -> None:
+    """The dispatch's `per_device` wrapping: batch over (data, fsdp), heads over tensor, GQA kept."""
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+
+    from nextlong_jax.model.attention.per_device import per_device
+    from nextlong_jax.model.attention.reference import reference_attention
+    from nextlong_jax.sharding import axis_rules, make_mesh
+
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((4, 64, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((4, 64, 2, 16)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.concatenate([_packed_segments(2, 64)] * 2))
+    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    kernel = partial(pallas_gpu.pallas_gpu_attention, block_q=16, block_k=16, interpret=True)
+    want = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg), q, k, v)
+    with jax.set_mesh(make_mesh(data=2, fsdp=2, tensor=2)), axis_rules():
+        got = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: per_device(kernel, q, k, v, seg), q, k, v))(q, k, v)
+        got_grads = got[1](ct)
+    for g, w in zip((got[0], *got_grads), (want[0], *want[1](ct))):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5)
+    print("sharded ok")
+
+
 if __name__ == "__main__":
-    {"devices": _child_devices, "compile": _child_compile}[sys.argv[1]]()
+    {"devices": _child_devices, "compile": _child_compile, "sharded": _child_sharded}[sys.argv[1]]()

@@ -32,13 +32,20 @@ def test_presets_trace_on_8_devices_with_golden_sharding_specs():
         path = GOLDEN / f"{name}.json"
         if os.environ.get("NEXTLONG_UPDATE_GOLDEN") == "1":
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+            path.write_text(_golden_text(got))
         assert path.exists(), f"no golden specs for preset {name}: run with NEXTLONG_UPDATE_GOLDEN=1"
         want = json.loads(path.read_text())
         moved = {f"{part}/{key}": (want[part].get(key), spec) for part in got for key, spec in got[part].items()
                  if want.get(part, {}).get(key) != spec}
         missing = {f"{part}/{key}" for part in want for key in want[part] if key not in got.get(part, {})}
         assert not moved and not missing, f"{name}: sharding moved {moved}, leaves gone {missing}"
+
+
+def _golden_text(specs: dict[str, dict[str, list]]) -> str:
+    """JSON with one leaf per line, so a moved spec is a one-line diff."""
+    parts = (f' "{part}": {{\n' + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(leaves.items()))
+             + "\n }" for part, leaves in sorted(specs.items()))
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _specs(setup) -> dict[str, dict[str, list]]:
