@@ -1,7 +1,7 @@
 """Accelerator chips as their makers publish them: dense bf16 peak (MFU's denominator) and HBM.
 
 Chips are recognised by `Device.device_kind` as the chip itself reports it, which is not always
-its marketing name: a v5p says "TPU v5", a v5e "TPU v5 lite", a v6e "TPU v6 lite". Compile-only
+its marketing name: a v5p says "TPU v5", a v5e "TPU v5 lite", a v6e "TPU v6 lite", an Ironwood "TPU7x". Compile-only
 devices (`nextlong_jax.topology`) report the same kinds, so a plan made on a CPU machine and a run
 on the real chip read the same row.
 """
@@ -16,10 +16,13 @@ import jax
 
 @dataclass(frozen=True)
 class Chip:
+    """One jax device's share of an accelerator chip (the whole chip but for Ironwood, which jax
+    sees as two devices, one per TensorCore die)."""
+
     name: str  # the name slice and host topologies use: v5p-64, h100-8
     kind: str  # regular expression matched in full against `Device.device_kind`
-    bf16_flops: float  # dense, per chip
-    hbm_bytes: int  # published decimal gigabytes
+    bf16_flops: float  # dense, per device
+    hbm_bytes: int  # published decimal gigabytes, per device
 
     @property
     def hbm_gib(self) -> float:
@@ -32,6 +35,7 @@ CHIPS: tuple[Chip, ...] = (
     Chip("v5p", r"TPU v5", 459e12, 95 * GB),
     Chip("v5e", r"TPU v5 lite", 197e12, 16 * GB),
     Chip("v6e", r"TPU v6 lite", 918e12, 32 * GB),
+    Chip("tpu7x", r"TPU7x", 2307e12 / 2, 192 * GB // 2),  # Ironwood: 2,307 TF bf16 and 192 GB per chip
     Chip("h100", r"NVIDIA H100.*", 989e12, 80 * GB),
     Chip("h200", r"NVIDIA H200.*", 989e12, 141 * GB),
     Chip("a100", r"NVIDIA A100.*80GB.*", 312e12, 80 * GB),

@@ -3,8 +3,8 @@
 Accepted names (case-insensitive), optionally prefixed by a count `Nx` (N slices of a TPU slice,
 N hosts of a GPU host):
 
-- TPU slices as Google Cloud names them: `v4-128`, `v5p-256` (TensorCores: two per chip),
-  `v5e-256`, `v6e-64` (chips); or libtpu's chip grid, `v5p:4x4x2`.
+- TPU slices as Google Cloud names them: `v4-128`, `v5p-256`, `tpu7x-64` (TensorCores: two per
+  chip), `v5e-256`, `v6e-64` (chips); or libtpu's chip grid, `v5p:4x4x2`.
 - GPU hosts: `h100-8`, `h200-8`, `a100-8`, `b200-8` (GPUs per host), from the target descriptions
   in `nextlong_jax.gpu_targets`.
 
@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from nextlong_jax.hardware import CHIPS_BY_NAME, Chip
 
-TPU_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}  # the unit of the slice name's number
-TPU_GRID_RANK = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
+TPU_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1, "tpu7x": 2}  # the unit of the slice name's number
+TPU_GRID_RANK = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2, "tpu7x": 3}
+DEVICES_PER_CHIP = {"tpu7x": 2}  # jax sees each Ironwood die as a device
 GPU_CHIPS = ("h100", "h200", "a100", "b200")
-FORMS = ("v4-128, v5p-256, v5e-256, v6e-64, v5p:4x4x2, h100-8, h200-8, a100-8, b200-8; "
+FORMS = ("v4-128, v5p-256, v5e-256, v6e-64, tpu7x-64, v5p:4x4x2, h100-8, h200-8, a100-8, b200-8; "
          "a leading count such as 2xv5p-256 or 4xh100-8 for several slices or hosts")
 
 
@@ -46,7 +47,7 @@ class Topology:
 
     @property
     def num_devices(self) -> int:
-        return math.prod(self.grid) * self.count
+        return math.prod(self.grid) * self.count * DEVICES_PER_CHIP.get(self.chip.name, 1)
 
 
 def _tpu_grid(chip: str, chips: int) -> tuple[int, ...]:
@@ -69,12 +70,12 @@ def parse_topology(text: str) -> Topology:
         count, body = int(m[1]), m[2]
     if count < 1:
         raise TopologyError(f"topology {text!r}: the count must be at least 1")
-    if m := re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", body):
+    if m := re.fullmatch(r"(v4|v5p|v5e|v6e|tpu7x):(\d+(?:x\d+)+)", body):
         grid = tuple(int(n) for n in m[2].split("x"))
         if len(grid) != TPU_GRID_RANK[m[1]] or min(grid) < 1:
             raise TopologyError(f"topology {text!r}: {m[1]} grids have {TPU_GRID_RANK[m[1]]} dimensions")
         return Topology(text, CHIPS_BY_NAME[m[1]], grid, count)
-    if m := re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", body):
+    if m := re.fullmatch(r"(v4|v5p|v5e|v6e|tpu7x)-(\d+)", body):
         cores = int(m[2])
         if cores % TPU_CORES_PER_CHIP[m[1]]:
             raise TopologyError(f"topology {text!r}: {m[1]} slice sizes count {TPU_CORES_PER_CHIP[m[1]]} per chip")

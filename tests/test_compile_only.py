@@ -30,6 +30,7 @@ REDUCED = ["data.seq_len=2048", "model.hidden_size=256", "model.num_attention_he
     ("v5p-64", "v5p", (2, 4, 4), 1), ("v4-128", "v4", (4, 4, 4), 1), ("v5e-256", "v5e", (16, 16), 1),
     ("v6e-64", "v6e", (8, 8), 1), ("v5p:4x4x2", "v5p", (4, 4, 2), 1), ("2xv5p-256", "v5p", (4, 4, 8), 2),
     ("h100-8", "h100", (8,), 1), ("4xH200-8", "h200", (8,), 4), ("v5p-8", "v5p", (2, 2, 1), 1),
+    ("tpu7x-16", "tpu7x", (2, 2, 2), 1),
 ])
 def test_topology_names(name, chip, grid, count):
     topology = parse_topology(name)
@@ -105,7 +106,7 @@ def _kinds() -> None:
     from nextlong_jax.hardware import chip_of
     from nextlong_jax.topology import compile_only_devices
 
-    for name in ("v4-8", "v5p-8", "v5e-4", "v6e-4", "h100-8", "h200-8", "a100-8", "b200-8"):
+    for name in ("v4-8", "v5p-8", "v5e-4", "v6e-4", "tpu7x-8", "h100-8", "h200-8", "a100-8", "b200-8"):
         topology = parse_topology(name)
         devices = compile_only_devices(topology)
         assert len(devices) == topology.num_devices, name
