@@ -54,8 +54,8 @@ def maybe_initialize_distributed() -> None:
 
 def build_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The configured mesh over `devices` (default: every device of the job), checked against the config."""
+    m = config.mesh
     try:
-        m = config.mesh
         mesh = make_mesh(m.data, m.fsdp, m.tensor, m.sequence, devices=devices)
     except ValueError as e:
         raise TrainError(f"mesh: {e}") from None

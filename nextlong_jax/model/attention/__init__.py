@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 from functools import partial
+
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
@@ -38,7 +39,6 @@ class Backend(str, enum.Enum):
 PLATFORM = {Backend.SPLASH: "tpu", Backend.PALLAS_GPU: "gpu", Backend.CUDNN: "gpu"}
 SEQUENCE_PARALLEL = frozenset({Backend.RING, Backend.SPLASH})  # take a length sharded over `sequence`
 DENSE_MASK = frozenset({Backend.REFERENCE, Backend.CUDNN})  # hold an [L, L] array per sequence
-
 
 ATTENTION_OUT = "attention_out"
 # Checkpoint names of what attention keeps for its backward pass (see `attention`): a remat policy

@@ -10,8 +10,9 @@ def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids:
     """q [B, L, H, D], k/v [B, L, K, D] (GQA handled by the kernel) -> [B, L, H, D].
 
     Without segments the kernel's own causal mask is used. With segments the public API only takes
-    a dense mask, so document masking costs an [L, L] boolean per sequence here; the blockwise and
-    splash backends avoid that.
+    a dense mask, so document masking costs an [L, L] boolean (and jax's additive bias made from it)
+    per sequence: the trainer refuses this backend at long lengths, where `pallas_gpu` takes the
+    segment ids inside the kernel instead.
     """
     if segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
