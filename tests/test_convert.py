@@ -123,7 +123,10 @@ def test_cli_error_from_a_fresh_process_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nextlong_jax.convert_cli", "hf-to-orbax", "--hf",
                            str(tmp_path), "--out", str(tmp_path / "c")], capture_output=True, text=True, env=env)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"nextlong-convert: error: no config.json in {tmp_path}"]
+    # Native libraries may log as they load (the test install's CUDA compiler plugin does); what the
+    # CLI itself writes is one line and no Python traceback.
+    assert proc.stderr.strip().splitlines()[-1] == f"nextlong-convert: error: no config.json in {tmp_path}"
+    assert "Traceback" not in proc.stderr
 
 
 def test_parse_size():

@@ -97,7 +97,9 @@ def test_old_and_damaged_checkpoints(train_data, tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "3" / "opt_state")
     damaged = run(4)
     assert damaged.returncode == 1
-    assert damaged.stderr.count("\n") == 1 and "cannot resume from" in damaged.stderr, damaged.stderr
+    # One line of its own (native libraries of the test install may log above it), no traceback.
+    assert damaged.stderr.strip().splitlines()[-1].startswith("nextlong-train: error: cannot resume from")
+    assert "Traceback" not in damaged.stderr, damaged.stderr
 
 
 def test_sigterm_saves_stops_and_resumes(train_data, tmp_path):

@@ -48,7 +48,7 @@ def _child() -> None:
     want, _ = two_steps(make_mesh(1, 1, 1, 1, devices=jax.devices()[:1]), dataclasses.replace(config, mesh=MeshConfig(1, 1, 1, 1)))
     got, state = two_steps(make_mesh(2, 2, 2, 1), config)
     q = state.params["layers"]["attn"]["q_proj"]
-    assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None), q.sharding.spec
+    assert tuple(q.sharding.spec) == (None, ("fsdp", "sequence"), "tensor", None), q.sharding.spec
     moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state) if "q_proj" in jax.tree_util.keystr(path)]
     assert len(moments) == 2 and all(m.sharding == q.sharding for m in moments)  # Adam's mu and nu
     np.testing.assert_allclose(got, want, rtol=2e-5)

@@ -6,6 +6,8 @@ Every parameter and key activation carries logical axis names; `nextlong_jax.sha
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from nextlong_jax.model.attention import RESIDUAL_NAMES, attention
 from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.loss import next_token_loss
 from nextlong_jax.model.rope import apply_rope, rope_tables
+from nextlong_jax.sharding import ambient_shards
 
 REMAT_POLICIES = {
     "full": None,  # save nothing but layer inputs
@@ -32,6 +35,22 @@ def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[st
     c = module.config
     w = module.param(name, nn.with_logical_partitioning(init, axes), shape, c.jnp_param_dtype)
     return w.astype(c.jnp_dtype)
+
+
+def _project(x: jnp.ndarray, w: jnp.ndarray, contract: int = 1) -> jnp.ndarray:
+    """x [B, L, *in] with the last `contract` axes contracted against w [*in, *out] -> [B, L, *out].
+
+    As one [B*L, in] x [in, out] matmul: with [B, L] as two contracted axes of the weight gradient,
+    XLA:CPU writes the incoming gradient a second time, transposed, to feed that matmul; with one it
+    does not (a sixth of the CPU train step at bench/model.py's shapes). Not when the length is
+    sharded: merging it into the batch makes GSPMD reshard (+5 GiB per chip for the 512K preset).
+    """
+    if ambient_shards("length")[1] > 1:
+        return jnp.tensordot(x, w, contract)
+    b, length = x.shape[:2]
+    n_in = math.prod(w.shape[:contract])
+    y = x.reshape(b * length, n_in) @ w.reshape(n_in, -1)
+    return y.reshape(b, length, *w.shape[contract:])
 
 
 class RMSNorm(nn.Module):
@@ -52,14 +71,14 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, segment_ids):
         c = self.config
         e, h, kv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = jnp.einsum("ble,ehd->blhd", x, _weight(self, "q_proj", (e, h, d), ("embed", "heads", "head_dim")))
-        k = jnp.einsum("ble,ekd->blkd", x, _weight(self, "k_proj", (e, kv, d), ("embed", "kv_heads", "head_dim")))
-        v = jnp.einsum("ble,ekd->blkd", x, _weight(self, "v_proj", (e, kv, d), ("embed", "kv_heads", "head_dim")))
+        q = _project(x, _weight(self, "q_proj", (e, h, d), ("embed", "heads", "head_dim")))
+        k = _project(x, _weight(self, "k_proj", (e, kv, d), ("embed", "kv_heads", "head_dim")))
+        v = _project(x, _weight(self, "v_proj", (e, kv, d), ("embed", "kv_heads", "head_dim")))
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         out = attention(q, k, v, segment_ids, backend=c.attention_backend, blocks=c.attention_blocks)
-        return jnp.einsum("blhd,hde->ble", out, _weight(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed")))
+        return _project(out, _weight(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed")), contract=2)
 
 
 class MLP(nn.Module):
@@ -68,10 +87,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         e, f = self.config.hidden_size, self.config.intermediate_size
-        gate = jnp.einsum("ble,ef->blf", x, _weight(self, "gate_proj", (e, f), ("embed", "mlp")))
-        up = jnp.einsum("ble,ef->blf", x, _weight(self, "up_proj", (e, f), ("embed", "mlp")))
+        gate = _project(x, _weight(self, "gate_proj", (e, f), ("embed", "mlp")))
+        up = _project(x, _weight(self, "up_proj", (e, f), ("embed", "mlp")))
         hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("blf,fe->ble", hidden, _weight(self, "down_proj", (f, e), ("mlp", "embed")))
+        return _project(hidden, _weight(self, "down_proj", (f, e), ("mlp", "embed")))
 
 
 class DecoderLayer(nn.Module):

@@ -3,8 +3,7 @@
 Forward: for each query block, a loop over the key blocks at or before it (causal blocks above
 the diagonal are never computed; blocks sharing no segment are skipped at run time). Backward is a
 custom VJP that recomputes block scores from the saved log-sum-exp instead of storing [L, L]
-probabilities. Heavy tensors keep the layout dot_general produces: [B, K, G, q, ...] with K kv heads
-and G query heads per kv head, so GQA never materialises repeated keys.
+probabilities. The per-block step, and its layouts, are `flash`'s.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nextlong_jax.model.attention.mask import MASK_VALUE, visible
+from nextlong_jax.model.attention import flash
 
 F32 = jnp.float32
 
@@ -38,22 +37,11 @@ def blockwise_attention(
     return out.reshape(b, length + pad, h, d)[:, :length]
 
 
-def _block(x: jnp.ndarray, i, block: int, axis: int) -> jnp.ndarray:
-    return lax.dynamic_slice_in_dim(x, i * block, block, axis=axis)
-
-
 def _block_mask(segment_ids, i, j, block):
     """bool [B, 1, 1, bq, bk] for query block i against key block j."""
     index = jnp.arange(block)
-    mask = visible(i * block + index, j * block + index, _block(segment_ids, i, block, 1),
-                   _block(segment_ids, j, block, 1))
-    return mask[:, None, None]
-
-
-def _scores(q_blk, k_blk, mask):
-    # q_blk [B, bq, K, G, D], k_blk [B, bk, K, D] -> [B, K, G, bq, bk] float32, scaled and masked
-    s = jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=F32) * q_blk.shape[-1] ** -0.5
-    return jnp.where(mask, s, MASK_VALUE)
+    return flash.block_mask(i * block + index, j * block + index, flash.block(segment_ids, i, block, 1),
+                            flash.block(segment_ids, j, block, 1))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -66,27 +54,19 @@ def _forward(q, k, v, segment_ids, block):
     num_blocks = length // block
 
     def query_block(_, i):
-        q_blk = _block(q, i, block, 1)
+        q_blk = flash.block(q, i, block, 1)
 
-        def key_block(j, carry):
+        def key_block(j, state):
             mask = _block_mask(segment_ids, i, j, block)
 
-            def update(carry):
-                m, l, acc = carry
-                s = _scores(q_blk, _block(k, j, block, 1), mask)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-                alpha = jnp.exp(m - m_new)
-                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _block(v, j, block, 1),
-                                preferred_element_type=F32)
-                return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+            def update(state):
+                return flash.forward_update(state, q_blk, flash.block(k, j, block, 1), flash.block(v, j, block, 1), mask)
 
-            return lax.cond(mask.any(), update, lambda c: c, carry)
+            return lax.cond(mask.any(), update, lambda state: state, state)
 
-        stats = jnp.full((b, kv_heads, groups, block), MASK_VALUE, F32)
-        init = (stats, jnp.zeros_like(stats), jnp.zeros((b, kv_heads, groups, block, d), F32))
-        m, l, acc = lax.fori_loop(0, i + 1, key_block, init)  # causal: key blocks 0..i only
-        return None, ((acc / l[..., None]).astype(q.dtype), m + jnp.log(l))
+        init = flash.initial_state((b, kv_heads, groups, block), d)
+        out, lse = flash.finalize(lax.fori_loop(0, i + 1, key_block, init))  # causal: key blocks 0..i only
+        return None, (out.astype(q.dtype), lse)
 
     _, (out, lse) = lax.scan(query_block, None, jnp.arange(num_blocks))
     # out [nb, B, K, G, bq, D] -> [B, L, K, G, D]; lse [nb, B, K, G, bq] -> [B, K, G, L]
@@ -104,28 +84,21 @@ def _flash_bwd(block, residuals, d_out):
     q, k, v, segment_ids, out, lse = residuals
     b, length, kv_heads, groups, d = q.shape
     num_blocks = length // block
-    scale = d**-0.5
-    # delta_i = sum_d dO_i * O_i, the softmax-Jacobian correction, [B, K, G, L]
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", d_out.astype(F32), out.astype(F32))
+    delta = flash.softmax_delta(d_out, out)  # [B, K, G, L]
 
     def key_block(dq, j):
-        k_blk, v_blk = _block(k, j, block, 1), _block(v, j, block, 1)
+        k_blk, v_blk = flash.block(k, j, block, 1), flash.block(v, j, block, 1)
 
         def query_block(i, carry):
             mask = _block_mask(segment_ids, i, j, block)
 
             def update(carry):
                 dq, dk, dv = carry
-                q_blk, do_blk = _block(q, i, block, 1), _block(d_out, i, block, 1)
-                s = _scores(q_blk, k_blk, mask)
-                p = jnp.where(mask, jnp.exp(s - _block(lse, i, block, 3)[..., None]), 0.0)
-                dv = dv + jnp.einsum("bkgqs,bqkgd->bksd", p.astype(do_blk.dtype), do_blk, preferred_element_type=F32)
-                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_blk, v_blk, preferred_element_type=F32)
-                ds = p * (dp - _block(delta, i, block, 3)[..., None]) * scale
-                dk = dk + jnp.einsum("bkgqs,bqkgd->bksd", ds.astype(q.dtype), q_blk, preferred_element_type=F32)
-                dq_blk = jnp.einsum("bkgqs,bskd->bkgqd", ds.astype(k.dtype), k_blk, preferred_element_type=F32)
-                dq = lax.dynamic_update_slice_in_dim(dq, _block(dq, i, block, 3) + dq_blk, i * block, axis=3)
-                return dq, dk, dv
+                dq_blk, dk_blk, dv_blk = flash.backward_update(
+                    flash.block(q, i, block, 1), k_blk, v_blk, flash.block(d_out, i, block, 1),
+                    flash.block(lse, i, block, 3), flash.block(delta, i, block, 3), mask)
+                dq = lax.dynamic_update_slice_in_dim(dq, flash.block(dq, i, block, 3) + dq_blk, i * block, axis=3)
+                return dq, dk + dk_blk, dv + dv_blk
 
             return lax.cond(mask.any(), update, lambda c: c, carry)
 

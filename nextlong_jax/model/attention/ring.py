@@ -8,10 +8,10 @@ so any order of the sequence works (zig-zag load balancing in particular, see
 pairs with nothing visible are skipped at run time: that is where load balancing pays off.
 
 Backward is a custom VJP: it recomputes scores from the saved log-sum-exp and sends the key/value
-gradients around the ring with the keys and values, one extra hop bringing them home. Heavy
-tensors use the [B, K, G, ...] layout (K kv heads, G query heads per kv head), so GQA never
-materialises repeated keys; heads sharded over `tensor` stay local since a query head and its kv
-head live on the same shard.
+gradients around the ring with the keys and values, one extra hop bringing them home. The
+per-block step, forward and backward, is `flash`'s, in its [B, K, G, ...] layout (K kv heads, G
+query heads per kv head), so GQA never materialises repeated keys; heads sharded over `tensor`
+stay local since a query head and its kv head live on the same shard.
 
 The mesh is the ambient one (`jax.set_mesh(mesh)`), which is also where the trainer's jit and the
 model's sharding constraints get it, so no mesh has to be threaded through the model config.
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from nextlong_jax import load_balance
+from nextlong_jax.model.attention import flash
 from nextlong_jax.model.attention.blockwise import blockwise_attention
-from nextlong_jax.model.attention.mask import MASK_VALUE, visible
 from nextlong_jax.sharding import LOGICAL_AXIS_RULES, ambient_shards
 
 F32 = jnp.float32
@@ -101,14 +101,11 @@ def _from_blocks(x: jnp.ndarray, axis: int) -> jnp.ndarray:
     return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
-def _block(x: jnp.ndarray, j, block: int, axis: int) -> jnp.ndarray:
-    return lax.dynamic_slice_in_dim(x, j * block, block, axis=axis)
-
-
 def _key_block(kv, j, block: int):
     """Block j of a visiting (k, v, segment_ids, token_index) chunk."""
     k, v, seg, index = kv
-    return _block(k, j, block, 1), _block(v, j, block, 1), _block(seg, j, block, 1), _block(index, j, block, 0)
+    return (flash.block(k, j, block, 1), flash.block(v, j, block, 1), flash.block(seg, j, block, 1),
+            flash.block(index, j, block, 0))
 
 
 def _loop(n: int, body, init):
@@ -126,128 +123,101 @@ def _loop(n: int, body, init):
     return lax.while_loop(lambda state: state[0] < n, step, (jnp.zeros((), jnp.int32), init))[1]
 
 
-def _scores(q_blk, k_blk, mask):
-    # q_blk [B, bq, K, G, D], k_blk [B, bk, K, D] -> [B, K, G, bq, bk] float32, scaled and masked
-    s = jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=F32) * q_blk.shape[-1] ** -0.5
-    return jnp.where(mask, s, MASK_VALUE)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _ring(q, k, v, segment_ids, token_index, axis, shards, block):
     return _ring_fwd(q, k, v, segment_ids, token_index, axis, shards, block)[0]
 
 
-def _attend(queries, kv, carry, block: int):
+def _attend(queries, kv, state: flash.State, block: int) -> flash.State:
     """Fold one visiting chunk into the online-softmax state of every local query block.
 
     queries: blocked (q [nq, B, bq, K, G, D], segment ids [nq, B, bq], token index [nq, bq]);
-    carry: (max, sum) [nq, B, K, G, bq] and accumulator [nq, B, K, G, bq, D], float32.
+    state: `flash.State` of every query block, with a leading nq axis.
     """
     num_keys = kv[0].shape[1] // block
 
     def query_block(_, xs):
-        q_blk, q_seg, q_index, m, l, acc = xs
+        q_blk, q_seg, q_index, state = xs
 
         def key_block(j, state):
             k_blk, v_blk, k_seg, k_index = _key_block(kv, j, block)
-            mask = visible(q_index, k_index, q_seg, k_seg)[:, None, None]
+            mask = flash.block_mask(q_index, k_index, q_seg, k_seg)
+            return lax.cond(mask.any(), lambda state: flash.forward_update(state, q_blk, k_blk, v_blk, mask),
+                            lambda state: state, state)
 
-            def update(state):
-                m, l, acc = state
-                s = _scores(q_blk, k_blk, mask)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-                alpha = jnp.exp(m - m_new)
-                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
-                return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+        return None, _loop(num_keys, key_block, state)
 
-            return lax.cond(mask.any(), update, lambda state: state, state)
-
-        return None, _loop(num_keys, key_block, (m, l, acc))
-
-    _, carry = lax.scan(query_block, None, (*queries, *carry))
-    return carry
+    _, state = lax.scan(query_block, None, (*queries, state))
+    return state
 
 
 def _ring_fwd(q, k, v, segment_ids, token_index, axis, shards, block):
     b, _, kv_heads, groups, d = q.shape
     queries = (_to_blocks(q, 1, block), _to_blocks(segment_ids, 1, block), _to_blocks(token_index, 0, block))
-    num_q = queries[0].shape[0]
-    stats = jnp.full((num_q, b, kv_heads, groups, block), MASK_VALUE, F32)
-    carry = (stats, jnp.zeros_like(stats), jnp.zeros((*stats.shape, d), F32))
+    state = flash.initial_state((queries[0].shape[0], b, kv_heads, groups, block), d)
     kv = (k, v, segment_ids, token_index)
-    carry = _attend(queries, kv, carry, block)
+    state = _attend(queries, kv, state, block)
 
-    def step(state, _):
-        carry, kv = state
+    def step(carry, _):
+        state, kv = carry
         kv = _rotate(kv, axis, shards)
-        return (_attend(queries, kv, carry, block), kv), None
+        return (_attend(queries, kv, state, block), kv), None
 
-    (carry, _), _ = lax.scan(step, (carry, kv), None, length=shards - 1)
-    m, l, acc = carry
-    # Every query sees at least itself, so l > 0.
-    out_blocks = jnp.moveaxis(acc / l[..., None], 4, 2).astype(q.dtype)  # [nq, B, bq, K, G, D], like q blocks
-    lse = m + jnp.log(l)
+    (state, _), _ = lax.scan(step, (state, kv), None, length=shards - 1)
+    out, lse = flash.finalize(state)
+    out_blocks = jnp.moveaxis(out, 4, 2).astype(q.dtype)  # [nq, B, bq, K, G, D], like q blocks
     out = _from_blocks(out_blocks, 1)
     return out, (queries, k, v, segment_ids, token_index, out_blocks, lse)
 
 
 def _attend_bwd(queries, d_out, lse, delta, kv, dq, block: int):
-    """Gradient contributions of one visiting chunk: dq (local, accumulated) and dk, dv [B, Lc, K, D].
+    """Gradient contributions of one visiting chunk: dq [nq, B, K, G, bq, D] (local, accumulated), and
+    dk, dv [nk, B, K, bk, D].
 
     Blocked like `_attend`; d_out like q blocks, lse and delta [nq, B, K, G, bq].
     """
     q, q_seg, q_index = queries
     num_q, num_keys = q.shape[0], kv[0].shape[1] // block
     b, _, kv_heads, _, d = q.shape[1:]
-    scale = d**-0.5
 
     def key_block(dq, j):
         k_blk, v_blk, k_seg, k_index = _key_block(kv, j, block)
 
-        def query_block(i, state):
-            mask = visible(q_index[i], k_index, q_seg[i], k_seg)[:, None, None]
+        def query_block(i, carry):
+            mask = flash.block_mask(q_index[i], k_index, q_seg[i], k_seg)
 
-            def update(state):
-                dq, dk, dv = state
-                q_blk, do_blk = q[i], d_out[i]
-                s = _scores(q_blk, k_blk, mask)
-                p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
-                dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_blk.dtype), do_blk, preferred_element_type=F32)
-                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_blk, v_blk, preferred_element_type=F32)
-                ds = p * (dp - delta[i][..., None]) * scale
-                dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q_blk.dtype), q_blk, preferred_element_type=F32)
-                dq_blk = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=F32)
-                return dq.at[i].add(dq_blk), dk, dv
+            def update(carry):
+                dq, dk, dv = carry
+                dq_blk, dk_blk, dv_blk = flash.backward_update(q[i], k_blk, v_blk, d_out[i], lse[i], delta[i], mask)
+                return dq.at[i].add(dq_blk), dk + dk_blk, dv + dv_blk
 
-            return lax.cond(mask.any(), update, lambda state: state, state)
+            return lax.cond(mask.any(), update, lambda carry: carry, carry)
 
-        zeros = jnp.zeros((b, block, kv_heads, d), F32)
+        zeros = jnp.zeros((b, kv_heads, block, d), F32)
         dq, dk, dv = _loop(num_q, query_block, (dq, zeros, zeros))
         return dq, (dk, dv)
 
-    dq, (dk, dv) = lax.scan(key_block, dq, jnp.arange(num_keys))
-    return dq, (_from_blocks(dk, 1), _from_blocks(dv, 1))
+    return lax.scan(key_block, dq, jnp.arange(num_keys))
 
 
 def _ring_bwd(axis, shards, block, residuals, d_out):
     queries, k, v, segment_ids, token_index, out_blocks, lse = residuals
     d_out = _to_blocks(d_out, 1, block)
-    # delta_i = sum_d dO_i * O_i, the softmax-Jacobian correction, [nq, B, K, G, bq]
-    delta = jnp.einsum("nbqkgd,nbqkgd->nbkgq", d_out.astype(F32), out_blocks.astype(F32))
+    delta = flash.softmax_delta(d_out, out_blocks)  # [nq, B, K, G, bq]
     kv = (k, v, segment_ids, token_index)
-    dq, dkv = _attend_bwd(queries, d_out, lse, delta, kv, jnp.zeros(queries[0].shape, F32), block)
+    dq = jnp.zeros(lse.shape + (d_out.shape[-1],), F32)
+    dq, dkv = _attend_bwd(queries, d_out, lse, delta, kv, dq, block)
 
-    def step(state, _):
-        dq, kv, dkv = state
+    def step(carry, _):
+        dq, kv, dkv = carry
         kv, dkv = _rotate((kv, dkv), axis, shards)
         dq, step_dkv = _attend_bwd(queries, d_out, lse, delta, kv, dq, block)
         return (dq, kv, jax.tree.map(jnp.add, dkv, step_dkv)), None
 
     (dq, _, dkv), _ = lax.scan(step, (dq, kv, dkv), None, length=shards - 1)
     # After S-1 hops each chunk's gradient sits one device short of the chunk's owner.
-    dk, dv = _rotate(dkv, axis, shards)
-    dq = _from_blocks(dq, 1)
+    dk, dv = (_from_blocks(jnp.moveaxis(x, 3, 2), 1) for x in _rotate(dkv, axis, shards))  # -> [B, Lc, K, D]
+    dq = _from_blocks(jnp.moveaxis(dq, 4, 2), 1)  # [nq, B, K, G, bq, D] -> [B, Lq, K, G, D]
     return dq.astype(queries[0].dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
