@@ -98,15 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXIT_CODES)
     p.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/train/tiny-cpu.yaml")
     p.add_argument("--data", help="shard glob, manifest.json or synthesis output dir (sets data.source)")
-    p.add_argument("--out", type=Path, help="run directory: checkpoints, metrics.jsonl, tensorboard (required to train)")
+    p.add_argument("--out", type=Path,
+                   help="run directory: checkpoints, metrics.jsonl, tensorboard (required to train)")
     p.add_argument("--init-from-hf", type=Path, help="warm start from an HF Llama directory (fresh runs only)")
     p.add_argument("--compile-only", action="store_true",
                    help="train nothing: compile the full train step for --topology on this machine (a CPU is "
                         "enough) and print per-chip memory against HBM, the attention kernels in the program and "
                         "model FLOPs per step; the last line is one JSON object")
     p.add_argument("--topology", help="with --compile-only (default: the config's mesh.topology): a TPU slice "
-                   "(v4-128, v5p-256, v5e-256, v6e-64, v5p:4x4x2) or GPU host (h100-8, h200-8, a100-8, b200-8), "
-                   "prefixed Nx for N slices or hosts")
+                   "(v4-128, v5p-256, v5e-256, v6e-64, tpu7x-64, v5p:4x4x2) or GPU host (h100-8, h200-8, a100-8, "
+                   "b200-8), prefixed Nx for N slices or hosts")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
     return p
 

@@ -110,7 +110,8 @@ class LlamaConfig:
     def attention_blocks(self) -> Blocks:
         q = self.attention_block_size
         kv = self.attention_block_kv or q
-        return Blocks(q, kv, self.attention_block_q_bwd or q, self.attention_block_kv_bwd or kv, self.attention_fused_bwd)
+        return Blocks(q, kv, self.attention_block_q_bwd or q, self.attention_block_kv_bwd or kv,
+                      self.attention_fused_bwd)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (6 x matmul params, plus causal attention scores), the usual MFU numerator."""

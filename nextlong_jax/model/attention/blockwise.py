@@ -60,7 +60,8 @@ def _forward(q, k, v, segment_ids, block):
             mask = _block_mask(segment_ids, i, j, block)
 
             def update(state):
-                return flash.forward_update(state, q_blk, flash.block(k, j, block, 1), flash.block(v, j, block, 1), mask)
+                k_blk, v_blk = flash.block(k, j, block, 1), flash.block(v, j, block, 1)
+                return flash.forward_update(state, q_blk, k_blk, v_blk, mask)
 
             return lax.cond(mask.any(), update, lambda state: state, state)
 
