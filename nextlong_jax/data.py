@@ -1,6 +1,6 @@
 """Training input: TFRecord shards written by synthesis -> per-host numpy batches.
 
-The schema is the contract with `nextlong-synth` (shared design, "TFRecord schema"); it is
+The schema is the contract with `nextlong-synth` (the README's "Output format"); it is
 re-declared here because training does not import synthesis. Provenance features are ignored.
 
 Order is a pure function of (files, seed): files are shuffled per epoch, read interleaved, and

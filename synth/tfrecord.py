@@ -1,4 +1,4 @@
-"""TFRecord output: the contract between synthesis and training (see shared design, schema).
+"""TFRecord output: the contract between synthesis and training (the schema is in the README, "Output format").
 
 One `tf.train.Example` per training sequence. Shards are named
 `PREFIX-00000-of-00008.tfrecord` (`.tfrecord.gz` with GZIP), written under a temporary name and
