@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -29,13 +28,10 @@ from jax import lax
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention import flash
 from nextlong_jax.model.attention.blockwise import blockwise_attention
-from nextlong_jax.sharding import LOGICAL_AXIS_RULES, ambient_shards
+from nextlong_jax.model.attention.per_device import spec
+from nextlong_jax.sharding import ambient_shards
 
 F32 = jnp.float32
-
-
-def _spec(*names: str | None) -> jax.sharding.PartitionSpec:
-    return nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
 
 
 def ring_attention(
@@ -73,11 +69,11 @@ def ring_attention(
         out = _ring(qg, k, v, segment_ids.astype(jnp.int32), token_index.astype(jnp.int32), axis, shards, block)
         return out.reshape(b, local_length, heads, head_dim)
 
-    q_spec = _spec("batch", "length", "heads", "head_dim")
-    kv_spec = _spec("batch", "length", "kv_heads", "head_dim")
+    q_spec = spec("batch", "length", "heads", "head_dim")
+    kv_spec = spec("batch", "length", "kv_heads", "head_dim")
     # check_vma off: the loop states start as constants (not device-varying) and would need an
     # explicit pcast in every cond and scan carry; every value in `local` is per-device anyway.
-    in_specs = (q_spec, kv_spec, kv_spec, _spec("batch", "length"), _spec("length"))
+    in_specs = (q_spec, kv_spec, kv_spec, spec("batch", "length"), spec("length"))
     mesh = jax.sharding.get_abstract_mesh()
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
         q, k, v, segment_ids, token_index)
