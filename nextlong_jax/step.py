@@ -53,10 +53,9 @@ def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray], sequence
     """(nll sums, weight sums), each [3]: training weights, meta tokens, negative tokens.
 
     The role losses are unweighted NLL on that role's tokens (so they stay comparable whatever
-    `loss.negative_weight` is). vmap over the weight rows shares one pass of blocked logits: the
-    logits do not depend on the weights, so vmap leaves them unbatched. `sequence_shards` > 1 runs
-    the model in zig-zag order, sharded over that many shards of the ambient mesh.
-    `dropout_key` turns on the model's dropout (when `dropout_rate` > 0).
+    `loss.negative_weight` is), read off the per-token nll of the one pass that scores the training
+    weights. `sequence_shards` > 1 runs the model in zig-zag order, sharded over that many shards of
+    the ambient mesh. `dropout_key` turns on the model's dropout (when `dropout_rate` > 0).
     """
     roles = batch["token_roles"]
     weights = jnp.stack([batch["loss_weights"].astype(jnp.float32), (roles == ROLE_META).astype(jnp.float32),
@@ -71,9 +70,11 @@ def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray], sequence
     hidden, head = model.apply({"params": params}, features["input_ids"], features["positions"],
                                features["segment_ids"], method=_hidden_and_head,
                                rngs=None if dropout_key is None else {"dropout": dropout_key})
-    block = model.config.logits_block_size
-    per_row = jax.vmap(lambda w: target_loss(hidden, head, features["targets"], w, block_size=block), in_axes=-1)
-    return per_row(features["weights"])
+    weights = features["weights"]
+    nll_sum, _, nll = target_loss(hidden, head, features["targets"], weights[..., 0],
+                                  block_size=model.config.logits_block_size)
+    role_nll = jnp.einsum("bl,blr->r", nll, weights[..., 1:])
+    return jnp.concatenate([nll_sum[None], role_nll]), jnp.sum(weights, axis=(0, 1))
 
 
 def _safe_ratio(num, den):

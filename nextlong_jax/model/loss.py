@@ -46,15 +46,17 @@ def next_token_loss(
     """
     # Shift targets, not hidden: position t predicts t+1.
     targets, weights = next_token_targets(input_ids, loss_weights, segment_ids)
-    return target_loss(hidden, head, targets, weights, block_size=block_size)
+    return target_loss(hidden, head, targets, weights, block_size=block_size)[:2]
 
 
 def target_loss(
     hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *, block_size: int = 1024
-) -> tuple[jnp.ndarray, jnp.ndarray]:
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Like `next_token_loss` but targets [B, L] and weights are already aligned with `hidden` (no shift).
 
-    Position-wise, so any token order works (the zig-zag order of ring attention in particular).
+    Returns (sum of weighted nll, sum of weights, nll [B, L] of every token whatever its weight). The
+    per-token nll is for metrics and is not differentiated. Position-wise, so any token order works
+    (the zig-zag order of ring attention in particular).
     """
     b, length, e = hidden.shape
     weights = weights.astype(jnp.float32)
@@ -76,18 +78,59 @@ def target_loss(
         x = jnp.moveaxis(x.reshape(b, shards, num_blocks, block, *x.shape[3:]), 2, 0)
         return nn.with_logical_constraint(x, (None, "batch", "length", None, *names))
 
-    # Rematerialised so the backward pass recomputes one block of logits at a time. (A custom VJP that
-    # forms gradients in the forward pass saves that matmul but measured slower on CPU: the [E, V]
-    # gradient carry and the scatter into d_logits cost more than the recompute.)
-    @jax.checkpoint
-    def block_nll(h, t, w):
-        logits = jnp.einsum("bcte,ev->bctv", h, head, preferred_element_type=jnp.float32)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * w)
+    def from_blocks(x):  # [nb, B, S, block, ...] -> [B, L, ...]
+        x = jnp.moveaxis(x, 0, 2).reshape(b, shards, local + pad, *x.shape[4:])[:, :, :local]
+        return x.reshape(b, length, *x.shape[3:])
 
+    h, t, w = to_blocks(hidden, ("embed",)), to_blocks(targets, ()), to_blocks(weights, ())
+    nll_sum, nll = _blocked_nll(h, head, t, w)
+    return nll_sum, jnp.sum(weights), lax.stop_gradient(from_blocks(nll))
+
+
+def _block_logits(h, head):
+    return jnp.einsum("bcte,ev->bctv", h, head, preferred_element_type=jnp.float32)
+
+
+def _nll_of(logits, t):
+    """logits [..., T, V], targets [..., T] -> (nll [..., T], log-sum-exp [..., T])."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0], lse
+
+
+@jax.custom_vjp
+def _blocked_nll(h, head, t, w):
+    """Blocks h [nb, B, S, T, E], t and w [nb, B, S, T] -> (sum of w * nll, nll [nb, B, S, T])."""
     def step(total, xs):
-        return total + block_nll(*xs), None
+        h, t, w = xs
+        nll, _ = _nll_of(_block_logits(h, head), t)
+        return total + jnp.sum(nll * w), nll
 
-    xs = (to_blocks(hidden, ("embed",)), to_blocks(targets, ()), to_blocks(weights, ()))
-    nll_sum, _ = lax.scan(step, jnp.zeros((), jnp.float32), xs)
-    return nll_sum, jnp.sum(weights)
+    return lax.scan(step, jnp.zeros((), jnp.float32), (h, t, w))
+
+
+def _blocked_nll_fwd(h, head, t, w):
+    # The gradient is formed here, one block of logits at a time, and only scaled in the backward
+    # pass: three vocabulary projections per block instead of four for a rematerialised backward.
+    def step(carry, xs):
+        total, d_head = carry
+        h_blk, t_blk, w_blk = xs
+        logits = _block_logits(h_blk, head)
+        nll, lse = _nll_of(logits, t_blk)
+        d_logits = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(t_blk, head.shape[-1], dtype=jnp.float32)
+        d_logits = (d_logits * w_blk[..., None]).astype(h_blk.dtype)
+        d_h = jnp.einsum("bctv,ev->bcte", d_logits, head, preferred_element_type=jnp.float32).astype(h_blk.dtype)
+        d_head = d_head + jnp.einsum("bcte,bctv->ev", h_blk, d_logits, preferred_element_type=jnp.float32)
+        return (total + jnp.sum(nll * w_blk), nn.with_logical_constraint(d_head, ("embed", "vocab"))), (nll, d_h)
+
+    zeros = nn.with_logical_constraint(jnp.zeros(head.shape, jnp.float32), ("embed", "vocab"))
+    (total, d_head), (nll, d_h) = lax.scan(step, (jnp.zeros((), jnp.float32), zeros), (h, t, w))
+    return (total, nll), (d_h, d_head.astype(head.dtype), nll)
+
+
+def _blocked_nll_bwd(residuals, cotangents):
+    d_h, d_head, nll = residuals
+    g, _ = cotangents  # the per-token nll is returned under stop_gradient: its cotangent is zero
+    return g.astype(d_h.dtype) * d_h, g.astype(d_head.dtype) * d_head, None, g * nll
+
+
+_blocked_nll.defvjp(_blocked_nll_fwd, _blocked_nll_bwd)

@@ -23,8 +23,7 @@ def blockwise_attention(
     q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *, block_size: int = 512
 ) -> jnp.ndarray:
     """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D]."""
-    b, length, h, d = q.shape
-    kv_heads = k.shape[2]
+    length = q.shape[1]
     block = min(block_size, length)
     pad = -length % block
     if pad:
@@ -32,13 +31,12 @@ def blockwise_attention(
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
         segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-    qg = q.reshape(b, length + pad, kv_heads, h // kv_heads, d)
-    out = _flash(qg, k, v, segment_ids.astype(jnp.int32), block)
-    return out.reshape(b, length + pad, h, d)[:, :length]
+    out = _flash(*flash.heads_major(q, k, v), segment_ids.astype(jnp.int32), block)
+    return flash.tokens_major(out)[:, :length].astype(q.dtype)
 
 
 def _block_mask(segment_ids, i, j, block):
-    """bool [B, 1, 1, bq, bk] for query block i against key block j."""
+    """bool [B, bq, bk] for query block i against key block j."""
     index = jnp.arange(block)
     return flash.block_mask(i * block + index, j * block + index, flash.block(segment_ids, i, block, 1),
                             flash.block(segment_ids, j, block, 1))
@@ -50,18 +48,20 @@ def _flash(q, k, v, segment_ids, block):
 
 
 def _forward(q, k, v, segment_ids, block):
-    b, length, kv_heads, groups, d = q.shape
+    """Heads-major q [B, K, G, L, D], k/v [B, K, L, D] -> (out like q, lse [B, K, G, L])."""
+    b, kv_heads, groups, length, d = q.shape
     num_blocks = length // block
+    k_t = flash.key_transposed(k)
 
     def query_block(_, i):
-        q_blk = flash.block(q, i, block, 1)
+        q_blk = flash.block(q, i, block, 3)
 
         def key_block(j, state):
             mask = _block_mask(segment_ids, i, j, block)
 
             def update(state):
-                k_blk, v_blk = flash.block(k, j, block, 1), flash.block(v, j, block, 1)
-                return flash.forward_update(state, q_blk, k_blk, v_blk, mask)
+                return flash.forward_update(state, q_blk, flash.block(k_t, j, block, 3), flash.block(v, j, block, 2),
+                                            mask)
 
             return lax.cond(mask.any(), update, lambda state: state, state)
 
@@ -70,9 +70,9 @@ def _forward(q, k, v, segment_ids, block):
         return None, (out.astype(q.dtype), lse)
 
     _, (out, lse) = lax.scan(query_block, None, jnp.arange(num_blocks))
-    # out [nb, B, K, G, bq, D] -> [B, L, K, G, D]; lse [nb, B, K, G, bq] -> [B, K, G, L]
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, length, kv_heads, groups, d)
-    lse = lse.transpose(1, 2, 3, 0, 4).reshape(b, kv_heads, groups, length)
+    # out [nb, B, K, G, bq, D] -> [B, K, G, L, D]; lse [nb, B, K, G, bq] -> [B, K, G, L]
+    out = jnp.moveaxis(out, 0, 3).reshape(q.shape)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kv_heads, groups, length)
     return out, lse
 
 
@@ -83,35 +83,40 @@ def _flash_fwd(q, k, v, segment_ids, block):
 
 def _flash_bwd(block, residuals, d_out):
     q, k, v, segment_ids, out, lse = residuals
-    b, length, kv_heads, groups, d = q.shape
+    b, kv_heads, groups, length, d = q.shape
     num_blocks = length // block
     delta = flash.softmax_delta(d_out, out)  # [B, K, G, L]
+    q_t, d_out_t, k_t = flash.query_transposed(q), flash.query_transposed(d_out), flash.key_transposed(k)
 
-    def key_block(dq, j):
-        k_blk, v_blk = flash.block(k, j, block, 1), flash.block(v, j, block, 1)
+    def key_block(dq_t, j):
+        k_blk, k_t_blk, v_blk = flash.block(k, j, block, 2), flash.block(k_t, j, block, 3), flash.block(v, j, block, 2)
 
         def query_block(i, carry):
+            dq_t, dk, dv = carry
             mask = _block_mask(segment_ids, i, j, block)
 
-            def update(carry):
-                dq, dk, dv = carry
-                dq_blk, dk_blk, dv_blk = flash.backward_update(
-                    flash.block(q, i, block, 1), k_blk, v_blk, flash.block(d_out, i, block, 1),
-                    flash.block(lse, i, block, 3), flash.block(delta, i, block, 3), mask)
-                dq = lax.dynamic_update_slice_in_dim(dq, flash.block(dq, i, block, 3) + dq_blk, i * block, axis=3)
-                return dq, dk + dk_blk, dv + dv_blk
+            def grads():
+                qb = flash.QueryBlock(flash.block(q, i, block, 3), flash.block(q_t, i, block, 4),
+                                      flash.block(d_out, i, block, 3), flash.block(d_out_t, i, block, 4),
+                                      flash.block(lse, i, block, 3), flash.block(delta, i, block, 3))
+                return flash.backward_update(qb, k_blk, k_t_blk, v_blk, mask)
 
-            return lax.cond(mask.any(), update, lambda c: c, carry)
+            zeros = (jnp.zeros((b, kv_heads, d, groups, block), F32),) + (jnp.zeros((b, kv_heads, block, d), F32),) * 2
+            # The cond returns block contributions, not the updated carry: a branch returning the
+            # whole dq buffer makes XLA copy it on every block pair.
+            dq_blk, dk_blk, dv_blk = lax.cond(mask.any(), grads, lambda: zeros)
+            dq_t = lax.dynamic_update_slice_in_dim(dq_t, flash.block(dq_t, i, block, 4) + dq_blk, i * block, axis=4)
+            return dq_t, dk + dk_blk, dv + dv_blk
 
         zeros = jnp.zeros((b, kv_heads, block, d), F32)
-        dq, dk, dv = lax.fori_loop(j, num_blocks, query_block, (dq, zeros, zeros))  # causal: query blocks j..
-        return dq, (dk, dv)
+        dq_t, dk, dv = lax.fori_loop(j, num_blocks, query_block, (dq_t, zeros, zeros))  # causal: query blocks j..
+        return dq_t, (dk, dv)
 
-    dq0 = jnp.zeros((b, kv_heads, groups, length, d), F32)
-    dq, (dk, dv) = lax.scan(key_block, dq0, jnp.arange(num_blocks))
-    dq = dq.transpose(0, 3, 1, 2, 4).astype(q.dtype)  # [B, K, G, L, D] -> [B, L, K, G, D]
-    # dk, dv [nb, B, K, bk, D] -> [B, L, K, D]
-    dk, dv = (x.transpose(1, 0, 3, 2, 4).reshape(b, length, kv_heads, d) for x in (dk, dv))
+    dq_t0 = jnp.zeros((b, kv_heads, d, groups, length), F32)
+    dq_t, (dk, dv) = lax.scan(key_block, dq_t0, jnp.arange(num_blocks))
+    dq = jnp.moveaxis(dq_t, 2, 4).astype(q.dtype)  # [B, K, D, G, L] -> [B, K, G, L, D]
+    # dk, dv [nb, B, K, bk, D] -> [B, K, L, D]
+    dk, dv = (jnp.moveaxis(x, 0, 2).reshape(k.shape) for x in (dk, dv))
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

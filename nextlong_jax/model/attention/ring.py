@@ -9,9 +9,10 @@ pairs with nothing visible are skipped at run time: that is where load balancing
 
 Backward is a custom VJP: it recomputes scores from the saved log-sum-exp and sends the key/value
 gradients around the ring with the keys and values, one extra hop bringing them home. The
-per-block step, forward and backward, is `flash`'s, in its [B, K, G, ...] layout (K kv heads, G
-query heads per kv head), so GQA never materialises repeated keys; heads sharded over `tensor`
-stay local since a query head and its kv head live on the same shard.
+per-block step, forward and backward, is `flash`'s, in its heads-major layout (K kv heads, G query
+heads per kv head), so GQA never materialises repeated keys; heads sharded over `tensor` stay
+local since a query head and its kv head live on the same shard. Keys travel transposed (kT), the
+form both passes multiply by.
 
 The mesh is the ambient one (`jax.set_mesh(mesh)`), which is also where the trainer's jit and the
 model's sharding constraints get it, so no mesh has to be threaded through the model config.
@@ -52,7 +53,7 @@ def ring_attention(
     axis, shards = ambient_shards("length")
     if shards == 1:
         return blockwise_attention(q, k, v, segment_ids, block_size=block_size)
-    length, head_dim = q.shape[1], q.shape[3]
+    length = q.shape[1]
     chunk = length // shards
     # At most half a local chunk: zig-zag chunks are two halves far apart, and a block straddling
     # both is never fully masked, so it could not be skipped.
@@ -63,11 +64,10 @@ def ring_attention(
         token_index = jnp.asarray(load_balance.token_index(length, shards))
 
     def local(q, k, v, segment_ids, token_index):
-        b, local_length, heads, _ = q.shape  # this device's slice: heads may be split over `tensor`
-        kv_heads = k.shape[2]
-        qg = q.reshape(b, local_length, kv_heads, heads // kv_heads, head_dim)
-        out = _ring(qg, k, v, segment_ids.astype(jnp.int32), token_index.astype(jnp.int32), axis, shards, block)
-        return out.reshape(b, local_length, heads, head_dim)
+        q, k, v = flash.heads_major(q, k, v)  # this device's slice: heads may be split over `tensor`
+        out = _ring(q, flash.key_transposed(k), v, segment_ids.astype(jnp.int32), token_index.astype(jnp.int32),
+                    axis, shards, block)
+        return flash.tokens_major(out).astype(v.dtype)
 
     q_spec = spec("batch", "length", "heads", "head_dim")
     kv_spec = spec("batch", "length", "kv_heads", "head_dim")
@@ -98,9 +98,9 @@ def _from_blocks(x: jnp.ndarray, axis: int) -> jnp.ndarray:
 
 
 def _key_block(kv, j, block: int):
-    """Block j of a visiting (k, v, segment_ids, token_index) chunk."""
-    k, v, seg, index = kv
-    return (flash.block(k, j, block, 1), flash.block(v, j, block, 1), flash.block(seg, j, block, 1),
+    """Block j of a visiting (kT, v, segment_ids, token_index) chunk."""
+    k_t, v, seg, index = kv
+    return (flash.block(k_t, j, block, 3), flash.block(v, j, block, 2), flash.block(seg, j, block, 1),
             flash.block(index, j, block, 0))
 
 
@@ -120,25 +120,26 @@ def _loop(n: int, body, init):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _ring(q, k, v, segment_ids, token_index, axis, shards, block):
-    return _ring_fwd(q, k, v, segment_ids, token_index, axis, shards, block)[0]
+def _ring(q, k_t, v, segment_ids, token_index, axis, shards, block):
+    """Heads-major q [B, K, G, Lq, D] (scaled), kT [B, K, D, Lc], v [B, K, Lc, D] -> out like q."""
+    return _ring_fwd(q, k_t, v, segment_ids, token_index, axis, shards, block)[0]
 
 
 def _attend(queries, kv, state: flash.State, block: int) -> flash.State:
     """Fold one visiting chunk into the online-softmax state of every local query block.
 
-    queries: blocked (q [nq, B, bq, K, G, D], segment ids [nq, B, bq], token index [nq, bq]);
+    queries: blocked (q [nq, B, K, G, bq, D], segment ids [nq, B, bq], token index [nq, bq]);
     state: `flash.State` of every query block, with a leading nq axis.
     """
-    num_keys = kv[0].shape[1] // block
+    num_keys = kv[1].shape[2] // block
 
     def query_block(_, xs):
         q_blk, q_seg, q_index, state = xs
 
         def key_block(j, state):
-            k_blk, v_blk, k_seg, k_index = _key_block(kv, j, block)
+            k_t_blk, v_blk, k_seg, k_index = _key_block(kv, j, block)
             mask = flash.block_mask(q_index, k_index, q_seg, k_seg)
-            return lax.cond(mask.any(), lambda state: flash.forward_update(state, q_blk, k_blk, v_blk, mask),
+            return lax.cond(mask.any(), lambda state: flash.forward_update(state, q_blk, k_t_blk, v_blk, mask),
                             lambda state: state, state)
 
         return None, _loop(num_keys, key_block, state)
@@ -147,11 +148,11 @@ def _attend(queries, kv, state: flash.State, block: int) -> flash.State:
     return state
 
 
-def _ring_fwd(q, k, v, segment_ids, token_index, axis, shards, block):
-    b, _, kv_heads, groups, d = q.shape
-    queries = (_to_blocks(q, 1, block), _to_blocks(segment_ids, 1, block), _to_blocks(token_index, 0, block))
+def _ring_fwd(q, k_t, v, segment_ids, token_index, axis, shards, block):
+    b, kv_heads, groups, _, d = q.shape
+    queries = (_to_blocks(q, 3, block), _to_blocks(segment_ids, 1, block), _to_blocks(token_index, 0, block))
     state = flash.initial_state((queries[0].shape[0], b, kv_heads, groups, block), d)
-    kv = (k, v, segment_ids, token_index)
+    kv = (k_t, v, segment_ids, token_index)
     state = _attend(queries, kv, state, block)
 
     def step(carry, _):
@@ -160,61 +161,66 @@ def _ring_fwd(q, k, v, segment_ids, token_index, axis, shards, block):
         return (_attend(queries, kv, state, block), kv), None
 
     (state, _), _ = lax.scan(step, (state, kv), None, length=shards - 1)
-    out, lse = flash.finalize(state)
-    out_blocks = jnp.moveaxis(out, 4, 2).astype(q.dtype)  # [nq, B, bq, K, G, D], like q blocks
-    out = _from_blocks(out_blocks, 1)
-    return out, (queries, k, v, segment_ids, token_index, out_blocks, lse)
+    out_blocks, lse = flash.finalize(state)  # [nq, B, K, G, bq, D], [nq, B, K, G, bq]
+    out_blocks = out_blocks.astype(q.dtype)
+    return _from_blocks(out_blocks, 3), (queries, k_t, v, segment_ids, token_index, out_blocks, lse)
 
 
-def _attend_bwd(queries, d_out, lse, delta, kv, dq, block: int):
-    """Gradient contributions of one visiting chunk: dq [nq, B, K, G, bq, D] (local, accumulated), and
+def _attend_bwd(queries, d_out, lse, delta, kv, dq_t, block: int):
+    """Gradient contributions of one visiting chunk: dq^T [nq, B, K, D, G, bq] (local, accumulated), and
     dk, dv [nk, B, K, bk, D].
 
     Blocked like `_attend`; d_out like q blocks, lse and delta [nq, B, K, G, bq].
     """
     q, q_seg, q_index = queries
-    num_q, num_keys = q.shape[0], kv[0].shape[1] // block
-    b, _, kv_heads, _, d = q.shape[1:]
+    num_q, num_keys = q.shape[0], kv[1].shape[2] // block
+    b, kv_heads, _, _, d = q.shape[1:]
+    q_t, d_out_t = flash.query_transposed(q), flash.query_transposed(d_out)
 
-    def key_block(dq, j):
-        k_blk, v_blk, k_seg, k_index = _key_block(kv, j, block)
+    def key_block(dq_t, j):
+        k_t_blk, v_blk, k_seg, k_index = _key_block(kv, j, block)
+        k_blk = flash.key_transposed(k_t_blk)
 
         def query_block(i, carry):
+            dq_t, dk, dv = carry
             mask = flash.block_mask(q_index[i], k_index, q_seg[i], k_seg)
 
-            def update(carry):
-                dq, dk, dv = carry
-                dq_blk, dk_blk, dv_blk = flash.backward_update(q[i], k_blk, v_blk, d_out[i], lse[i], delta[i], mask)
-                return dq.at[i].add(dq_blk), dk + dk_blk, dv + dv_blk
+            def grads():
+                qb = flash.QueryBlock(q[i], q_t[i], d_out[i], d_out_t[i], lse[i], delta[i])
+                return flash.backward_update(qb, k_blk, k_t_blk, v_blk, mask)
 
-            return lax.cond(mask.any(), update, lambda carry: carry, carry)
+            zeros = (jnp.zeros(dq_t.shape[1:], F32),) + (jnp.zeros((b, kv_heads, block, d), F32),) * 2
+            # Contributions out of the cond, not the carry: see blockwise's backward.
+            dq_blk, dk_blk, dv_blk = lax.cond(mask.any(), grads, lambda: zeros)
+            return dq_t.at[i].add(dq_blk), dk + dk_blk, dv + dv_blk
 
         zeros = jnp.zeros((b, kv_heads, block, d), F32)
-        dq, dk, dv = _loop(num_q, query_block, (dq, zeros, zeros))
-        return dq, (dk, dv)
+        dq_t, dk, dv = _loop(num_q, query_block, (dq_t, zeros, zeros))
+        return dq_t, (dk, dv)
 
-    return lax.scan(key_block, dq, jnp.arange(num_keys))
+    return lax.scan(key_block, dq_t, jnp.arange(num_keys))
 
 
 def _ring_bwd(axis, shards, block, residuals, d_out):
-    queries, k, v, segment_ids, token_index, out_blocks, lse = residuals
-    d_out = _to_blocks(d_out, 1, block)
+    queries, k_t, v, segment_ids, token_index, out_blocks, lse = residuals
+    d_out = _to_blocks(d_out, 3, block)
     delta = flash.softmax_delta(d_out, out_blocks)  # [nq, B, K, G, bq]
-    kv = (k, v, segment_ids, token_index)
-    dq = jnp.zeros(lse.shape + (d_out.shape[-1],), F32)
-    dq, dkv = _attend_bwd(queries, d_out, lse, delta, kv, dq, block)
+    kv = (k_t, v, segment_ids, token_index)
+    q = queries[0]
+    dq_t = jnp.zeros(q.shape[:3] + (q.shape[-1], q.shape[3], block), F32)  # [nq, B, K, D, G, bq]
+    dq_t, dkv = _attend_bwd(queries, d_out, lse, delta, kv, dq_t, block)
 
     def step(carry, _):
-        dq, kv, dkv = carry
+        dq_t, kv, dkv = carry
         kv, dkv = _rotate((kv, dkv), axis, shards)
-        dq, step_dkv = _attend_bwd(queries, d_out, lse, delta, kv, dq, block)
-        return (dq, kv, jax.tree.map(jnp.add, dkv, step_dkv)), None
+        dq_t, step_dkv = _attend_bwd(queries, d_out, lse, delta, kv, dq_t, block)
+        return (dq_t, kv, jax.tree.map(jnp.add, dkv, step_dkv)), None
 
-    (dq, _, dkv), _ = lax.scan(step, (dq, kv, dkv), None, length=shards - 1)
+    (dq_t, _, dkv), _ = lax.scan(step, (dq_t, kv, dkv), None, length=shards - 1)
     # After S-1 hops each chunk's gradient sits one device short of the chunk's owner.
-    dk, dv = (_from_blocks(jnp.moveaxis(x, 3, 2), 1) for x in _rotate(dkv, axis, shards))  # -> [B, Lc, K, D]
-    dq = _from_blocks(jnp.moveaxis(dq, 4, 2), 1)  # [nq, B, K, G, bq, D] -> [B, Lq, K, G, D]
-    return dq.astype(queries[0].dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    dk, dv = (_from_blocks(x, 2) for x in _rotate(dkv, axis, shards))  # [nk, B, K, bk, D] -> [B, K, Lc, D]
+    dq = _from_blocks(jnp.moveaxis(dq_t, 3, 5), 3)  # [nq, B, K, D, G, bq] -> [B, K, G, Lq, D]
+    return dq.astype(q.dtype), flash.key_transposed(dk).astype(k_t.dtype), dv.astype(v.dtype), None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
