@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from synth.negatives import CandidateSource, NegativeFilter, mine
+from synth.negatives import CandidateSource, MetaDocument, NegativeFilter, mine
 
 if TYPE_CHECKING:
     from synth.store import ChunkStore
@@ -196,7 +196,7 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
             continue
         meta_tokens = [ctx.meta.tokens(c) for c in chunks]
         doc_id = ctx.meta.doc_ids[doc]
-        own_doc = ctx.corpus_doc_index.get(doc_id)
+        own = MetaDocument(ctx.corpus_doc_index.get(doc_id), rules.overlap.document(meta_tokens))
         k = choose_k(packer.remaining - 1, sum(len(t) for t in meta_tokens), len(chunks),
                      ctx.mean_negative, ctx.fixed_k, ctx.max_k)
         packer.begin_segment(doc_id)
@@ -205,7 +205,7 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
             if packer.add(tokens, ROLE_META) or packer.full:
                 break
             query = ctx.meta.embeddings[chunk]
-            negatives = mine(source, rules, query, k, (scores[i], ids[i]), own_doc,
+            negatives = mine(source, rules, query, k, (scores[i], ids[i]), own,
                              packer.negatives_in_sample, ctx.corpus.num_chunks)
             for negative in negatives:
                 chunk_id = ctx.corpus.chunk_id(negative, ctx.corpus_chunk_doc)

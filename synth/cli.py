@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="loss weight of negative tokens, 0..1 (default 1.0 = the paper)")
     mine.add_argument("--dedup-threshold", type=float,
                       help="drop candidates more similar than this cosine (default: 0.95)")
+    mine.add_argument("--overlap-threshold", type=float,
+                      help="drop candidates sharing at least this share of their token n-grams with ANY "
+                           "chunk of the meta-document (default: 0.5; above 1 turns it off)")
+    mine.add_argument("--shingle-tokens", type=int, help="n of those token n-grams (default: 8)")
     mine.add_argument("--max-reuse", type=int,
                       help="uses of one corpus chunk as a negative per shard (default: 8)")
     mine.add_argument("--num-shards", type=int, help="output shards (default: 8)")

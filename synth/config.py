@@ -32,6 +32,8 @@ class MiningConfig:
     max_k: int = 64  # cap of the automatic k; longer targets pack several meta-documents
     dedup_threshold: float = 0.95
     max_reuse: int = 8  # uses of one corpus chunk as a negative per output shard
+    overlap_threshold: float = 0.5  # reject a negative this share of whose token n-grams is in its meta-document
+    shingle_tokens: int = 8  # n of those n-grams
     seed: int = 0
 
 
@@ -92,7 +94,7 @@ FLAT_DEFAULTS: dict[str, object] = {
     "chunk-tokens": None, "chunk-chars": None,
     "seq-len": 32768, "k": None, "max-k": 64,
     "index": "faiss-flat", "index-params": None, "negative-weight": 1.0, "dedup-threshold": 0.95,
-    "max-reuse": 8, "num-shards": 8, "max-sequences": None, "seed": 0,
+    "overlap-threshold": 0.5, "shingle-tokens": 8, "max-reuse": 8, "num-shards": 8, "max-sequences": None, "seed": 0,
     "strategy": "nextlong", "compression": "none", "cache-dir": None,
     "strict": False, "docs-per-block": 1024,
 }
@@ -185,6 +187,7 @@ def build_config(flat: dict) -> SynthConfig:
         mining=MiningConfig(
             strategy=_choice(flat, "strategy", STRATEGIES), k=k, max_k=int(flat["max-k"]),
             dedup_threshold=float(flat["dedup-threshold"]), max_reuse=int(flat["max-reuse"]),
+            overlap_threshold=float(flat["overlap-threshold"]), shingle_tokens=int(flat["shingle-tokens"]),
             seed=int(flat["seed"])),
         output=OutputConfig(
             out=Path(flat["out"]), seq_len=seq_len,

@@ -35,7 +35,7 @@ _SUFFIXES = {
 }
 # Part of every fingerprint: bump it when a change here makes the same files read differently,
 # so that caches built from the old reading are not reused.
-_READER_VERSION = 1
+_READER_VERSION = 2  # 2: records without an id get a content id instead of being skipped
 # Rows per Parquet batch: documents may be megabytes each, so batches stay small.
 _PARQUET_BATCH_ROWS = 256
 # UTF-8 needs at most four bytes per character, so a longer file is too long without reading it.
@@ -211,16 +211,17 @@ def _parquet_records(source: Source, spec: CorpusSpec) -> Iterator[_Raw]:
 
     try:
         parquet = pq.ParquetFile(source.path)
-        if not {spec.id_field, spec.text_field} <= set(parquet.schema_arrow.names):
+        names = set(parquet.schema_arrow.names)
+        if spec.text_field not in names:
             for position in range(1, parquet.metadata.num_rows + 1):
                 yield _Raw(position, problem="missing_field")
             return
+        columns = [spec.text_field] + ([spec.id_field] if spec.id_field in names else [])
         position = 0
-        batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS,
-                                       columns=[spec.id_field, spec.text_field])
-        for batch in batches:
-            ids = batch.column(spec.id_field).to_pylist()
-            for doc_id, text in zip(ids, batch.column(spec.text_field).to_pylist()):
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            texts = batch.column(spec.text_field).to_pylist()
+            ids = batch.column(spec.id_field).to_pylist() if len(columns) == 2 else [None] * len(texts)
+            for doc_id, text in zip(ids, texts):
                 position += 1
                 yield _Raw(position, doc_id, text)
     except (OSError, pa.ArrowException) as error:
@@ -280,10 +281,10 @@ def _document(raw: _Raw, spec: CorpusSpec) -> Document:
     """The record as a document, or `_Skip` with the reason it is unusable."""
     if raw.problem is not None:
         raise _Skip(raw.problem)
-    doc_id = _as_str(raw.id, allow_int=True)
     text = _as_str(raw.text, allow_int=False)
-    if not doc_id:
-        raise _Skip("missing_field")
+    # Many corpora (Cosmopedia, say) have no id column: such a record is named by its text, which
+    # keeps the name stable across runs and orders and makes an exact repeat a duplicate.
+    doc_id = content_id(text) if raw.id is None or raw.id == "" else _as_str(raw.id, allow_int=True)
     if not text or text.isspace():
         raise _Skip("empty_text")
     if len(text) > spec.max_doc_chars:
@@ -291,11 +292,16 @@ def _document(raw: _Raw, spec: CorpusSpec) -> Document:
     return Document(doc_id, text)
 
 
+def content_id(text: str) -> str:
+    """The id of a document that has none: a hash of its text."""
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
 def _explain(reason: str, spec: CorpusSpec) -> str:
     return {
         "malformed_json": "not a valid JSON object",
-        "missing_field": f"needs a string {spec.text_field!r} field and a string or integer "
-                         f"{spec.id_field!r} field",
+        "missing_field": f"needs a string {spec.text_field!r} field; an {spec.id_field!r} field, when "
+                         "present, must be a string or an integer",
         "non_utf8": "not valid UTF-8",
         "empty_text": "the text is empty or only whitespace",
         "duplicate_id": "an earlier document has the same id",

@@ -3,9 +3,10 @@
 For a meta-chunk, candidates come from the ANN index (`nextlong`) or uniformly from the corpus
 (`random-negatives`, the ablation); both pass through the same filters, in this order: never a
 chunk of the meta-document's own source document, never a near-duplicate of the meta-chunk
-(cosine above the threshold; real corpora are not deduplicated), never twice in one sample, and
-never more than `max_reuse` times in one output shard, so that "hub" chunks that are close to
-everything do not dominate.
+(cosine above the threshold; real corpora are not deduplicated), never twice in one sample, never
+more than `max_reuse` times in one output shard, so that "hub" chunks that are close to
+everything do not dominate, and never a chunk whose text repeats any part of the meta-document
+(`synth.overlap`: the same text under another id, shared boilerplate).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from synth.overlap import MetaOverlap
 
 if TYPE_CHECKING:
     from synth.index import ChunkIndex
@@ -63,6 +66,15 @@ class MiningStats:
         self.similarity_hist += np.histogram(np.clip(scores, -1, 1), SIMILARITY_BINS)[0]
 
 
+@dataclass(frozen=True)
+class MetaDocument:
+    """What a negative must not repeat: the corpus index of the meta-document's own source document
+    (None when the corpus does not hold it) and the shingles of all its text."""
+
+    corpus_doc: int | None
+    shingles: np.ndarray
+
+
 @dataclass
 class NegativeFilter:
     """The mining rules for one output shard (the reuse count is per shard)."""
@@ -70,10 +82,11 @@ class NegativeFilter:
     chunk_doc: np.ndarray  # corpus document index of every corpus chunk
     dedup_threshold: float
     max_reuse: int
+    overlap: MetaOverlap
     stats: MiningStats = field(default_factory=MiningStats)
     reuse: Counter = field(default_factory=Counter)
 
-    def select(self, scores: np.ndarray, ids: np.ndarray, k: int, own_doc: int | None,
+    def select(self, scores: np.ndarray, ids: np.ndarray, k: int, own: MetaDocument,
                in_sample: set[int]) -> list[int]:
         """Up to k admissible candidates, in candidate order; records what it used."""
         chosen: list[int] = []
@@ -81,7 +94,7 @@ class NegativeFilter:
         for score, chunk in zip(scores.tolist(), ids.tolist()):
             if len(chosen) == k:
                 break
-            reason = self._rejection(score, chunk, own_doc, in_sample)
+            reason = self._rejection(score, chunk, own, in_sample)
             if reason:
                 self.stats.filtered[reason] += 1
                 continue
@@ -92,11 +105,11 @@ class NegativeFilter:
         self.stats.record(chosen_scores)
         return chosen
 
-    def _rejection(self, score: float, chunk: int, own_doc: int | None,
+    def _rejection(self, score: float, chunk: int, own: MetaDocument,
                    in_sample: set[int]) -> str | None:
         if chunk < 0:
             return "index_padding"
-        if own_doc is not None and self.chunk_doc[chunk] == own_doc:
+        if own.corpus_doc is not None and self.chunk_doc[chunk] == own.corpus_doc:
             return "same_document"
         if score > self.dedup_threshold:
             return "near_duplicate"
@@ -104,11 +117,13 @@ class NegativeFilter:
             return "already_in_sample"
         if self.reuse[chunk] >= self.max_reuse:
             return "reuse_cap"
+        if self.overlap.repeats(chunk, own.shingles):  # last: the only check that reads text
+            return "repeats_meta_document"
         return None
 
 
 def mine(source: CandidateSource, rules: NegativeFilter, query: np.ndarray, k: int,
-         first_pass: tuple[np.ndarray, np.ndarray], own_doc: int | None,
+         first_pass: tuple[np.ndarray, np.ndarray], own: MetaDocument,
          in_sample: set[int], corpus_size: int) -> list[int]:
     """k negatives for one meta-chunk; searches deeper only when the filters exhaust the first pass.
 
@@ -116,7 +131,7 @@ def mine(source: CandidateSource, rules: NegativeFilter, query: np.ndarray, k: i
     query with four times the depth, up to the whole corpus.
     """
     scores, ids = first_pass
-    chosen = rules.select(scores, ids, k, own_doc, in_sample)
+    chosen = rules.select(scores, ids, k, own, in_sample)
     judged = set(ids.tolist())
     depth = len(ids)
     while len(chosen) < k and depth < corpus_size:
@@ -125,8 +140,7 @@ def mine(source: CandidateSource, rules: NegativeFilter, query: np.ndarray, k: i
         # Candidates judged in a shallower pass are skipped, not counted twice.
         fresh = np.fromiter((i not in judged for i in ids[0].tolist()), bool, len(ids[0]))
         judged.update(ids[0].tolist())
-        chosen += rules.select(scores[0][fresh], ids[0][fresh], k - len(chosen), own_doc,
-                               in_sample)
+        chosen += rules.select(scores[0][fresh], ids[0][fresh], k - len(chosen), own, in_sample)
     if len(chosen) < k:
         rules.stats.short_of_k += 1
     return chosen

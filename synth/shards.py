@@ -24,6 +24,7 @@ from synth.assemble import Extension, Packer, concatenated_sequences, extended_s
 from synth.config import SynthConfig
 from synth.index import ChunkIndex, load_index
 from synth.negatives import IndexCandidates, NegativeFilter, RandomCandidates
+from synth.overlap import MetaOverlap
 from synth.report import ShardReport
 from synth.store import StoreRef
 from synth.tfrecord import shard_name, to_example, write_json, write_shard
@@ -84,10 +85,11 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
     packer = Packer(out.seq_len, out.negative_weight, opened.tokenizer.bos_id,
                     opened.tokenizer.pad_id)
     cap = _shard_cap(out.max_sequences, shard, out.num_shards)
-    rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse)
+    overlap = MetaOverlap(ext.corpus.tokens, mining.shingle_tokens, mining.overlap_threshold)
+    rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse, overlap)
     if mining.strategy == "plain-concat":
-        docs = _shard_docs(ext.corpus.num_docs, shard, out.num_shards, mining.seed)
-        sequences = concatenated_sequences(ext.corpus, docs, packer, cap)
+        docs = _shard_docs(ext.meta.num_docs, shard, out.num_shards, mining.seed)
+        sequences = concatenated_sequences(ext.meta, docs, packer, cap)
     else:
         source = IndexCandidates(opened.index) if mining.strategy == "nextlong" else \
             RandomCandidates(ext.corpus.embeddings, np.random.default_rng([mining.seed, shard, 1]))

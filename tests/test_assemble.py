@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from synth.assemble import ROLE_META, ROLE_NEGATIVE, ROLE_PAD, Packer, choose_k
-from synth.negatives import NegativeFilter, RandomCandidates, mine
+from synth.negatives import MetaDocument, NegativeFilter, RandomCandidates, mine
+from synth.overlap import MetaOverlap
 
 
 def test_packer_roles_weights_segments_positions():
@@ -63,8 +64,12 @@ def test_choose_k(remaining, meta, chunks, mean, fixed, expected):
     assert choose_k(remaining, meta, chunks, mean, fixed, max_k=64) == expected
 
 
-def _rules(chunk_doc, **kw):
-    return NegativeFilter(np.asarray(chunk_doc), kw.get("dedup", 0.95), kw.get("max_reuse", 2))
+def _rules(chunk_doc, tokens=None, **kw):
+    overlap = MetaOverlap(lambda c: tokens[c] if tokens else np.arange(c * 100, c * 100 + 20), n=4, threshold=0.5)
+    return NegativeFilter(np.asarray(chunk_doc), kw.get("dedup", 0.95), kw.get("max_reuse", 2), overlap)
+
+
+NOTHING = np.zeros(0, np.uint64)
 
 
 def test_filter_excludes_own_document_near_duplicates_sample_repeats_and_reuse():
@@ -72,15 +77,32 @@ def test_filter_excludes_own_document_near_duplicates_sample_repeats_and_reuse()
     scores = np.array([0.99, 0.9, 0.97, 0.8, 0.7, 0.6], np.float32)
     ids = np.array([2, 0, 3, 4, 5, -1])
     in_sample = {5}
-    chosen = rules.select(scores, ids, k=3, own_doc=0, in_sample=in_sample)
+    chosen = rules.select(scores, ids, k=3, own=MetaDocument(0, NOTHING), in_sample=in_sample)
     # 2: near-duplicate (0.99 > 0.95); 0: same document; 3 (0.97) near-dup; 4 ok; 5 in sample.
     assert chosen == [4]
     assert rules.stats.filtered == {"near_duplicate": 2, "same_document": 1,
                                     "already_in_sample": 1, "index_padding": 1}
     assert in_sample == {4, 5}
     # Chunk 4 has now been used max_reuse=1 times in this shard.
-    again = rules.select(np.array([0.5], np.float32), np.array([4]), 1, None, set())
+    again = rules.select(np.array([0.5], np.float32), np.array([4]), 1, MetaDocument(None, NOTHING), set())
     assert again == [] and rules.stats.filtered["reuse_cap"] == 1
+
+
+def test_filter_rejects_a_candidate_repeating_any_chunk_of_the_meta_document():
+    """Chunk 1 copies the meta-document's SECOND chunk under another document id (so neither the id
+    rule nor cosine to the query chunk stops it); chunk 2 shares a boilerplate paragraph with it;
+    chunk 3 shares one short phrase, below the threshold."""
+    rng = np.random.default_rng(0)
+    meta = [rng.integers(0, 5000, 40), rng.integers(0, 5000, 40)]
+    boiler = rng.integers(0, 5000, 30)
+    tokens = [rng.integers(0, 5000, 40), meta[1].copy(), np.concatenate([boiler, rng.integers(0, 5000, 10)]),
+              np.concatenate([meta[0][:6], rng.integers(0, 5000, 34)])]
+    rules = _rules([0, 1, 2, 3], tokens)
+    own = MetaDocument(None, rules.overlap.document([meta[0], np.concatenate([meta[1], boiler])]))
+    chosen = rules.select(np.full(4, 0.5, np.float32), np.arange(4), k=4, own=own, in_sample=set())
+    assert chosen == [0, 3]
+    assert rules.stats.filtered == {"repeats_meta_document": 2}
+    assert rules.overlap.containment(3, own.shingles) == pytest.approx(3 / 37)  # 3 of its 37 4-grams
 
 
 def test_mine_widens_the_search_when_filters_exhaust_the_first_pass():
@@ -91,9 +113,9 @@ def test_mine_widens_the_search_when_filters_exhaust_the_first_pass():
     source = RandomCandidates(emb, np.random.default_rng(1))
     rules = _rules(chunk_doc, dedup=1.01, max_reuse=5)
     first = source.candidates(emb[:1], 4)
-    chosen = mine(source, rules, emb[0], 12, (first[0][0], first[1][0]), 0, set(), 50)
+    chosen = mine(source, rules, emb[0], 12, (first[0][0], first[1][0]), MetaDocument(0, NOTHING), set(), 50)
     assert len(chosen) == 12 and len(set(chosen)) == 12
     assert all(chunk_doc[c] != 0 for c in chosen)
     short = mine(source, _rules(chunk_doc, dedup=1.01), emb[0], 45,
-                 (first[0][0], first[1][0]), 0, set(), 50)
+                 (first[0][0], first[1][0]), MetaDocument(0, NOTHING), set(), 50)
     assert len(short) == 40  # only 40 chunks are outside document 0

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from synth.corpus import (CorpusSpec, Document, ReadStats, corpus_fingerprint, read_documents,
+from synth.corpus import (CorpusSpec, Document, ReadStats, content_id, corpus_fingerprint, read_documents,
                           resolve_sample)
 from synth.errors import SynthError
 
@@ -55,6 +55,20 @@ def test_parquet_across_batches_with_binary_text(tmp_path):
     assert [d.id for d in docs] == [str(i) for i in ids if i != 5]
     assert docs[-1].text == "row 599"
     assert stats.skipped == Counter(non_utf8=1)
+
+
+def test_records_without_an_id_are_kept_under_a_content_id(tmp_path):
+    """Cosmopedia-style data has no id column: kept, named by a hash of the text (the same in every
+    run and order), and an exact repeat of the text is then a counted duplicate."""
+    lines = [{"text": "first"}, {"id": "", "text": "second"}, {"id": "x", "text": "third"}, {"text": "first"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    docs, stats = read(tmp_path / "a.jsonl")
+    assert [d.text for d in docs] == ["first", "second", "third"]
+    assert docs[0].id == content_id("first") != content_id("second") == docs[1].id and docs[2].id == "x"
+    assert stats.skipped == Counter(duplicate_id=1)
+    pq.write_table(pa.table({"text": ["second", "first"]}), tmp_path / "b.parquet")
+    docs, stats = read(tmp_path / "b.parquet")
+    assert [d.id for d in docs] == [content_id("second"), content_id("first")] and not stats.skipped
 
 
 def test_parquet_without_the_text_column_counts_every_row(tmp_path):

@@ -277,3 +277,46 @@ def test_unknown_yaml_key_and_bad_values_fail_cleanly(tmp_path, capsys):
     assert "seq-lenn" in capsys.readouterr().err
     assert main(["--meta", "x", "--out", str(tmp_path / "o"), "--negative-weight", "2"]) == 2
     assert "negative-weight" in capsys.readouterr().err
+
+
+def _leaky_corpus(path: Path) -> Path:
+    """Pages installed under two ids, and a boilerplate paragraph in every page: the leaks a real,
+    undeduplicated corpus has."""
+    rng = np.random.default_rng(5)
+    boiler = "Report bugs to the maintainers of this package and read the licence before reuse."
+    rows = []
+    for d in range(16):
+        topic = TOPICS[d % 4].split()
+        paras = [" ".join(rng.choice(topic + ["the", "of", f"w{d}", f"p{p}"], 40)) + "." for p in range(5)]
+        text = "\n".join(paras[:2] + [boiler] + paras[2:])
+        rows.append({"id": f"page{d}", "text": text})
+        if d % 2 == 0:
+            rows.append({"id": f"alias{d}", "text": text})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _leaks(out: Path, corpus: Path) -> int:
+    """Chunks of a segment's meta-document found again inside that segment's negatives."""
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(corpus)}
+    tok = load_tokenizer("llama3")
+    leaks = 0
+    for ex in read_dataset(out, with_provenance=True).as_numpy_iterator():
+        metas = [m.decode() for m in ex["meta_doc_ids"]]
+        for meta, idx in zip(metas, _segments(ex)):
+            negatives = ex["input_ids"][idx][ex["token_roles"][idx] == 2].astype(np.int64).tobytes()
+            for chunk in chunk_document(texts[meta], 64, "tokens", tok):
+                found = negatives.find(np.asarray(chunk.ids, np.int64).tobytes())
+                leaks += found >= 0 and found % 8 == 0
+    return leaks
+
+
+def test_negatives_never_repeat_their_own_meta_document(tmp_path):
+    corpus = _leaky_corpus(tmp_path / "leaky.jsonl")
+    guarded, unguarded = tmp_path / "guarded", tmp_path / "unguarded"
+    assert main(synth_args(corpus, guarded, "--k", "3", "--seq-len", "4096")) == 0
+    assert main(synth_args(corpus, unguarded, "--k", "3", "--seq-len", "4096", "--overlap-threshold", "2")) == 0
+    assert _leaks(unguarded, corpus) > 0  # the corpus does leak without the rule
+    assert _leaks(guarded, corpus) == 0
+    filtered = json.loads((guarded / "manifest.json").read_text())["counts"]["negatives"]["filtered"]
+    assert filtered["repeats_meta_document"] > 0
