@@ -13,6 +13,7 @@ it. The first token of every segment has nothing to be predicted from, so its we
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
@@ -22,6 +23,7 @@ import numpy as np
 from synth.negatives import CandidateSource, MetaDocument, NegativeFilter, mine
 
 if TYPE_CHECKING:
+    from synth.config import MiningConfig
     from synth.store import ChunkStore
 
 ROLE_PAD, ROLE_META, ROLE_NEGATIVE = 0, 1, 2
@@ -124,16 +126,18 @@ class Packer:
 
 
 def choose_k(remaining: int, meta_tokens: int, meta_chunks: int, mean_negative: float,
-             fixed_k: int | None, max_k: int) -> int:
-    """Negatives per meta-chunk so the extended document about fills `remaining` tokens.
+             fixed_k: int | None, max_k: int, headroom: float) -> int:
+    """Negatives per meta-chunk: the paper's k = (T*E*w - S) / (p*s), counted here in tokens.
 
-    The paper's k = (T*E*w - S) / (p*s), measured here in tokens; rounding down leaves room for
-    the next meta-document instead of truncating this one's last meta-chunks.
+    T*E is the room left in the sequence (`remaining` tokens), w the headroom, S the meta-document's
+    tokens, p its chunks and s the mean negative length. With w > 1 the extended document overruns
+    the room and is cut at the sequence's end, so one meta-document spans the whole sequence unless
+    `max_k` stops it short.
     """
     if fixed_k is not None:
         return fixed_k
-    room = remaining - meta_tokens
-    return int(np.clip(room // max(1.0, meta_chunks * mean_negative), 1, max_k))
+    k = (remaining * headroom - meta_tokens) // max(1.0, meta_chunks * mean_negative)
+    return int(np.clip(k, 1, max_k))
 
 
 @dataclass(frozen=True)
@@ -146,17 +150,21 @@ class Extension:
     corpus_doc_index: dict[str, int]
     fixed_k: int | None
     max_k: int
+    headroom: float
+    min_segment: int
     mean_negative: float
     prefetch_docs: int = 64
 
     @classmethod
-    def build(cls, meta: ChunkStore, corpus: ChunkStore, fixed_k: int | None,
-              max_k: int) -> "Extension":
+    def build(cls, meta: ChunkStore, corpus: ChunkStore, mining: MiningConfig, seq_len: int) -> "Extension":
         lengths = corpus.chunk_lengths()
+        mean_negative = float(lengths.mean()) if len(lengths) else 1.0
+        # Unless capped, k may grow to what fills the whole target from one meta-chunk.
+        max_k = mining.max_k if mining.max_k is not None else max(1, math.ceil(seq_len * mining.headroom / mean_negative))
         return cls(meta=meta, corpus=corpus, corpus_chunk_doc=corpus.chunk_doc(),
                    corpus_doc_index={doc_id: i for i, doc_id in enumerate(corpus.doc_ids)},
-                   fixed_k=fixed_k, max_k=max_k,
-                   mean_negative=float(lengths.mean()) if len(lengths) else 1.0)
+                   fixed_k=mining.k, max_k=max_k, headroom=mining.headroom,
+                   min_segment=mining.min_segment_tokens, mean_negative=mean_negative)
 
 
 def _search_depth(ctx: Extension) -> int:
@@ -194,11 +202,16 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
         chunks = ctx.meta.doc_chunks(doc)
         if not len(chunks):
             continue
+        if packer.fill and packer.remaining < ctx.min_segment:
+            # Too little room for a dependency across negatives: pad rather than start a fragment.
+            yield packer.take()
+            if max_sequences is not None and packer.stats.sequences >= max_sequences:
+                return
         meta_tokens = [ctx.meta.tokens(c) for c in chunks]
         doc_id = ctx.meta.doc_ids[doc]
         own = MetaDocument(ctx.corpus_doc_index.get(doc_id), rules.overlap.document(meta_tokens))
         k = choose_k(packer.remaining - 1, sum(len(t) for t in meta_tokens), len(chunks),
-                     ctx.mean_negative, ctx.fixed_k, ctx.max_k)
+                     ctx.mean_negative, ctx.fixed_k, ctx.max_k, ctx.headroom)
         packer.begin_segment(doc_id)
         packer.stats.documents_used += 1
         for i, (chunk, tokens) in enumerate(zip(chunks, meta_tokens)):
@@ -207,10 +220,12 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
             query = ctx.meta.embeddings[chunk]
             negatives = mine(source, rules, query, k, (scores[i], ids[i]), own,
                              packer.negatives_in_sample, ctx.corpus.num_chunks)
-            for negative in negatives:
-                chunk_id = ctx.corpus.chunk_id(negative, ctx.corpus_chunk_doc)
-                if packer.add(ctx.corpus.tokens(negative), ROLE_NEGATIVE, chunk_id):
+            for negative, score in negatives:
+                if packer.full:
                     break
+                rules.place(negative, score)
+                chunk_id = ctx.corpus.chunk_id(negative, ctx.corpus_chunk_doc)
+                packer.add(ctx.corpus.tokens(negative), ROLE_NEGATIVE, chunk_id)
             if packer.full:
                 break
         if packer.full:

@@ -73,7 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     mine.add_argument("--seq-len", type=int, help="tokens per training sequence (default: 32768)")
     mine.add_argument("--k", help="negatives per meta-chunk, or 'auto' (default): chosen from the "
                                   "lengths to fill --seq-len")
-    mine.add_argument("--max-k", type=int, help="upper bound of the automatic k (default: 64)")
+    mine.add_argument("--max-k", help="upper bound of the automatic k (default 'auto': as many as --seq-len "
+                                      "can hold, so one meta-document spans the whole sequence)")
+    mine.add_argument("--headroom", type=float,
+                      help="the paper's w: the automatic k = (seq_len*w - meta tokens) / (meta chunks * "
+                           "mean negative tokens), the extended document then cut at --seq-len (default: 1.5)")
+    mine.add_argument("--min-segment-tokens", type=int,
+                      help="pad the end of a sequence rather than start a meta-document there with less "
+                           "room than this (default: 512)")
     mine.add_argument("--negative-weight", type=float,
                       help="loss weight of negative tokens, 0..1 (default 1.0 = the paper)")
     mine.add_argument("--dedup-threshold", type=float,
@@ -83,7 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                            "chunk of the meta-document (default: 0.5; above 1 turns it off)")
     mine.add_argument("--shingle-tokens", type=int, help="n of those token n-grams (default: 8)")
     mine.add_argument("--max-reuse", type=int,
-                      help="uses of one corpus chunk as a negative per shard (default: 8)")
+                      help="placements of one corpus chunk as a negative (default: 8), over the run or per "
+                           "shard as --reuse-scope says")
+    mine.add_argument("--reuse-scope", choices=["run", "shard"],
+                      help="run (default): at most --max-reuse in all shards together; shard: in each")
     mine.add_argument("--num-shards", type=int, help="output shards (default: 8)")
     mine.add_argument("--max-sequences", type=int,
                       help="stop after this many sequences in all (same budget across strategies)")

@@ -16,6 +16,7 @@ from synth.errors import SynthError
 from synth.index import INDEX_KINDS, IndexConfig
 
 STRATEGIES = ("nextlong", "random-negatives", "plain-concat")
+REUSE_SCOPES = ("run", "shard")
 COMPRESSIONS = ("none", "gzip")
 
 
@@ -28,10 +29,13 @@ class ChunkingConfig:
 @dataclass(frozen=True)
 class MiningConfig:
     strategy: str = "nextlong"
-    k: int | None = None  # negatives per meta-chunk; None chooses k from the lengths
-    max_k: int = 64  # cap of the automatic k; longer targets pack several meta-documents
+    k: int | None = None  # negatives per meta-chunk; None: the paper's k from the lengths
+    max_k: int | None = None  # cap of the automatic k; None: as many as the target length can hold
+    headroom: float = 1.5  # the paper's w: the automatic k aims at headroom x the remaining tokens
+    min_segment_tokens: int = 512  # room below this at a sequence's end is padded, not a new document
     dedup_threshold: float = 0.95
-    max_reuse: int = 8  # uses of one corpus chunk as a negative per output shard
+    max_reuse: int = 8  # uses of one corpus chunk as a placed negative, over the run or per shard
+    reuse_scope: str = "run"
     overlap_threshold: float = 0.5  # reject a negative this share of whose token n-grams is in its meta-document
     shingle_tokens: int = 8  # n of those n-grams
     seed: int = 0
@@ -92,9 +96,9 @@ FLAT_DEFAULTS: dict[str, object] = {
     "max-doc-chars": 4_000_000,
     "tokenizer": "llama3", "embedder": "minilm",
     "chunk-tokens": None, "chunk-chars": None,
-    "seq-len": 32768, "k": None, "max-k": 64,
+    "seq-len": 32768, "k": None, "max-k": None, "headroom": 1.5, "min-segment-tokens": 512,
     "index": "faiss-flat", "index-params": None, "negative-weight": 1.0, "dedup-threshold": 0.95,
-    "overlap-threshold": 0.5, "shingle-tokens": 8, "max-reuse": 8, "num-shards": 8, "max-sequences": None, "seed": 0,
+    "overlap-threshold": 0.5, "shingle-tokens": 8, "max-reuse": 8, "reuse-scope": "run", "num-shards": 8, "max-sequences": None, "seed": 0,
     "strategy": "nextlong", "compression": "none", "cache-dir": None,
     "strict": False, "docs-per-block": 1024,
 }
@@ -172,8 +176,11 @@ def build_config(flat: dict) -> SynthConfig:
         k = None
     if not 0.0 <= float(flat["negative-weight"]) <= 1.0:
         raise SynthError("--negative-weight must be in [0, 1]")
-    if int(flat["num-shards"]) < 1 or int(flat["max-reuse"]) < 1 or int(flat["max-k"]) < 1:
+    max_k = None if flat["max-k"] in (None, "auto") else int(flat["max-k"])
+    if int(flat["num-shards"]) < 1 or int(flat["max-reuse"]) < 1 or (max_k is not None and max_k < 1):
         raise SynthError("--num-shards, --max-reuse and --max-k must be at least 1")
+    if float(flat["headroom"]) <= 0 or int(flat["min-segment-tokens"]) < 0:
+        raise SynthError("--headroom must be positive and --min-segment-tokens at least 0")
     corpus = flat["corpus"]
     return SynthConfig(
         meta=_spec(flat["meta"], flat["meta-format"], flat, flat["max-meta-docs"]),
@@ -185,8 +192,10 @@ def build_config(flat: dict) -> SynthConfig:
         index=IndexConfig(kind=_choice(flat, "index", INDEX_KINDS), seed=int(flat["seed"]),
                           **_index_params(flat["index-params"])),
         mining=MiningConfig(
-            strategy=_choice(flat, "strategy", STRATEGIES), k=k, max_k=int(flat["max-k"]),
+            strategy=_choice(flat, "strategy", STRATEGIES), k=k, max_k=max_k,
+            headroom=float(flat["headroom"]), min_segment_tokens=int(flat["min-segment-tokens"]),
             dedup_threshold=float(flat["dedup-threshold"]), max_reuse=int(flat["max-reuse"]),
+            reuse_scope=_choice(flat, "reuse-scope", REUSE_SCOPES),
             overlap_threshold=float(flat["overlap-threshold"]), shingle_tokens=int(flat["shingle-tokens"]),
             seed=int(flat["seed"])),
         output=OutputConfig(

@@ -4,8 +4,8 @@ For a meta-chunk, candidates come from the ANN index (`nextlong`) or uniformly f
 (`random-negatives`, the ablation); both pass through the same filters, in this order: never a
 chunk of the meta-document's own source document, never a near-duplicate of the meta-chunk
 (cosine above the threshold; real corpora are not deduplicated), never twice in one sample, never
-more than `max_reuse` times in one output shard, so that "hub" chunks that are close to
-everything do not dominate, and never a chunk whose text repeats any part of the meta-document
+more than `max_reuse` times (see `NegativeFilter.allowance`), so that "hub" chunks that are close
+to everything do not dominate, and never a chunk whose text repeats any part of the meta-document
 (`synth.overlap`: the same text under another id, shared boilerplate).
 """
 
@@ -54,16 +54,20 @@ class RandomCandidates:
 
 @dataclass
 class MiningStats:
+    """Filter decisions, and what was PLACED: a selected negative cut off at a sequence's end counts
+    nowhere, neither here nor toward its reuse cap."""
+
     chosen: int = 0
     filtered: Counter = field(default_factory=Counter)
     short_of_k: int = 0  # meta-chunks for which fewer than k negatives survived the filters
     similarity_hist: np.ndarray = field(default_factory=lambda: np.zeros(40, np.int64))
     similarity_sum: float = 0.0
 
-    def record(self, scores: list[float]) -> None:
-        self.chosen += len(scores)
-        self.similarity_sum += float(np.sum(scores))
-        self.similarity_hist += np.histogram(np.clip(scores, -1, 1), SIMILARITY_BINS)[0]
+    def record(self, score: float) -> None:
+        self.chosen += 1
+        self.similarity_sum += score
+        bin_index = int(np.searchsorted(SIMILARITY_BINS, score, side="right")) - 1
+        self.similarity_hist[min(max(bin_index, 0), len(self.similarity_hist) - 1)] += 1
 
 
 @dataclass(frozen=True)
@@ -77,20 +81,31 @@ class MetaDocument:
 
 @dataclass
 class NegativeFilter:
-    """The mining rules for one output shard (the reuse count is per shard)."""
+    """The mining rules for one output shard of `num_shards`."""
 
     chunk_doc: np.ndarray  # corpus document index of every corpus chunk
     dedup_threshold: float
     max_reuse: int
     overlap: MetaOverlap
+    shard: int = 0
+    num_shards: int = 1
+    reuse_scope: str = "run"
     stats: MiningStats = field(default_factory=MiningStats)
     reuse: Counter = field(default_factory=Counter)
 
+    def allowance(self, chunk: int) -> int:
+        """Placements of `chunk` this shard may make. Over the run, max_reuse is split between the
+        shards, the remainder going to shards chosen by the chunk id, so the shards sum to exactly
+        max_reuse while each one stays independent (parallel, resumable, the same bytes)."""
+        if self.reuse_scope == "shard":
+            return self.max_reuse
+        base, extra = divmod(self.max_reuse, self.num_shards)
+        return base + ((chunk + self.shard) % self.num_shards < extra)
+
     def select(self, scores: np.ndarray, ids: np.ndarray, k: int, own: MetaDocument,
-               in_sample: set[int]) -> list[int]:
-        """Up to k admissible candidates, in candidate order; records what it used."""
-        chosen: list[int] = []
-        chosen_scores: list[float] = []
+               in_sample: set[int]) -> list[tuple[int, float]]:
+        """Up to k admissible (chunk, score) candidates, in candidate order; `place` the ones used."""
+        chosen: list[tuple[int, float]] = []
         for score, chunk in zip(scores.tolist(), ids.tolist()):
             if len(chosen) == k:
                 break
@@ -98,12 +113,14 @@ class NegativeFilter:
             if reason:
                 self.stats.filtered[reason] += 1
                 continue
-            chosen.append(chunk)
-            chosen_scores.append(score)
+            chosen.append((chunk, score))
             in_sample.add(chunk)
-            self.reuse[chunk] += 1
-        self.stats.record(chosen_scores)
         return chosen
+
+    def place(self, chunk: int, score: float) -> None:
+        """Count a negative that made it into a sequence."""
+        self.reuse[chunk] += 1
+        self.stats.record(score)
 
     def _rejection(self, score: float, chunk: int, own: MetaDocument,
                    in_sample: set[int]) -> str | None:
@@ -115,7 +132,7 @@ class NegativeFilter:
             return "near_duplicate"
         if chunk in in_sample:
             return "already_in_sample"
-        if self.reuse[chunk] >= self.max_reuse:
+        if self.reuse[chunk] >= self.allowance(chunk):
             return "reuse_cap"
         if self.overlap.repeats(chunk, own.shingles):  # last: the only check that reads text
             return "repeats_meta_document"
@@ -124,8 +141,9 @@ class NegativeFilter:
 
 def mine(source: CandidateSource, rules: NegativeFilter, query: np.ndarray, k: int,
          first_pass: tuple[np.ndarray, np.ndarray], own: MetaDocument,
-         in_sample: set[int], corpus_size: int) -> list[int]:
-    """k negatives for one meta-chunk; searches deeper only when the filters exhaust the first pass.
+         in_sample: set[int], corpus_size: int) -> list[tuple[int, float]]:
+    """k (chunk, score) negatives for one meta-chunk; searches deeper only when the filters exhaust
+    the first pass.
 
     `first_pass` is the batched search result for this query; widening re-searches this one
     query with four times the depth, up to the whole corpus.

@@ -128,8 +128,7 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
             config, index, corpus.store, meta.store)
 
     inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir)
-    mining = config.mining
-    opened = OpenInputs(config, Extension.build(meta.store, corpus.store, mining.k, mining.max_k),
+    opened = OpenInputs(config, Extension.build(meta.store, corpus.store, config.mining, config.output.seq_len),
                         index, tokenizer)
     reports = make_shards(inputs, opened, workers)
 

@@ -52,9 +52,9 @@ class OpenInputs:
     def open(cls, inputs: ShardInputs) -> "OpenInputs":
         meta = inputs.meta.open()
         corpus = meta if inputs.corpus == inputs.meta else inputs.corpus.open()
-        mining = inputs.config.mining
-        return cls(config=inputs.config,
-                   extension=Extension.build(meta, corpus, mining.k, mining.max_k),
+        config = inputs.config
+        return cls(config=config,
+                   extension=Extension.build(meta, corpus, config.mining, config.output.seq_len),
                    index=load_index(inputs.index_dir) if inputs.index_dir else None,
                    tokenizer=load_tokenizer(inputs.config.tokenizer))
 
@@ -86,7 +86,8 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
                     opened.tokenizer.pad_id)
     cap = _shard_cap(out.max_sequences, shard, out.num_shards)
     overlap = MetaOverlap(ext.corpus.tokens, mining.shingle_tokens, mining.overlap_threshold)
-    rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse, overlap)
+    rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse, overlap,
+                           shard=shard, num_shards=out.num_shards, reuse_scope=mining.reuse_scope)
     if mining.strategy == "plain-concat":
         docs = _shard_docs(ext.meta.num_docs, shard, out.num_shards, mining.seed)
         sequences = concatenated_sequences(ext.meta, docs, packer, cap)

@@ -54,14 +54,15 @@ def test_weights_are_consistent_with_roles():
     assert np.all((seq.segment_ids == 0) == (seq.token_roles == ROLE_PAD))
 
 
-@pytest.mark.parametrize("remaining,meta,chunks,mean,fixed,expected", [
-    (8192, 400, 2, 256, None, 15),     # (8192 - 400) // 512
-    (8192, 9000, 4, 256, None, 1),     # too long already: at least one negative each
-    (131072, 100, 1, 512, None, 64),   # capped at max_k
-    (8192, 400, 2, 256, 3, 3),         # fixed k wins
+@pytest.mark.parametrize("remaining,meta,chunks,mean,fixed,headroom,expected", [
+    (8192, 400, 2, 256, None, 1.0, 15),     # (8192 - 400) // 512
+    (8192, 400, 2, 256, None, 1.5, 23),     # the paper's w: (8192 * 1.5 - 400) // 512
+    (8192, 13000, 4, 256, None, 1.5, 1),    # too long already: at least one negative each
+    (131072, 100, 1, 512, None, 1.5, 64),   # capped at max_k
+    (8192, 400, 2, 256, 3, 1.5, 3),         # fixed k wins
 ])
-def test_choose_k(remaining, meta, chunks, mean, fixed, expected):
-    assert choose_k(remaining, meta, chunks, mean, fixed, max_k=64) == expected
+def test_choose_k(remaining, meta, chunks, mean, fixed, headroom, expected):
+    assert choose_k(remaining, meta, chunks, mean, fixed, max_k=64, headroom=headroom) == expected
 
 
 def _rules(chunk_doc, tokens=None, **kw):
@@ -79,11 +80,14 @@ def test_filter_excludes_own_document_near_duplicates_sample_repeats_and_reuse()
     in_sample = {5}
     chosen = rules.select(scores, ids, k=3, own=MetaDocument(0, NOTHING), in_sample=in_sample)
     # 2: near-duplicate (0.99 > 0.95); 0: same document; 3 (0.97) near-dup; 4 ok; 5 in sample.
-    assert chosen == [4]
+    assert chosen == [(4, pytest.approx(0.8))]
     assert rules.stats.filtered == {"near_duplicate": 2, "same_document": 1,
                                     "already_in_sample": 1, "index_padding": 1}
     assert in_sample == {4, 5}
-    # Chunk 4 has now been used max_reuse=1 times in this shard.
+    assert rules.stats.chosen == 0  # selected, not yet placed
+    rules.place(4, 0.8)
+    assert rules.stats.chosen == 1 and rules.reuse[4] == 1
+    # Chunk 4 has now been placed max_reuse=1 times.
     again = rules.select(np.array([0.5], np.float32), np.array([4]), 1, MetaDocument(None, NOTHING), set())
     assert again == [] and rules.stats.filtered["reuse_cap"] == 1
 
@@ -100,7 +104,7 @@ def test_filter_rejects_a_candidate_repeating_any_chunk_of_the_meta_document():
     rules = _rules([0, 1, 2, 3], tokens)
     own = MetaDocument(None, rules.overlap.document([meta[0], np.concatenate([meta[1], boiler])]))
     chosen = rules.select(np.full(4, 0.5, np.float32), np.arange(4), k=4, own=own, in_sample=set())
-    assert chosen == [0, 3]
+    assert [c for c, _ in chosen] == [0, 3]
     assert rules.stats.filtered == {"repeats_meta_document": 2}
     assert rules.overlap.containment(3, own.shingles) == pytest.approx(3 / 37)  # 3 of its 37 4-grams
 
@@ -114,8 +118,20 @@ def test_mine_widens_the_search_when_filters_exhaust_the_first_pass():
     rules = _rules(chunk_doc, dedup=1.01, max_reuse=5)
     first = source.candidates(emb[:1], 4)
     chosen = mine(source, rules, emb[0], 12, (first[0][0], first[1][0]), MetaDocument(0, NOTHING), set(), 50)
+    chosen = [c for c, _ in chosen]
     assert len(chosen) == 12 and len(set(chosen)) == 12
     assert all(chunk_doc[c] != 0 for c in chosen)
     short = mine(source, _rules(chunk_doc, dedup=1.01), emb[0], 45,
                  (first[0][0], first[1][0]), MetaDocument(0, NOTHING), set(), 50)
     assert len(short) == 40  # only 40 chunks are outside document 0
+
+
+@pytest.mark.parametrize("max_reuse, shards", [(8, 8), (3, 8), (10, 4), (1, 1)])
+def test_run_wide_reuse_cap_splits_exactly_over_shards(max_reuse, shards):
+    """Over the run, the shards' allowances for a chunk sum to max_reuse; per shard, each has it all."""
+    def allowances(scope):
+        return np.array([[NegativeFilter(np.zeros(50), 0.95, max_reuse, None, shard=s, num_shards=shards,
+                                         reuse_scope=scope).allowance(c) for s in range(shards)] for c in range(50)])
+    run, per_shard = allowances("run"), allowances("shard")
+    assert (run.sum(axis=1) == max_reuse).all() and (run.max(axis=1) - run.min(axis=1) <= 1).all()
+    assert (per_shard == max_reuse).all()

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 import signal
 import subprocess
 import sys
@@ -320,3 +321,48 @@ def test_negatives_never_repeat_their_own_meta_document(tmp_path):
     assert _leaks(guarded, corpus) == 0
     filtered = json.loads((guarded / "manifest.json").read_text())["counts"]["negatives"]["filtered"]
     assert filtered["repeats_meta_document"] > 0
+
+
+def test_plain_concat_holds_only_meta_documents(corpus, tmp_path):
+    """The baseline trains on the same text as the NExtLong run it is compared with: the
+    meta-documents, not the retrieval corpus."""
+    other = write_corpus(tmp_path / "other.jsonl", 12, seed=9)
+    out = tmp_path / "plain"
+    assert main(synth_args(other, out, "--corpus", str(corpus), "--strategy", "plain-concat")) == 0
+    meta_ids = {json.loads(line)["id"] for line in open(other)}
+    used = {m.decode() for ex in read_dataset(out, with_provenance=True).as_numpy_iterator()
+            for m in ex["meta_doc_ids"]}
+    assert used == meta_ids
+
+
+def test_reuse_is_counted_where_negatives_are_placed(corpus, tmp_path):
+    """Every placed negative is in the counts and nothing else is; no chunk is placed more than
+    --max-reuse times over the whole run (all shards)."""
+    out = tmp_path / "reuse"
+    assert main(synth_args(corpus, out, "--max-reuse", "2", "--num-shards", "3")) == 0
+    examples = list(read_dataset(out, with_provenance=True).as_numpy_iterator())
+    placed = Counter(n.decode() for ex in examples for n in ex["negative_chunk_ids"])
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["negatives"]["chosen"] == sum(placed.values()) > 0
+    assert max(placed.values()) <= 2
+    assert counts["negatives"]["filtered"]["reuse_cap"] > 0
+
+
+def test_paper_k_makes_each_sequence_one_meta_document(run_out):
+    """k = (T*w - S) / (p*s) with w = 1.5 overruns the sequence, which is cut at its end: one
+    meta-document spans each sequence (a shard's last one may hold what is left)."""
+    examples = list(read_dataset(run_out).as_numpy_iterator())
+    segments = [len(np.unique(ex["segment_ids"][ex["segment_ids"] > 0])) for ex in examples]
+    assert segments.count(1) >= len(segments) - 2
+
+
+@pytest.mark.parametrize("min_segment, segments", [(700, 1), (0, 2)])
+def test_no_new_meta_document_in_a_short_remainder(corpus, tmp_path, min_segment, segments):
+    """With k=1 a meta-document and its negatives take about 700 of 1024 tokens: the remainder is
+    padded when it is below --min-segment-tokens, else a second document starts there."""
+    out = tmp_path / f"min{min_segment}"
+    assert main(synth_args(corpus, out, "--k", "1", "--min-segment-tokens", str(min_segment),
+                           "--max-sequences", "4")) == 0
+    for ex in read_dataset(out).as_numpy_iterator():
+        assert len(np.unique(ex["segment_ids"][ex["segment_ids"] > 0])) == segments
+        assert (ex["token_roles"] == 0).any() == (segments == 1)
