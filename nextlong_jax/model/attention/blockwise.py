@@ -57,13 +57,11 @@ def _forward(q, k, v, segment_ids, block):
         q_blk = flash.block(q, i, block, 3)
 
         def key_block(j, state):
-            mask = _block_mask(segment_ids, i, j, block)
-
-            def update(state):
+            def update(mask):
                 return flash.forward_update(state, q_blk, flash.block(k_t, j, block, 3), flash.block(v, j, block, 2),
                                             mask)
 
-            return lax.cond(mask.any(), update, lambda state: state, state)
+            return flash.by_visibility(_block_mask(segment_ids, i, j, block), update, lambda: state)
 
         init = flash.initial_state((b, kv_heads, groups, block), d)
         out, lse = flash.finalize(lax.fori_loop(0, i + 1, key_block, init))  # causal: key blocks 0..i only
@@ -93,18 +91,17 @@ def _flash_bwd(block, residuals, d_out):
 
         def query_block(i, carry):
             dq_t, dk, dv = carry
-            mask = _block_mask(segment_ids, i, j, block)
 
-            def grads():
+            def grads(mask):
                 qb = flash.QueryBlock(flash.block(q, i, block, 3), flash.block(q_t, i, block, 4),
                                       flash.block(d_out, i, block, 3), flash.block(d_out_t, i, block, 4),
                                       flash.block(lse, i, block, 3), flash.block(delta, i, block, 3))
                 return flash.backward_update(qb, k_blk, k_t_blk, v_blk, mask)
 
             zeros = (jnp.zeros((b, kv_heads, d, groups, block), F32),) + (jnp.zeros((b, kv_heads, block, d), F32),) * 2
-            # The cond returns block contributions, not the updated carry: a branch returning the
+            # The switch returns block contributions, not the updated carry: a branch returning the
             # whole dq buffer makes XLA copy it on every block pair.
-            dq_blk, dk_blk, dv_blk = lax.cond(mask.any(), grads, lambda: zeros)
+            dq_blk, dk_blk, dv_blk = flash.by_visibility(_block_mask(segment_ids, i, j, block), grads, lambda: zeros)
             dq_t = lax.dynamic_update_slice_in_dim(dq_t, flash.block(dq_t, i, block, 4) + dq_blk, i * block, axis=4)
             return dq_t, dk + dk_blk, dv + dv_blk
 

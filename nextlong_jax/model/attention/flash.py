@@ -87,16 +87,23 @@ def initial_state(stats_shape: tuple[int, ...], head_dim: int) -> State:
     return State(m, jnp.zeros_like(m), jnp.zeros((*stats_shape, head_dim), F32))
 
 
+def by_visibility(mask: jnp.ndarray, update, skip):
+    """update(mask) for a block pair with some keys hidden, update(None) when every key is visible
+    (no masking work on the tile: most pairs below the diagonal), skip() when none is."""
+    visibility = mask.any().astype(jnp.int32) + mask.all().astype(jnp.int32)
+    return lax.switch(visibility, [skip, lambda: update(mask), lambda: update(None)])
+
+
 def forward_update(state: State, q_blk, kT_blk, v_blk, mask) -> State:
     """Fold keys kT_blk [B, K, D, bk] and values v_blk [B, K, bk, D] into the state of query block
-    q_blk [B, K, G, bq, D]; mask [B, bq, bk]."""
-    mask = mask[:, None, None]
+    q_blk [B, K, G, bq, D]; mask [B, bq, bk], or None when all are visible."""
     s = jnp.einsum("bkgqd,bkds->bkgqs", q_blk, kT_blk, preferred_element_type=F32)
-    s = jnp.where(mask, s, MASK_VALUE)
+    if mask is not None:
+        s = jnp.where(mask[:, None, None], s, MASK_VALUE)
     m_new = jnp.maximum(state.m, s.max(-1))
-    # Masked entries are zeroed, not left to exp(MASK_VALUE - m): a row with nothing visible yet has
-    # m == MASK_VALUE, and exp(0) would count its masked keys.
-    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    # A row with nothing visible yet has m_new == MASK_VALUE, and exp(s - m_new) would count its
+    # masked keys as exp(0); shifting such rows by 0 instead makes them exp(MASK_VALUE) = 0.
+    p = jnp.exp(s - jnp.where(m_new == MASK_VALUE, 0.0, m_new)[..., None])
     alpha = jnp.exp(state.m - m_new)
     pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
     return State(m_new, alpha * state.l + p.sum(-1), alpha[..., None] * state.acc + pv)
@@ -118,12 +125,14 @@ def softmax_delta(d_out: jnp.ndarray, out: jnp.ndarray) -> jnp.ndarray:
 def backward_update(qb: QueryBlock, k_blk, kT_blk, v_blk, mask):
     """Gradients of one block pair: -> (dq^T [B, K, D, G, bq], dk [B, K, bk, D], dv [B, K, bk, D]) float32.
 
-    k_blk and v_blk [B, K, bk, D], kT_blk [B, K, D, bk], mask [B, bq, bk]. dq comes transposed (a
-    plain kT x dS^T product); callers accumulate it so and transpose once.
+    k_blk and v_blk [B, K, bk, D], kT_blk [B, K, D, bk], mask [B, bq, bk] or None when all are
+    visible. dq comes transposed (a plain kT x dS^T product); callers accumulate it so and
+    transpose once.
     """
-    mask_t = jnp.swapaxes(mask, 1, 2)[:, None, :, None]  # [B, 1, bk, 1, bq]
     s_t = jnp.einsum("bksd,bkdgq->bksgq", k_blk, qb.qT, preferred_element_type=F32)
-    p_t = jnp.where(mask_t, jnp.exp(s_t - qb.lse[:, :, None]), 0.0)
+    if mask is not None:
+        s_t = jnp.where(jnp.swapaxes(mask, 1, 2)[:, None, :, None], s_t, MASK_VALUE)  # [B, 1, bk, 1, bq]
+    p_t = jnp.exp(s_t - qb.lse[:, :, None])  # lse is finite: every query sees itself
     dv = jnp.einsum("bksgq,bkgqd->bksd", p_t.astype(qb.d_out.dtype), qb.d_out, preferred_element_type=F32)
     dp_t = jnp.einsum("bksd,bkdgq->bksgq", v_blk, qb.d_outT, preferred_element_type=F32)
     ds_t = p_t * (dp_t - qb.delta[:, :, None])

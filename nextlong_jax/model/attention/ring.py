@@ -138,9 +138,9 @@ def _attend(queries, kv, state: flash.State, block: int) -> flash.State:
 
         def key_block(j, state):
             k_t_blk, v_blk, k_seg, k_index = _key_block(kv, j, block)
-            mask = flash.block_mask(q_index, k_index, q_seg, k_seg)
-            return lax.cond(mask.any(), lambda state: flash.forward_update(state, q_blk, k_t_blk, v_blk, mask),
-                            lambda state: state, state)
+            return flash.by_visibility(flash.block_mask(q_index, k_index, q_seg, k_seg),
+                                       lambda mask: flash.forward_update(state, q_blk, k_t_blk, v_blk, mask),
+                                       lambda: state)
 
         return None, _loop(num_keys, key_block, state)
 
@@ -183,15 +183,15 @@ def _attend_bwd(queries, d_out, lse, delta, kv, dq_t, block: int):
 
         def query_block(i, carry):
             dq_t, dk, dv = carry
-            mask = flash.block_mask(q_index[i], k_index, q_seg[i], k_seg)
 
-            def grads():
+            def grads(mask):
                 qb = flash.QueryBlock(q[i], q_t[i], d_out[i], d_out_t[i], lse[i], delta[i])
                 return flash.backward_update(qb, k_blk, k_t_blk, v_blk, mask)
 
             zeros = (jnp.zeros(dq_t.shape[1:], F32),) + (jnp.zeros((b, kv_heads, block, d), F32),) * 2
-            # Contributions out of the cond, not the carry: see blockwise's backward.
-            dq_blk, dk_blk, dv_blk = lax.cond(mask.any(), grads, lambda: zeros)
+            # Contributions out of the switch, not the carry: see blockwise's backward.
+            dq_blk, dk_blk, dv_blk = flash.by_visibility(flash.block_mask(q_index[i], k_index, q_seg[i], k_seg),
+                                                         grads, lambda: zeros)
             return dq_t.at[i].add(dq_blk), dk + dk_blk, dv + dv_blk
 
         zeros = jnp.zeros((b, kv_heads, block, d), F32)
