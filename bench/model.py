@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if __name__ == "__main__":
+    # A CPU benchmark: with libtpu and the CUDA plugin installed, jax would first probe for those
+    # chips. (bench/train.py --gpu imports this module and keeps its accelerator.)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -1,7 +1,9 @@
 """Training input: TFRecord shards written by synthesis -> per-host numpy batches.
 
-The schema is the contract with `nextlong-synth` (the README's "Output format"); it is
-re-declared here because training does not import synthesis. Provenance features are ignored.
+What the shards hold is the contract in `nextlong_jax.schema`; provenance features are ignored.
+No shard is trusted blindly: against a manifest, every shard's size (and on request its sha256)
+is checked before step 1; without one, a shard that fails to read mid-run is named, with the
+record where it broke, instead of surfacing as TensorFlow's traceback.
 
 Order is a pure function of (files, seed): files are shuffled per epoch, read interleaved, and
 records pass a seeded shuffle buffer. Resuming skips the records already consumed, before parsing,
@@ -10,20 +12,16 @@ so a restarted run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from nextlong_jax.schema import (FLOAT_FEATURES, INT_FEATURES, MANIFEST, ROLE_NEGATIVE, TRAINING_FEATURES, Manifest,
+                                 ManifestError, segment_starts)
 from nextlong_jax.train_config import DataConfig
-
-INT_FEATURES = ("input_ids", "token_roles", "segment_ids", "positions")
-FLOAT_FEATURES = ("loss_weights",)
-FEATURES = INT_FEATURES + FLOAT_FEATURES
-ROLE_META, ROLE_NEGATIVE = 1, 2
-MANIFEST = "manifest.json"
 
 
 class DataError(ValueError):
@@ -36,7 +34,7 @@ class Shards:
     compression: str  # "" or "GZIP", as tf.data spells it
 
 
-def find_shards(source: str, seq_len: int) -> Shards:
+def find_shards(source: str, seq_len: int, verify_sha256: bool = False) -> Shards:
     """Shards from a synthesis output dir, its manifest.json, or a glob of .tfrecord(.gz) files."""
     import tensorflow as tf
 
@@ -48,14 +46,13 @@ def find_shards(source: str, seq_len: int) -> Shards:
         if not manifest_path.is_file():
             raise DataError(f"no {MANIFEST} at {manifest_path}")
         try:
-            manifest = json.loads(manifest_path.read_text())
-            files = tuple(str(manifest_path.parent / s["file"]) for s in manifest["shards"])
-            manifest_len = int(manifest["seq_len"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{manifest_path}: not a synthesis manifest ({e})") from None
-        if manifest_len != seq_len:
-            raise DataError(f"{manifest_path}: sequences are {manifest_len} tokens but data.seq_len={seq_len}")
-        compression = "GZIP" if manifest.get("compression") == "gzip" else ""
+            manifest = Manifest.load(manifest_path)
+        except ManifestError as e:
+            raise DataError(str(e)) from None
+        if manifest.seq_len != seq_len:
+            raise DataError(f"{manifest_path}: sequences are {manifest.seq_len} tokens but data.seq_len={seq_len}")
+        check_against_manifest(manifest, manifest_path.parent, verify_sha256)
+        files, compression = tuple(str(p) for p in manifest.paths(manifest_path.parent)), manifest.tf_compression
     else:
         # tf.io.gfile, not glob: pod hosts read shards from object stores (gs://...) as well.
         files = tuple(sorted(tf.io.gfile.glob(source)))
@@ -69,6 +66,45 @@ def find_shards(source: str, seq_len: int) -> Shards:
     if missing:
         raise DataError(f"shard {missing[0]} is missing ({len(missing)} missing in all)")
     return Shards(files, compression)
+
+
+def check_against_manifest(manifest: Manifest, root: Path, verify_sha256: bool) -> None:
+    """Every listed shard is present with the size (and, if asked, the sha256) the manifest states.
+
+    A copy cut short by an interrupted transfer is caught here, before any compile or step.
+    """
+    for shard, path in zip(manifest.shards, manifest.paths(root)):
+        if not path.is_file():
+            raise DataError(f"shard {path} is listed in {MANIFEST} but missing")
+        size = path.stat().st_size
+        if shard.bytes is not None and size != shard.bytes:
+            raise DataError(f"shard {path} is {size} bytes but {MANIFEST} says {shard.bytes}: an incomplete "
+                            "or altered copy; copy it again")
+        if verify_sha256 and _sha256(path) != shard.sha256:
+            raise DataError(f"shard {path} does not match the sha256 in {MANIFEST}: corrupted; copy it again")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def locate_damage(shards: Shards) -> str:
+    """'FILE: record N ...' for the first shard that fails to read to its end (a full scan: only run
+    once something has already failed), or '' if every shard reads."""
+    import tensorflow as tf
+
+    for path in shards.files:
+        records = 0
+        try:
+            for _ in tf.data.TFRecordDataset(path, compression_type=shards.compression):
+                records += 1
+        except tf.errors.OpError as e:
+            return f"{path}: record {records + 1} is unreadable after {records} good ones ({e.message.splitlines()[0]})"
+    return ""
 
 
 def host_shards(shards: Shards, block: int, blocks: int) -> Shards:
@@ -94,10 +130,10 @@ def check_first_record(path: str, compression: str, seq_len: int) -> None:
     except Exception:  # protobuf's DecodeError has no stable import path
         raise DataError(f"{path}: records are not tf.train.Example") from None
     features = example.features.feature
-    missing = [name for name in FEATURES if name not in features]
+    missing = [name for name in TRAINING_FEATURES if name not in features]
     if missing:
         raise DataError(f"{path}: records lack feature(s) {', '.join(missing)}")
-    for name in FEATURES:
+    for name in TRAINING_FEATURES:
         values = features[name].float_list.value if name in FLOAT_FEATURES else features[name].int64_list.value
         if len(values) != seq_len:
             raise DataError(f"{path}: feature {name} has {len(values)} values but data.seq_len={seq_len}")
@@ -107,7 +143,7 @@ def _dataset(shards: Shards, config: DataConfig, per_host_batch: int, skip_recor
     import tensorflow as tf
 
     spec = {name: tf.io.FixedLenFeature([config.seq_len], tf.int64) for name in INT_FEATURES}
-    spec["loss_weights"] = tf.io.FixedLenFeature([config.seq_len], tf.float32)
+    spec.update({name: tf.io.FixedLenFeature([config.seq_len], tf.float32) for name in FLOAT_FEATURES})
 
     def parse(record):
         example = tf.io.parse_single_example(record, spec)
@@ -129,9 +165,7 @@ def _dataset(shards: Shards, config: DataConfig, per_host_batch: int, skip_recor
 def apply_negative_weight(batch: dict[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
     """Re-weight hard-negative tokens; pads and each segment's first token (never predicted) keep 0."""
     seg = batch["segment_ids"]
-    first = np.ones_like(seg, dtype=bool)
-    first[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    negative = (batch["token_roles"] == ROLE_NEGATIVE) & (seg != 0) & ~first
+    negative = (batch["token_roles"] == ROLE_NEGATIVE) & (seg != 0) & ~segment_starts(seg)
     weights = np.where(negative, np.float32(weight), batch["loss_weights"]).astype(np.float32)
     return {**batch, "loss_weights": weights}
 
@@ -143,6 +177,7 @@ class BatchIterator:
                  negative_weight: float | None = None, start_batches: int = 0):
         for path in shards.files:
             check_first_record(path, shards.compression, config.seq_len)
+        self._shards = shards
         self._per_host_batch = per_host_batch
         self._negative_weight = negative_weight
         self.batches = start_batches
@@ -152,7 +187,14 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._it)
+        import tensorflow as tf
+
+        try:
+            batch = next(self._it)
+        except tf.errors.OpError as e:
+            where = locate_damage(self._shards) or f"one of {len(self._shards.files)} shards"
+            raise DataError(f"cannot read batch {self.batches + 1}: {where}; re-copy or re-synthesize that "
+                            f"shard (error: {e.message.splitlines()[0]})") from None
         self.batches += 1
         if self._negative_weight is not None:
             batch = apply_negative_weight(batch, self._negative_weight)

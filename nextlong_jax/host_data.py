@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from nextlong_jax.data import FEATURES
+from nextlong_jax.schema import TRAINING_FEATURES
 
 
 def host_rows(sharding: NamedSharding, global_shape: tuple[int, int]) -> tuple[int, int]:
@@ -33,4 +33,4 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_si
     which is what hosts sharing rows (the sequence axis spanning hosts) need.
     """
     shape = (batch_size or len(local["input_ids"]), local["input_ids"].shape[1])
-    return {k: jax.make_array_from_process_local_data(sharding, local[k], shape) for k in FEATURES}
+    return {k: jax.make_array_from_process_local_data(sharding, local[k], shape) for k in TRAINING_FEATURES}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from nextlong_jax import load_balance
-from nextlong_jax.data import ROLE_META, ROLE_NEGATIVE
+from nextlong_jax.schema import ROLE_META, ROLE_NEGATIVE
 from nextlong_jax.model.attention import SEQUENCE_PARALLEL, Backend
 from nextlong_jax.model.llama import Llama
 from nextlong_jax.model.loss import next_token_targets, target_loss

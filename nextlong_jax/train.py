@@ -1,7 +1,7 @@
 """The training loop: data in, steps, metrics out, checkpoints, preemption; resumable at any step.
 
 The pieces it runs live beside it: `train_setup` (mesh, model, shardings, state), `step` (loss and
-update), `optimizer`, `host_data` (each host's rows to global arrays), `hf_init` (warm start).
+update), `optimizer`, `host_data` (each host's rows to global arrays), `warm_start`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax
 
 from nextlong_jax.data import BatchIterator, find_shards, host_shards, resume_batches
 from nextlong_jax.hardware import published_bf16_peak
-from nextlong_jax.hf_init import hf_params
+from nextlong_jax.warm_start import checkpoint_params, hf_params
 from nextlong_jax.host_data import global_batch, host_rows
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.train_config import Config
@@ -30,13 +30,15 @@ class Reporter:
     def message(self, text: str) -> None: ...
 
 
-def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Path | None = None) -> int:
-    """Runs (or resumes) to `train.steps`; returns the last completed step."""
+def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Path | None = None,
+          init_from: Path | None = None) -> int:
+    """Runs (or resumes) to `train.steps`; returns the last completed step. A fresh run starts from the
+    parameters of an HF directory (`init_from_hf`) or a checkpoint step (`init_from`), if given."""
     from nextlong_jax.checkpoint import Checkpointer, Preemption
 
     maybe_initialize_distributed()
     mesh = build_mesh(config)
-    shards = find_shards(config.data.source, config.data.seq_len)
+    shards = find_shards(config.data.source, config.data.seq_len, config.data.verify_sha256)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = config.model.flops_per_token(config.data.seq_len) * tokens_per_step
     peak = config.train.peak_flops_per_device or (
@@ -61,7 +63,11 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
                 state = state._replace(rng=jax.device_put(train_key, setup.state_shardings.rng))
             reporter.message(f"resumed from step {progress['step']} in {out_dir}")
         else:
-            params = hf_params(init_from_hf, config.model) if init_from_hf else None
+            params = None
+            if init_from_hf:
+                params = hf_params(init_from_hf, config.model)
+            elif init_from:
+                params = checkpoint_params(init_from, config.model, abstract_state(setup).params)
             state, progress = init_state(setup, config.train.seed, params), {"step": 0, "data": None, "skipped": 0}
         step, skipped, nonfinite_run = progress["step"], progress["skipped"], 0
         data = BatchIterator(shards, config.data, per_host_batch, negative_weight=config.loss.negative_weight,
@@ -70,31 +76,35 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
         reporter.start(step, config.train.steps)
         preemption = Preemption(checkpoints)
         tick = time.perf_counter()
-        while step < config.train.steps:
-            lr = float(setup.schedule(step - skipped))  # optax counts applied updates only
-            batch = global_batch(next(data), setup.batch_sharding, config.data.batch_size)
-            state, metrics = train_step(state, batch)
-            metrics = jax.device_get(metrics)
-            step += 1
-            now = time.perf_counter()
-            seconds, tick = now - tick, now
-            finite = bool(metrics.pop("finite"))
-            nonfinite_run = 0 if finite else nonfinite_run + 1
-            skipped += not finite
-            row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items() if k != "weight"}
-            row.update(lr=lr, tokens_per_s=tokens_per_step / seconds,
-                       mfu=flops_per_step / seconds / (peak * mesh.size) if peak else None,
-                       skipped=skipped)
-            reporter.log(step, row)
-            progress = {"step": step, "data": data.position, "skipped": skipped}
-            stop = preemption.requested(step)
-            checkpoints.save(step, state, progress, config, force=stop or step == config.train.steps)
-            if nonfinite_run >= config.train.max_consecutive_nonfinite:
-                checkpoints.close()
-                raise TrainError(f"stopping at step {step}: loss or gradients non-finite for {nonfinite_run} steps "
-                                 f"in a row ({skipped} skipped in all); lower optimizer.learning_rate or check the data")
-            if stop:
-                reporter.message(f"preempted: saved step {step}; rerun the same command to resume")
-                break
-        checkpoints.close()
+        try:
+            while step < config.train.steps:
+                lr = float(setup.schedule(step - skipped))  # optax counts applied updates only
+                batch = global_batch(next(data), setup.batch_sharding, config.data.batch_size)
+                state, metrics = train_step(state, batch)
+                metrics = jax.device_get(metrics)
+                step += 1
+                now = time.perf_counter()
+                seconds, tick = now - tick, now
+                finite = bool(metrics.pop("finite"))
+                nonfinite_run = 0 if finite else nonfinite_run + 1
+                skipped += not finite
+                row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items() if k != "weight"}
+                row.update(lr=lr, tokens_per_s=tokens_per_step / seconds,
+                           mfu=flops_per_step / seconds / (peak * mesh.size) if peak else None,
+                           skipped=skipped)
+                reporter.log(step, row)
+                progress = {"step": step, "data": data.position, "skipped": skipped}
+                stop = preemption.requested(step)
+                checkpoints.save(step, state, progress, config, force=stop or step == config.train.steps)
+                if nonfinite_run >= config.train.max_consecutive_nonfinite:
+                    raise TrainError(f"stopping at step {step}: loss or gradients non-finite for {nonfinite_run} "
+                                     f"steps in a row ({skipped} skipped in all); lower optimizer.learning_rate or "
+                                     "check the data")
+                if stop:
+                    reporter.message(f"preempted: saved step {step}; rerun the same command to resume")
+                    break
+        finally:
+            # Waits for an asynchronous save of a good step; a failure mid-step (unreadable data,
+            # say) never reaches `save`, so nothing half-done is written.
+            checkpoints.close()
     return step

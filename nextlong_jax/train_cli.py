@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="shard glob, manifest.json or synthesis output dir (sets data.source)")
     p.add_argument("--out", type=Path,
                    help="run directory: checkpoints, metrics.jsonl, tensorboard (required to train)")
-    p.add_argument("--init-from-hf", type=Path, help="warm start from an HF Llama directory (fresh runs only)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init-from-hf", type=Path, help="warm start from an HF Llama directory (fresh runs only)")
+    start.add_argument("--init-from", type=Path, metavar="RUN/checkpoints/STEP",
+                       help="warm start from the parameters of a checkpoint step, e.g. the 64K stage's for the "
+                            "512K one; the optimizer starts fresh (fresh runs only)")
     p.add_argument("--compile-only", action="store_true",
                    help="train nothing: compile the full train step for --topology on this machine (a CPU is "
                         "enough) and print per-chip memory against HBM, the attention kernels in the program and "
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         tf.config.set_visible_devices([], "GPU")
         args.out.mkdir(parents=True, exist_ok=True)
         log = RunLog(args.out, primary=jax.process_index() == 0)
-        step = train(config, args.out, log, init_from_hf=args.init_from_hf)
+        step = train(config, args.out, log, init_from_hf=args.init_from_hf, init_from=args.init_from)
         if step < config.train.steps:
             return PREEMPTED  # saved and stopped early: a scheduler must not take the run as finished
         log.message(f"done at step {step}; checkpoints in {args.out / 'checkpoints'}")

@@ -56,6 +56,7 @@ class DataConfig:
     shuffle_buffer: int = 256  # in sequences
     seed: int = 0
     prefetch: int = 2  # batches
+    verify_sha256: bool = False  # hash every shard against the manifest before step 1 (sizes are always checked)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nextlong_jax.data import FEATURES, FLOAT_FEATURES
+from nextlong_jax.schema import FLOAT_FEATURES, TRAINING_FEATURES
 from nextlong_jax.model.attention import DENSE_MASK, SEQUENCE_PARALLEL, Backend, resolve_backend
 from nextlong_jax.model.llama import Llama
 from nextlong_jax.optimizer import build_optimizer
@@ -152,7 +152,7 @@ def abstract_state(setup: Setup) -> TrainState:
 def abstract_batch(setup: Setup, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the step takes, as shapes with the batch sharding."""
     return {name: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if name in FLOAT_FEATURES else jnp.int32,
-                                       sharding=setup.batch_sharding) for name in FEATURES}
+                                       sharding=setup.batch_sharding) for name in TRAINING_FEATURES}
 
 
 def jit_step(setup: Setup, grad_accum: int) -> Callable:

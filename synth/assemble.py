@@ -8,7 +8,7 @@ masking keeps them apart), and the segment that overflows is cut at the last tok
 `plain-concat` fills each sequence with whole corpus documents in one segment.
 
 Loss convention: `loss_weights[t]` weighs the prediction of `input_ids[t]` from the tokens before
-it. The first token of every segment has nothing to be predicted from, so its weight is 0.
+it; the first token of every segment gets weight 0 (`nextlong_jax.schema.segment_starts`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE, segment_starts
 from synth.negatives import CandidateSource, MetaDocument, NegativeFilter, mine
 
 if TYPE_CHECKING:
     from synth.config import MiningConfig
     from synth.store import ChunkStore
 
-ROLE_PAD, ROLE_META, ROLE_NEGATIVE = 0, 1, 2
-ROLE_NAMES = {ROLE_PAD: "pad", ROLE_META: "meta", ROLE_NEGATIVE: "negative"}
 
 
 @dataclass
@@ -104,8 +103,6 @@ class Packer:
         self.segments[span] = self.segment
         self.positions[span] = np.arange(self.fill - self.segment_start,
                                          self.fill - self.segment_start + take)
-        if self.fill == self.segment_start and take:
-            self.weights[self.fill] = 0.0  # the first token of a segment is not predicted
         if chunk_id is not None and take:
             self.negative_chunk_ids.append(chunk_id)
         self.fill += take
@@ -115,6 +112,7 @@ class Packer:
 
     def take(self) -> Sequence:
         """The current sequence, padded to `seq_len`; starts a new one."""
+        self.weights[segment_starts(self.segments)] = 0.0  # the contract's rule
         sequence = Sequence(self.ids, self.weights, self.roles, self.segments, self.positions,
                             self.meta_doc_ids, self.negative_chunk_ids)
         roles, counts = np.unique(self.roles, return_counts=True)
@@ -160,7 +158,9 @@ class Extension:
         lengths = corpus.chunk_lengths()
         mean_negative = float(lengths.mean()) if len(lengths) else 1.0
         # Unless capped, k may grow to what fills the whole target from one meta-chunk.
-        max_k = mining.max_k if mining.max_k is not None else max(1, math.ceil(seq_len * mining.headroom / mean_negative))
+        max_k = mining.max_k
+        if max_k is None:
+            max_k = max(1, math.ceil(seq_len * mining.headroom / mean_negative))
         return cls(meta=meta, corpus=corpus, corpus_chunk_doc=corpus.chunk_doc(),
                    corpus_doc_index={doc_id: i for i, doc_id in enumerate(corpus.doc_ids)},
                    fixed_k=mining.k, max_k=max_k, headroom=mining.headroom,

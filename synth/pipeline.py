@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
 from synth.assemble import Extension
 from synth.config import SynthConfig
 from synth.corpus import CorpusSpec, ReadStats, corpus_fingerprint, read_documents
@@ -27,12 +28,11 @@ from synth.index import ChunkIndex, build_index, exact_search, load_index, recal
 from synth.report import render_summary, summarize
 from synth.shards import OpenInputs, ShardInputs, make_shards
 from synth.store import BuildStats, ChunkStore, StoreRef, build_store, store_key
-from synth.tfrecord import MANIFEST, write_json
+from synth.tfrecord import write_json
 from synth.tokenizer import TextTokenizer, load_tokenizer
 
 RECALL_QUERIES = 256
 RECALL_K = 10
-FORMAT = "nextlong-tfrecord/1"
 
 
 @dataclass
@@ -133,21 +133,15 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
     reports = make_shards(inputs, opened, workers)
 
     summary = summarize(config, tokenizer, meta, corpus, reports, recall)
-    manifest = {
-        "format": FORMAT,
-        "seq_len": config.output.seq_len,
-        "compression": config.output.compression,
-        "strategy": config.mining.strategy,
-        "tokenizer": {"name": config.tokenizer, "vocab_size": tokenizer.vocab_size,
-                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-                      "pad_id": tokenizer.pad_id},
-        "shards": [{"file": r.file, "sequences": r.sequences, "sha256": r.sha256}
-                   for r in reports],
-        "content_hash": hashlib.sha256("".join(r.sha256 for r in reports).encode()).hexdigest(),
-        "counts": summary,
-        "config": config.to_dict(),
-    }
-    write_json(out / MANIFEST, manifest)
+    manifest = Manifest(
+        seq_len=config.output.seq_len, compression=config.output.compression,
+        shards=tuple(ShardEntry(r.file, r.sequences, r.sha256, r.bytes) for r in reports),
+        extra={"strategy": config.mining.strategy,
+               "tokenizer": {"name": config.tokenizer, "vocab_size": tokenizer.vocab_size,
+                             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+               "content_hash": hashlib.sha256("".join(r.sha256 for r in reports).encode()).hexdigest(),
+               "counts": summary, "config": config.to_dict()})
+    write_json(out / MANIFEST, manifest.to_dict())
     (out / "summary.md").write_text(render_summary(summary))
     timing = {
         "seconds": round(time.perf_counter() - started, 2),

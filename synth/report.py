@@ -16,6 +16,7 @@ class ShardReport:
     file: str
     sequences: int
     sha256: str
+    bytes: int | None = None
     tokens_by_role: dict[str, int] = field(default_factory=dict)
     segments: int = 0
     truncated_tokens: int = 0
@@ -27,9 +28,9 @@ class ShardReport:
     similarity_sum: float = 0.0
 
     @classmethod
-    def collect(cls, file: str, sequences: int, sha256: str, pack: PackStats,
+    def collect(cls, file: str, sequences: int, sha256: str, size: int, pack: PackStats,
                 mining: MiningStats) -> "ShardReport":
-        return cls(file=file, sequences=sequences, sha256=sha256,
+        return cls(file=file, sequences=sequences, sha256=sha256, bytes=size,
                    tokens_by_role=dict(sorted(pack.tokens_by_role.items())),
                    segments=pack.segments, truncated_tokens=pack.truncated_tokens,
                    documents_used=pack.documents_used, negatives=mining.chosen,

@@ -108,7 +108,7 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
     tmp = out.out / f"{name}.tmp"
     count, sha256 = write_shard(tmp, examples(), out.compression)
     bar.close()
-    report = ShardReport.collect(name, count, sha256, packer.stats, rules.stats)
+    report = ShardReport.collect(name, count, sha256, tmp.stat().st_size, packer.stats, rules.stats)
     write_json(report_path(config, name), report.to_dict())
     os.replace(tmp, out.out / name)
     return report

@@ -1,4 +1,4 @@
-"""TFRecord output: the contract between synthesis and training (the schema is in the README, "Output format").
+"""TFRecord output, written to the contract in `nextlong_jax.schema` (also the README's "Output format").
 
 One `tf.train.Example` per training sequence. Shards are named
 `PREFIX-00000-of-00008.tfrecord` (`.tfrecord.gz` with GZIP), written under a temporary name and
@@ -14,12 +14,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from nextlong_jax.schema import BYTES_FEATURES, FLOAT_FEATURES, INT_FEATURES, MANIFEST, Manifest
 from synth.assemble import Sequence
-
-INT_FEATURES = ("input_ids", "token_roles", "segment_ids", "positions")
-FLOAT_FEATURES = ("loss_weights",)
-BYTES_FEATURES = ("meta_doc_ids", "negative_chunk_ids")
-MANIFEST = "manifest.json"
 
 
 def shard_name(prefix: str, index: int, count: int, compression: str) -> str:
@@ -33,8 +29,8 @@ def to_example(sequence: Sequence) -> bytes:
         name: tf.train.Feature(int64_list=tf.train.Int64List(value=getattr(sequence, name).tolist()))
         for name in INT_FEATURES
     }
-    feature["loss_weights"] = tf.train.Feature(
-        float_list=tf.train.FloatList(value=sequence.loss_weights.tolist()))
+    for name in FLOAT_FEATURES:
+        feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=getattr(sequence, name).tolist()))
     for name in BYTES_FEATURES:
         values = [v.encode("utf-8") for v in getattr(sequence, name)]
         feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
@@ -68,7 +64,7 @@ def write_shard(path: Path, examples, compression: str) -> tuple[int, str]:
 
 def feature_spec(seq_len: int) -> dict:
     spec = {name: tf.io.FixedLenFeature([seq_len], tf.int64) for name in INT_FEATURES}
-    spec["loss_weights"] = tf.io.FixedLenFeature([seq_len], tf.float32)
+    spec.update({name: tf.io.FixedLenFeature([seq_len], tf.float32) for name in FLOAT_FEATURES})
     for name in BYTES_FEATURES:
         spec[name] = tf.io.VarLenFeature(tf.string)
     return spec
@@ -88,13 +84,12 @@ def read_dataset(source: str | Path, with_provenance: bool = False) -> tf.data.D
     """
     source = Path(source)
     manifest_path = source / MANIFEST if source.is_dir() else source
-    manifest = json.loads(manifest_path.read_text())
-    files = [str(manifest_path.parent / shard["file"]) for shard in manifest["shards"]]
-    spec = feature_spec(int(manifest["seq_len"]))
+    manifest = Manifest.load(manifest_path)
+    spec = feature_spec(manifest.seq_len)
     if not with_provenance:
         spec = {k: v for k, v in spec.items() if k not in BYTES_FEATURES}
-    compression = "GZIP" if manifest.get("compression") == "gzip" else ""
-    dataset = tf.data.TFRecordDataset(files, compression_type=compression)
+    files = [str(p) for p in manifest.paths(manifest_path.parent)]
+    dataset = tf.data.TFRecordDataset(files, compression_type=manifest.tf_compression)
 
     def parse(record):
         example = tf.io.parse_single_example(record, spec)

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from synth.assemble import ROLE_META, ROLE_NEGATIVE, ROLE_PAD, Packer, choose_k
+from nextlong_jax.schema import ROLE_META, ROLE_NEGATIVE, ROLE_PAD
+from synth.assemble import Packer, choose_k
 from synth.negatives import MetaDocument, NegativeFilter, RandomCandidates, mine
 from synth.overlap import MetaOverlap
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 
 from nextlong_jax.data import BatchIterator, DataError, apply_negative_weight, find_shards, host_shards
+from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
 from nextlong_jax.train_config import DataConfig
 
 SEQ = 16
@@ -28,12 +30,17 @@ def _write(path, n, seq_len=SEQ, drop=(), seed=0):
             w.write(tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString())
 
 
+def _write_manifest(root, names):
+    entries = tuple(ShardEntry(name, 5, hashlib.sha256((root / name).read_bytes()).hexdigest(),
+                               (root / name).stat().st_size) for name in names)
+    (root / MANIFEST).write_text(json.dumps(Manifest(SEQ, "none", entries).to_dict()))
+
+
 @pytest.fixture
 def shards(tmp_path):
     for i in range(3):
         _write(tmp_path / f"s-{i}.tfrecord", 5, seed=i)
-    (tmp_path / "manifest.json").write_text(json.dumps(
-        {"seq_len": SEQ, "compression": "none", "shards": [{"file": f"s-{i}.tfrecord"} for i in range(3)]}))
+    _write_manifest(tmp_path, [f"s-{i}.tfrecord" for i in range(3)])
     return tmp_path
 
 
@@ -77,3 +84,50 @@ def test_negative_weight_spares_pads_and_segment_starts():
                  loss_weights=np.array([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0]], np.float32))
     out = apply_negative_weight(batch, 0.25)
     np.testing.assert_array_equal(out["loss_weights"], [[0.0, 0.25, 1.0, 0.0, 0.25, 0.0]])
+
+
+def _read_all(shards, source, **data):
+    iterator = BatchIterator(find_shards(str(source), SEQ, **data), DataConfig(seq_len=SEQ, shuffle_buffer=1), 2)
+    for _ in range(20):  # 15 records per pass: the damaged one is reached
+        next(iterator)
+
+
+def test_a_cut_shard_fails_in_one_line_naming_the_file(shards):
+    """As an interrupted copy to a bucket leaves it: caught by size before step 1 with a manifest;
+    without one, the read that fails names the file and the record."""
+    path = shards / "s-1.tfrecord"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"^shard \S+s-1.tfrecord is \d+ bytes but manifest.json says \d+: an "
+                                        r"incomplete or altered copy; copy it again$"):
+        find_shards(str(shards), SEQ)
+    with pytest.raises(DataError, match=r"^cannot read batch \d+: \S+s-1.tfrecord: record 3 is unreadable after 2 "
+                                        r"good ones \(.*\); re-copy or re-synthesize that shard \(error: .*\)$"):
+        _read_all(shards, shards / "*.tfrecord")
+
+
+def test_flipped_bytes_fail_in_one_line_naming_the_file(shards):
+    """Same size, altered content: the manifest's sha256 catches it on request; otherwise the
+    record's CRC does, mid-run, and the message names the file."""
+    path = shards / "s-2.tfrecord"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # inside the last record
+    path.write_bytes(bytes(data))
+    assert find_shards(str(shards), SEQ).files[2] == str(path)  # sizes agree
+    with pytest.raises(DataError, match=r"^shard \S+s-2.tfrecord does not match the sha256 in manifest.json"):
+        find_shards(str(shards), SEQ, verify_sha256=True)
+    for source in (shards, shards / "*.tfrecord"):
+        with pytest.raises(DataError, match=r"^cannot read batch \d+: \S+s-2.tfrecord: record 5 is unreadable"):
+            _read_all(shards, source)
+
+
+def test_manifest_versions_are_checked(shards):
+    manifest = json.loads((shards / MANIFEST).read_text())
+    (shards / MANIFEST).write_text(json.dumps({**manifest, "format_version": 9}))
+    with pytest.raises(DataError, match=r"manifest.json: manifest format version 9; this reader knows 1, 2"):
+        find_shards(str(shards), SEQ)
+    old = {**manifest, "format": "nextlong-tfrecord/1"}  # version 1: no sizes, still readable
+    del old["format_version"]
+    for shard in old["shards"]:
+        del shard["bytes"]
+    (shards / MANIFEST).write_text(json.dumps(old))
+    assert len(find_shards(str(shards), SEQ).files) == 3

@@ -1,9 +1,9 @@
 import numpy as np
 import tensorflow as tf
 
+from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
 from synth.assemble import Sequence
-from synth.tfrecord import (MANIFEST, feature_spec, read_dataset, shard_name, to_example,
-                            write_json, write_shard)
+from synth.tfrecord import feature_spec, read_dataset, shard_name, to_example, write_json, write_shard
 
 
 def _sequence(rng, seq_len, n_neg):
@@ -29,8 +29,8 @@ def test_shards_parse_back_with_plain_tf_data(tmp_path):
         count, digest = write_shard(out / name, (to_example(s) for s in written), compression)
         assert count == 3 and len(digest) == 64
         assert not list(out.glob("*.tmp"))
-        write_json(out / MANIFEST, {"seq_len": seq_len, "compression": compression,
-                                    "shards": [{"file": name}]})
+        entry = ShardEntry(name, count, digest, (out / name).stat().st_size)
+        write_json(out / MANIFEST, Manifest(seq_len, compression, (entry,)).to_dict())
         # Plain tf.data + tf.io.parse_single_example, as any trainer would read them.
         raw = tf.data.TFRecordDataset([str(out / name)],
                                       compression_type="GZIP" if compression == "gzip" else "")

@@ -70,3 +70,43 @@ def test_warm_start_with_another_architecture_is_one_line_error(data, tmp_path):
     assert failed.returncode != 0
     assert "Traceback" not in failed.stderr
     assert "hidden_size" in failed.stderr.strip().splitlines()[-1]
+
+
+def _checkpoint_items(step_dir: Path) -> dict[str, dict]:
+    """params and opt_state of a checkpoint step as flat {path: numpy array}."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    out = {}
+    for item in ("params", "opt_state"):
+        tree = ocp.PyTreeCheckpointer().restore((step_dir / item).resolve())
+        out[item] = {jax.tree_util.keystr(path): np.asarray(leaf)
+                     for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return out
+
+
+def test_init_from_a_checkpoint_takes_parameters_not_optimizer_state(data, tmp_path):
+    """The 64K -> 512K chain in small: a second stage started from the first stage's step 2 has
+    exactly its parameters (learning rate 0 keeps them through one step) and a fresh optimizer
+    (Adam's step count 1, not 3)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    def train(out: Path, init_from: Path | None, *overrides: str) -> subprocess.CompletedProcess:
+        start = ["--init-from", str(init_from)] if init_from else []
+        return _run("-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml", "--data", str(data),
+                    "--out", str(out), *start, *OVERRIDES, *overrides)
+
+    done = train(first, None, "train.steps=2", "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = train(second, first / "checkpoints" / "2", "model.rope_theta=1000000.0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after = _checkpoint_items(first / "checkpoints" / "2"), _checkpoint_items(second / "checkpoints" / "1")
+    assert before["params"].keys() == after["params"].keys()
+    for name, value in before["params"].items():
+        np.testing.assert_array_equal(after["params"][name], value, err_msg=name)
+    counts = {k: int(v) for k, v in after["opt_state"].items() if k.endswith("['count']")}
+    assert counts and set(counts.values()) == {1}, counts
+    assert {int(v) for k, v in before["opt_state"].items() if k.endswith("['count']")} == {2}
+
+    wrong = train(tmp_path / "third", first / "checkpoints" / "2", "model.intermediate_size=96")
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert "intermediate_size: config 96" in wrong.stderr.strip().splitlines()[-1]

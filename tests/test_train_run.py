@@ -117,3 +117,24 @@ def test_sigterm_saves_stops_and_resumes(train_data, tmp_path):
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from step {saved}" in resumed.stdout
+
+
+def test_a_damaged_shard_stops_training_in_one_line(train_data, tmp_path):
+    """A shard cut to half (an interrupted copy): with the manifest, refused before step 1; read by
+    glob, the step that reaches it stops the run naming the file, exit 1, and only whole
+    checkpoints of good steps remain."""
+    data = tmp_path / "data"
+    shutil.copytree(train_data, data)
+    shard = sorted(data.glob("*.tfrecord"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    for source, message in ((data, f"shard {shard} is "), (data / "*.tfrecord", f"{shard}: record ")):
+        out = tmp_path / f"run-{len(message)}"
+        proc = subprocess.run(_command(source, out, "train.steps=40"), cwd=ROOT, env=ENV, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 1
+        error = proc.stderr.strip().splitlines()[-1]
+        assert error.startswith("nextlong-train: error: ") and message in error, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        ckpts = out / "checkpoints"
+        leftovers = [p.name for p in ckpts.iterdir() if not p.name.isdigit()] if ckpts.exists() else []
+        assert not leftovers, leftovers

@@ -1,0 +1,114 @@
+"""The data contract between `nextlong-synth` (the writer) and `nextlong-train` (the reader).
+
+A synthesis output directory holds TFRecord shards, one `tf.train.Example` per training sequence,
+and `manifest.json`. Both sides import the names, roles, rules and manifest from here, and only
+here; this module needs neither TensorFlow nor JAX, so either side imports it cheaply.
+
+Features, each of exactly `seq_len` values per sequence: `input_ids`, `token_roles`,
+`segment_ids`, `positions` (int64) and `loss_weights` (float32); provenance, variable length:
+`meta_doc_ids`, `negative_chunk_ids` (bytes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+INT_FEATURES = ("input_ids", "token_roles", "segment_ids", "positions")
+FLOAT_FEATURES = ("loss_weights",)
+BYTES_FEATURES = ("meta_doc_ids", "negative_chunk_ids")  # provenance; training ignores it
+TRAINING_FEATURES = INT_FEATURES + FLOAT_FEATURES
+
+ROLE_PAD, ROLE_META, ROLE_NEGATIVE = 0, 1, 2
+ROLE_NAMES = {ROLE_PAD: "pad", ROLE_META: "meta", ROLE_NEGATIVE: "negative"}
+
+MANIFEST = "manifest.json"
+FORMAT = "nextlong-tfrecord"
+# 2: shards carry their size in bytes, so a reader can tell a cut-off copy before reading it.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file."""
+
+
+def segment_starts(segment_ids: np.ndarray) -> np.ndarray:
+    """bool [..., L]: the first token of each segment (padding, segment 0, excluded).
+
+    THE RULE: such a token has loss weight 0, since nothing of its own segment precedes it. The
+    writer sets it so; a reader that re-weights tokens must keep it.
+    """
+    segment_ids = np.asarray(segment_ids)
+    starts = np.ones(segment_ids.shape, bool)
+    starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
+    return starts & (segment_ids != 0)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str  # relative to the manifest's directory
+    sequences: int
+    sha256: str
+    bytes: int | None = None  # None in version-1 manifests
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `manifest.json` says about a synthesis output; `extra` keeps the writer's reports
+    (counts, config, tokenizer, ...) that readers pass through but do not interpret."""
+
+    seq_len: int
+    compression: str  # "none" or "gzip"
+    shards: tuple[ShardEntry, ...]
+    version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tf_compression(self) -> str:
+        """As `tf.data` spells it."""
+        return "GZIP" if self.compression == "gzip" else ""
+
+    def paths(self, root: Path) -> list[Path]:
+        return [root / shard.file for shard in self.shards]
+
+    def to_dict(self) -> dict:
+        return {**self.extra, "format": FORMAT, "format_version": self.version, "seq_len": self.seq_len,
+                "compression": self.compression, "shards": [asdict(s) for s in self.shards]}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> Manifest:
+        version = _version(data)
+        if version not in READABLE_VERSIONS:
+            raise ManifestError(f"{where}: manifest format version {version!r}; this reader knows "
+                                f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade nextlong-jax or re-synthesize")
+        try:
+            shards = tuple(ShardEntry(file=str(s["file"]), sequences=int(s["sequences"]), sha256=str(s["sha256"]),
+                                      bytes=None if s.get("bytes") is None else int(s["bytes"]))
+                           for s in data["shards"])
+            seq_len, compression = int(data["seq_len"]), str(data.get("compression", "none"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: not a synthesis manifest (bad or missing {e})") from None
+        known = {"format", "format_version", "seq_len", "compression", "shards"}
+        return cls(seq_len, compression, shards, version, {k: v for k, v in data.items() if k not in known})
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ManifestError(f"{path}: unreadable manifest ({e})") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: not a synthesis manifest (not a JSON object)")
+        return cls.from_dict(data, str(path))
+
+
+def _version(data: dict) -> object:
+    if "format_version" in data:
+        return data["format_version"]
+    if data.get("format") == f"{FORMAT}/1":  # how version 1 named itself
+        return 1
+    return data.get("format")
