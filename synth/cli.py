@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="chunk size in characters instead (the paper: 2048)")
     model.add_argument("--embedder", help="'minilm' (bundled all-MiniLM-L6-v2), 'hashing[:DIM]', "
                                           "or a local sentence-transformers directory")
+    model.add_argument("--embed-device", help="where the embedder runs: cpu (default), cuda, cuda:1, mps, ...")
+    model.add_argument("--embed-max-tokens", type=int,
+                       help="the encoder's window in its own tokens, up to the positions the model has (default: "
+                            "the model's max_seq_length; MiniLM 256). Longer chunks are counted in the summary")
+    model.add_argument("--trust-remote-code", action="store_true", default=None,
+                       help="allow an embedder that ships its own Python code (e.g. jina-embeddings-v3) to run it")
     model.add_argument("--index", choices=INDEX_KINDS, help="nearest-neighbour index (default: faiss-flat)")
     model.add_argument("--index-param", dest="index_params", action="append", metavar="KEY=VALUE",
                        help="index tuning, repeatable: nlist, nprobe, pq_m (faiss-ivfpq); hnsw_m, ef_search, "

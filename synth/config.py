@@ -12,6 +12,7 @@ from pathlib import Path
 
 from synth.chunking import MIN_CHAR_LIMIT
 from synth.corpus import CorpusSpec
+from synth.embed import EmbeddingConfig
 from synth.errors import SynthError
 from synth.index import INDEX_KINDS, IndexConfig
 
@@ -62,6 +63,7 @@ class SynthConfig:
     corpus: CorpusSpec | None  # None: retrieve from the meta-documents themselves
     tokenizer: str = "llama3"
     embedder: str = "minilm"
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
@@ -95,6 +97,7 @@ FLAT_DEFAULTS: dict[str, object] = {
     "max-meta-docs": None, "max-corpus-docs": None,
     "max-doc-chars": 4_000_000,
     "tokenizer": "llama3", "embedder": "minilm",
+    "embed-device": "cpu", "embed-max-tokens": None, "trust-remote-code": False,
     "chunk-tokens": None, "chunk-chars": None,
     "seq-len": 32768, "k": None, "max-k": None, "headroom": 1.5, "min-segment-tokens": 512,
     "index": "faiss-flat", "index-params": None, "negative-weight": 1.0, "dedup-threshold": 0.95,
@@ -188,6 +191,9 @@ def build_config(flat: dict) -> SynthConfig:
             corpus, flat["corpus-format"], flat, flat["max-corpus-docs"]),
         tokenizer=str(flat["tokenizer"]),
         embedder=str(flat["embedder"]),
+        embedding=EmbeddingConfig(
+            device=str(flat["embed-device"]), trust_remote_code=bool(flat["trust-remote-code"]),
+            max_tokens=None if flat["embed-max-tokens"] is None else int(flat["embed-max-tokens"])),
         chunking=chunking,
         index=IndexConfig(kind=_choice(flat, "index", INDEX_KINDS), seed=int(flat["seed"]),
                           **_index_params(flat["index-params"])),

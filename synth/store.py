@@ -49,6 +49,7 @@ class BuildStats:
     blocks_built: int = 0
     blocks_reused: int = 0
     chunks_embedded: int = 0
+    chunks_over_window: int = 0  # longer than the encoder reads (built and reused blocks alike)
     embed_seconds: float = 0.0
     chunk_seconds: float = 0.0
 
@@ -107,8 +108,17 @@ class ChunkStore:
         return f"{self.doc_ids[doc]}#{chunk - int(self.doc_chunk_offsets[doc])}"
 
 
+def _window_file(block: Path, embedding_name: str) -> Path:
+    return block / embedding_name.replace(".npy", ".window.json")
+
+
+def _over_window(block: Path, embedding_name: str) -> int:
+    path = _window_file(block, embedding_name)
+    return json.loads(path.read_text())["chunks_over_window"] if path.is_file() else 0
+
+
 def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings: np.ndarray,
-                 embedding_name: str) -> None:
+                 embedding_name: str, over_window: int) -> None:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -121,6 +131,7 @@ def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings
         [[0], np.cumsum([len(c) for c in texts_chunks], dtype=np.int64)]))
     (tmp / _DOC_IDS).write_text(json.dumps([d.id for d in docs], ensure_ascii=False))
     np.save(tmp / embedding_name, embeddings)
+    _window_file(tmp, embedding_name).write_text(json.dumps({"chunks_over_window": over_window}))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
 
@@ -145,6 +156,7 @@ def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextT
         progress.update(len(docs))
         if (block / embedding_name).is_file():
             stats.blocks_reused += 1
+            stats.chunks_over_window += _over_window(block, embedding_name)
             continue
         started = time.perf_counter()
         per_doc = chunk_documents([d.text for d in docs], chunking.size, chunking.unit, tokenizer)
@@ -152,9 +164,11 @@ def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextT
         stats.chunk_seconds += time.perf_counter() - started
         started = time.perf_counter()
         embeddings = embedder.embed(texts) if embedder else np.zeros((len(texts), 0), np.float32)
+        over_window = embedder.over_window(texts) if embedder else 0
         stats.embed_seconds += time.perf_counter() - started
         stats.chunks_embedded += len(texts)
-        _write_block(block, docs, per_doc, embeddings, embedding_name)
+        stats.chunks_over_window += over_window
+        _write_block(block, docs, per_doc, embeddings, embedding_name, over_window)
         stats.blocks_built += 1
         progress.set_postfix(chunks=stats.chunks_embedded, refresh=False)
     progress.close()
