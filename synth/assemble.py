@@ -5,7 +5,9 @@ A training sequence is exactly `seq_len` tokens made of segments. In `nextlong` 
 `[bos, m_1, n_11..n_1k, m_2, n_21..n_2k, ...]` (meta-chunk first); when one meta-document is
 shorter than the target, further extended meta-documents follow as new segments (document
 masking keeps them apart), and the segment that overflows is cut at the last token that fits.
-`plain-concat` fills each sequence with whole corpus documents in one segment.
+`plain-concat` and `knn-concat` fill each sequence with whole meta-documents in one segment, in the
+order `synth.baselines` gives. `--meta-position tail|random` moves each meta-chunk within its group
+of negatives (the paper's position ablation).
 
 Loss convention: `loss_weights[t]` weighs the prediction of `input_ids[t]` from the tokens before
 it; the first token of every segment gets weight 0 (`nextlong_jax.schema.segment_starts`).
@@ -150,6 +152,8 @@ class Extension:
     max_k: int
     headroom: float
     min_segment: int
+    meta_position: str
+    seed: int
     mean_negative: float
     prefetch_docs: int = 64
 
@@ -164,7 +168,8 @@ class Extension:
         return cls(meta=meta, corpus=corpus, corpus_chunk_doc=corpus.chunk_doc(),
                    corpus_doc_index={doc_id: i for i, doc_id in enumerate(corpus.doc_ids)},
                    fixed_k=mining.k, max_k=max_k, headroom=mining.headroom,
-                   min_segment=mining.min_segment_tokens, mean_negative=mean_negative)
+                   min_segment=mining.min_segment_tokens, meta_position=mining.meta_position, seed=mining.seed,
+                   mean_negative=mean_negative)
 
 
 def _search_depth(ctx: Extension) -> int:
@@ -215,14 +220,22 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
         packer.begin_segment(doc_id)
         packer.stats.documents_used += 1
         for i, (chunk, tokens) in enumerate(zip(chunks, meta_tokens)):
-            if packer.add(tokens, ROLE_META) or packer.full:
-                break
-            query = ctx.meta.embeddings[chunk]
-            negatives = mine(source, rules, query, k, (scores[i], ids[i]), own,
-                             packer.negatives_in_sample, ctx.corpus.num_chunks)
-            for negative, score in negatives:
+            if ctx.meta_position == "head":  # placed before mining: a full sequence then needs none
+                packer.add(tokens, ROLE_META)
                 if packer.full:
                     break
+            negatives = mine(source, rules, ctx.meta.embeddings[chunk], k, (scores[i], ids[i]), own,
+                             packer.negatives_in_sample, ctx.corpus.num_chunks)
+            group: list[tuple[int, float] | None] = list(negatives)
+            if ctx.meta_position != "head":
+                group.insert(_meta_slot(ctx, len(group), doc, i), None)  # None: the meta-chunk itself
+            for piece in group:
+                if packer.full:
+                    break
+                if piece is None:
+                    packer.add(tokens, ROLE_META)
+                    continue
+                negative, score = piece
                 rules.place(negative, score)
                 chunk_id = ctx.corpus.chunk_id(negative, ctx.corpus_chunk_doc)
                 packer.add(ctx.corpus.tokens(negative), ROLE_NEGATIVE, chunk_id)
@@ -234,9 +247,17 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
         yield packer.take()
 
 
+def _meta_slot(ctx: Extension, negatives: int, doc: int, chunk: int) -> int:
+    """Where meta-chunk `chunk` of `doc` goes among its negatives when not first: last, or at a place
+    drawn from (seed, doc, chunk), so any shard split draws the same."""
+    if ctx.meta_position == "tail":
+        return negatives
+    return int(np.random.default_rng([ctx.seed, doc, chunk]).integers(negatives + 1))
+
+
 def concatenated_sequences(corpus: ChunkStore, docs: list[int], packer: Packer,
                            max_sequences: int | None) -> Iterator[Sequence]:
-    """`plain-concat`: whole corpus documents back to back, one segment per sequence."""
+    """Whole documents of `corpus` in the order of `docs`, back to back, one segment per sequence."""
     for doc in docs:
         if max_sequences is not None and packer.stats.sequences >= max_sequences:
             return

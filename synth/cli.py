@@ -75,7 +75,11 @@ def _parser() -> argparse.ArgumentParser:
                             "corpus size). YAML: index-params: {nprobe: 32}")
     mine = p.add_argument_group("negatives and layout")
     mine.add_argument("--strategy", choices=STRATEGIES,
-                      help="nextlong (default), random-negatives or plain-concat (ablations)")
+                      help="nextlong (default); the paper's baselines: random-negatives, plain-concat (the "
+                           "meta-documents back to back), knn-concat (ordered by a nearest-neighbour walk, as ICLM)")
+    mine.add_argument("--meta-position", choices=["head", "tail", "random"],
+                      help="where each meta-chunk goes among its negatives: head (default, the method), tail or "
+                           "random (the paper's position ablation)")
     mine.add_argument("--seq-len", type=int, help="tokens per training sequence (default: 32768)")
     mine.add_argument("--k", help="negatives per meta-chunk, or 'auto' (default): chosen from the "
                                   "lengths to fill --seq-len")

@@ -16,7 +16,8 @@ from synth.embed import EmbeddingConfig
 from synth.errors import SynthError
 from synth.index import INDEX_KINDS, IndexConfig
 
-STRATEGIES = ("nextlong", "random-negatives", "plain-concat")
+STRATEGIES = ("nextlong", "random-negatives", "plain-concat", "knn-concat")
+META_POSITIONS = ("head", "tail", "random")
 REUSE_SCOPES = ("run", "shard")
 COMPRESSIONS = ("none", "gzip")
 
@@ -37,6 +38,7 @@ class MiningConfig:
     dedup_threshold: float = 0.95
     max_reuse: int = 8  # uses of one corpus chunk as a placed negative, over the run or per shard
     reuse_scope: str = "run"
+    meta_position: str = "head"  # where m_i goes among its negatives; head is the method
     overlap_threshold: float = 0.5  # reject a negative this share of whose token n-grams is in its meta-document
     shingle_tokens: int = 8  # n of those n-grams
     seed: int = 0
@@ -101,7 +103,7 @@ FLAT_DEFAULTS: dict[str, object] = {
     "chunk-tokens": None, "chunk-chars": None,
     "seq-len": 32768, "k": None, "max-k": None, "headroom": 1.5, "min-segment-tokens": 512,
     "index": "faiss-flat", "index-params": None, "negative-weight": 1.0, "dedup-threshold": 0.95,
-    "overlap-threshold": 0.5, "shingle-tokens": 8, "max-reuse": 8, "reuse-scope": "run", "num-shards": 8, "max-sequences": None, "seed": 0,
+    "overlap-threshold": 0.5, "shingle-tokens": 8, "max-reuse": 8, "reuse-scope": "run", "meta-position": "head", "num-shards": 8, "max-sequences": None, "seed": 0,
     "strategy": "nextlong", "compression": "none", "cache-dir": None,
     "strict": False, "docs-per-block": 1024,
 }
@@ -202,6 +204,7 @@ def build_config(flat: dict) -> SynthConfig:
             headroom=float(flat["headroom"]), min_segment_tokens=int(flat["min-segment-tokens"]),
             dedup_threshold=float(flat["dedup-threshold"]), max_reuse=int(flat["max-reuse"]),
             reuse_scope=_choice(flat, "reuse-scope", REUSE_SCOPES),
+            meta_position=_choice(flat, "meta-position", META_POSITIONS),
             overlap_threshold=float(flat["overlap-threshold"]), shingle_tokens=int(flat["shingle-tokens"]),
             seed=int(flat["seed"])),
         output=OutputConfig(

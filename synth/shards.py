@@ -1,8 +1,8 @@
 """Output shards: each is generated from its own seeded slice of the inputs, so shards are
 independent of each other and of the order (or the process) in which they are made.
 
-Meta-document `d` belongs to shard `d % num_shards` (corpus document `d` for `plain-concat`),
-visited in a per-shard seeded order; the negative reuse cap counts per shard. A shard is written
+Meta-document `d` belongs to shard `d % num_shards`, visited in a per-shard seeded order; the
+negative reuse cap is split between shards (`NegativeFilter.allowance`). A shard is written
 under a temporary name, its report is saved, and only then is the shard renamed into place: a
 shard file that exists is complete and has its report.
 """
@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from synth.assemble import Extension, Packer, concatenated_sequences, extended_sequences
+from synth.baselines import document_vectors, knn_walk
 from synth.config import SynthConfig
 from synth.index import ChunkIndex, load_index
 from synth.negatives import IndexCandidates, NegativeFilter, RandomCandidates
@@ -88,8 +89,11 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
     overlap = MetaOverlap(ext.corpus.tokens, mining.shingle_tokens, mining.overlap_threshold)
     rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse, overlap,
                            shard=shard, num_shards=out.num_shards, reuse_scope=mining.reuse_scope)
-    if mining.strategy == "plain-concat":
+    if mining.strategy in ("plain-concat", "knn-concat"):
         docs = _shard_docs(ext.meta.num_docs, shard, out.num_shards, mining.seed)
+        if mining.strategy == "knn-concat":
+            vectors = document_vectors(ext.meta.embeddings, ext.meta.doc_chunk_offsets, docs)
+            docs = [docs[i] for i in knn_walk(vectors, list(range(len(docs))))]
         sequences = concatenated_sequences(ext.meta, docs, packer, cap)
     else:
         source = IndexCandidates(opened.index) if mining.strategy == "nextlong" else \

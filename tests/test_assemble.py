@@ -136,3 +136,14 @@ def test_run_wide_reuse_cap_splits_exactly_over_shards(max_reuse, shards):
     run, per_shard = allowances("run"), allowances("shard")
     assert (run.sum(axis=1) == max_reuse).all() and (run.max(axis=1) - run.min(axis=1) <= 1).all()
     assert (per_shard == max_reuse).all()
+
+
+def test_knn_walk_follows_the_nearest_unvisited_neighbour():
+    from synth.baselines import knn_walk
+
+    # Two clusters of points on the unit circle: a walk crosses each cluster in angle order, and
+    # moves to the other cluster only once the first is exhausted.
+    angles = np.array([0.0, 0.1, 0.25, 0.3, 2.0, 2.05, 2.2])
+    vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    assert knn_walk(vectors, [0, 4, 1, 2, 3, 5, 6]) == [0, 1, 2, 3, 4, 5, 6]
+    assert knn_walk(vectors, [6, 0, 1, 2, 3, 4, 5]) == [6, 5, 4, 3, 2, 1, 0]

@@ -124,13 +124,13 @@ def test_negative_weight_and_gzip(corpus, tmp_path):
     assert set(np.unique(ex["loss_weights"][ex["token_roles"] == 2])) == {0.25}
 
 
-@pytest.mark.parametrize("strategy", ["random-negatives", "plain-concat"])
+@pytest.mark.parametrize("strategy", ["random-negatives", "plain-concat", "knn-concat"])
 def test_ablation_strategies(corpus, tmp_path, strategy):
     out = tmp_path / strategy
     assert main(synth_args(corpus, out, "--strategy", strategy, "--max-sequences", "3")) == 0
     examples = list(read_dataset(out).as_numpy_iterator())
     assert len(examples) == 3
-    if strategy == "plain-concat":
+    if strategy.endswith("concat"):
         assert all(set(np.unique(ex["segment_ids"])) <= {0, 1} for ex in examples)
         assert all(not (ex["token_roles"] == 2).any() for ex in examples)
     else:
@@ -366,3 +366,19 @@ def test_no_new_meta_document_in_a_short_remainder(corpus, tmp_path, min_segment
     for ex in read_dataset(out).as_numpy_iterator():
         assert len(np.unique(ex["segment_ids"][ex["segment_ids"] > 0])) == segments
         assert (ex["token_roles"] == 0).any() == (segments == 1)
+
+
+@pytest.mark.parametrize("position", ["tail", "random"])
+def test_meta_chunk_position_ablation(corpus, tmp_path, position):
+    """tail puts every meta-chunk after its negatives; random somewhere among them, the same on a rerun."""
+    out = tmp_path / position
+    args = synth_args(corpus, out, "--k", "3", "--meta-position", position, "--max-sequences", "12")
+    assert main(args) == 0
+    examples = list(read_dataset(out).as_numpy_iterator())
+    after_bos = [ex["token_roles"][idx[1]] for ex in examples for idx in _segments(ex)]
+    if position == "tail":
+        assert set(after_bos) == {2}  # a negative first, in every segment
+    else:
+        assert main([*args[:3], str(tmp_path / "again"), *args[4:]]) == 0
+        assert shard_bytes(tmp_path / "again") == shard_bytes(out)
+        assert set(after_bos) == {1, 2}  # some meta-chunks drawn first, some not
