@@ -139,7 +139,20 @@ def check_first_record(path: str, compression: str, seq_len: int) -> None:
             raise DataError(f"{path}: feature {name} has {len(values)} values but data.seq_len={seq_len}")
 
 
-def _dataset(shards: Shards, config: DataConfig, per_host_batch: int, skip_records: int):
+def _records(shards: Shards, config: DataConfig, index: int):
+    """The endless, shuffled record stream of one source; source 0 keeps the seeds of a lone source."""
+    import tensorflow as tf
+
+    seed = config.seed + 1000 * index
+    files = tf.data.Dataset.from_tensor_slices(list(shards.files))
+    files = files.shuffle(len(shards.files), seed=seed, reshuffle_each_iteration=True).repeat()
+    records = files.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=shards.compression),
+        cycle_length=min(len(shards.files), 8), block_length=1)
+    return records.shuffle(config.shuffle_buffer, seed=seed + 1)
+
+
+def _dataset(sources: list[Shards], config: DataConfig, per_host_batch: int, skip_records: int):
     import tensorflow as tf
 
     spec = {name: tf.io.FixedLenFeature([config.seq_len], tf.int64) for name in INT_FEATURES}
@@ -149,12 +162,12 @@ def _dataset(shards: Shards, config: DataConfig, per_host_batch: int, skip_recor
         example = tf.io.parse_single_example(record, spec)
         return {k: tf.cast(v, tf.int32) if v.dtype == tf.int64 else v for k, v in example.items()}
 
-    files = tf.data.Dataset.from_tensor_slices(list(shards.files))
-    files = files.shuffle(len(shards.files), seed=config.seed, reshuffle_each_iteration=True).repeat()
-    records = files.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=shards.compression),
-        cycle_length=min(len(shards.files), 8), block_length=1)
-    records = records.shuffle(config.shuffle_buffer, seed=config.seed + 1).skip(skip_records)
+    streams = [_records(shards, config, i) for i, shards in enumerate(sources)]
+    # Drawn per sequence with a seeded generator: the mixed stream is a pure function of the seed,
+    # so skipping records resumes it exactly.
+    records = streams[0] if len(streams) == 1 else tf.data.Dataset.sample_from_datasets(
+        streams, weights=list(config.mixture_weights), seed=config.seed + 2)
+    records = records.skip(skip_records)
     batches = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = batches.batch(per_host_batch, drop_remainder=True).prefetch(config.prefetch)
     options = tf.data.Options()
@@ -173,15 +186,20 @@ def apply_negative_weight(batch: dict[str, np.ndarray], weight: float) -> dict[s
 class BatchIterator:
     """Per-host batches as numpy dicts; `position` is what a checkpoint stores to resume exactly."""
 
-    def __init__(self, shards: Shards, config: DataConfig, per_host_batch: int, *,
+    def __init__(self, sources: Shards | list[Shards], config: DataConfig, per_host_batch: int, *,
                  negative_weight: float | None = None, start_batches: int = 0):
-        for path in shards.files:
-            check_first_record(path, shards.compression, config.seq_len)
-        self._shards = shards
+        """`sources`: one source's shards, or one per entry of `config.sources` (a mixture)."""
+        sources = [sources] if isinstance(sources, Shards) else list(sources)
+        if len(sources) != len(config.mixture_weights):
+            raise DataError(f"{len(sources)} sources but {len(config.mixture_weights)} mixture weights")
+        for shards in sources:
+            for path in shards.files:
+                check_first_record(path, shards.compression, config.seq_len)
+        self._sources = sources
         self._per_host_batch = per_host_batch
         self._negative_weight = negative_weight
         self.batches = start_batches
-        self._it = iter(_dataset(shards, config, per_host_batch, start_batches * per_host_batch).as_numpy_iterator())
+        self._it = iter(_dataset(sources, config, per_host_batch, start_batches * per_host_batch).as_numpy_iterator())
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -192,7 +210,7 @@ class BatchIterator:
         try:
             batch = next(self._it)
         except tf.errors.OpError as e:
-            where = locate_damage(self._shards) or f"one of {len(self._shards.files)} shards"
+            where = next(filter(None, map(locate_damage, self._sources)), "") or "one of the shards"
             raise DataError(f"cannot read batch {self.batches + 1}: {where}; re-copy or re-synthesize that "
                             f"shard (error: {e.message.splitlines()[0]})") from None
         self.batches += 1

@@ -38,7 +38,7 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
 
     maybe_initialize_distributed()
     mesh = build_mesh(config)
-    shards = find_shards(config.data.source, config.data.seq_len, config.data.verify_sha256)
+    sources = [find_shards(s, config.data.seq_len, config.data.verify_sha256) for s in config.data.sources]
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = config.model.flops_per_token(config.data.seq_len) * tokens_per_step
     peak = config.train.peak_flops_per_device or (
@@ -50,7 +50,8 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
             block, blocks = host_rows(setup.batch_sharding, (config.data.batch_size, config.data.seq_len))
         except ValueError as e:
             raise TrainError(str(e)) from None
-        shards, per_host_batch = host_shards(shards, block, blocks), config.data.batch_size // blocks
+        sources = [host_shards(shards, block, blocks) for shards in sources]
+        per_host_batch = config.data.batch_size // blocks
         try:
             restored = checkpoints.restore_latest(abstract_state(setup))
         except (KeyError, ValueError) as e:
@@ -70,7 +71,7 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
                 params = checkpoint_params(init_from, config.model, abstract_state(setup).params)
             state, progress = init_state(setup, config.train.seed, params), {"step": 0, "data": None, "skipped": 0}
         step, skipped, nonfinite_run = progress["step"], progress["skipped"], 0
-        data = BatchIterator(shards, config.data, per_host_batch, negative_weight=config.loss.negative_weight,
+        data = BatchIterator(sources, config.data, per_host_batch, negative_weight=config.loss.negative_weight,
                              start_batches=resume_batches(progress["data"], per_host_batch))
         train_step = jit_step(setup, config.optimizer.grad_accum)
         reporter.start(step, config.train.steps)

@@ -97,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "rerunning with the same --out resumes from its latest checkpoint.",
                                 epilog=EXIT_CODES)
     p.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/train/tiny-cpu.yaml")
-    p.add_argument("--data", help="shard glob, manifest.json or synthesis output dir (sets data.source)")
+    p.add_argument("--data", action="append",
+                   help="shard glob, manifest.json or synthesis output dir (sets data.source); repeat it for a "
+                        "mixture, drawn per sequence by --data-weights")
+    p.add_argument("--data-weights", type=float, nargs="+", metavar="W",
+                   help="one weight per --data, e.g. 1 2 for a third and two thirds (default: equal)")
     p.add_argument("--out", type=Path,
                    help="run directory: checkpoints, metrics.jsonl, tensorboard (required to train)")
     start = p.add_mutually_exclusive_group()
@@ -152,7 +156,11 @@ def compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"data.source={json.dumps(args.data)}"] if args.data else [])
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.source={json.dumps(args.data[0] if len(args.data) == 1 else args.data)}")
+    if args.data_weights:
+        overrides.append(f"data.weights={json.dumps(args.data_weights)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.topology and not args.compile_only:
         parser.error("--topology goes with --compile-only")

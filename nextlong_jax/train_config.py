@@ -50,13 +50,30 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = ""  # glob of shards, a manifest.json, or the synthesis output dir; the CLI's --data sets it
+    # A glob of shards, a manifest.json or a synthesis output dir; several make a mixture (the CLI's
+    # repeated --data), drawn per sequence by `weights` (one per source; empty: equal).
+    source: str | tuple[str, ...] = ""
+    weights: tuple[float, ...] = ()
     seq_len: int = 2048
     batch_size: int = 8  # global, in sequences, per optimizer step
     shuffle_buffer: int = 256  # in sequences
     seed: int = 0
     prefetch: int = 2  # batches
     verify_sha256: bool = False  # hash every shard against the manifest before step 1 (sizes are always checked)
+
+    def __post_init__(self):
+        if self.weights and (len(self.weights) != len(self.sources) or min(self.weights) <= 0):
+            raise ValueError(f"weights {list(self.weights)} must be {len(self.sources)} positive numbers, one per source")
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,) if isinstance(self.source, str) else self.source
+
+    @property
+    def mixture_weights(self) -> tuple[float, ...]:
+        """The weights summing to 1."""
+        weights = self.weights or (1.0,) * len(self.sources)
+        return tuple(w / sum(weights) for w in weights)
 
 
 @dataclass(frozen=True)

@@ -131,3 +131,37 @@ def test_manifest_versions_are_checked(shards):
         del shard["bytes"]
     (shards / MANIFEST).write_text(json.dumps(old))
     assert len(find_shards(str(shards), SEQ).files) == 3
+
+
+def test_a_weighted_mixture_draws_by_its_weights_and_resumes_exactly(tmp_path):
+    """Two sources told apart by their loss weights (0..4 and 100..104): a 1:3 mixture gives about a
+    quarter of its sequences from the first, and a resumed iterator continues the same stream."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            _write(tmp_path / name / f"s-{i}.tfrecord", 5, seed=i)
+    config = DataConfig(source=(str(tmp_path / "a"), str(tmp_path / "b")), weights=(1.0, 3.0), seq_len=SEQ,
+                        shuffle_buffer=4, seed=5)
+    _mark(tmp_path / "b", 100.0)
+    sources = [find_shards(str(tmp_path / name / "*.tfrecord"), SEQ) for name in ("a", "b")]
+    full = [next(it) for it in [BatchIterator(sources, config, 4)] for _ in range(100)]
+    from_b = np.mean([w >= 100 for b in full for w in b["loss_weights"][:, 0]])
+    assert abs(from_b - 0.75) < 0.05, from_b
+    resumed = BatchIterator(sources, config, 4, start_batches=60)
+    for want in full[60:70]:
+        np.testing.assert_array_equal(next(resumed)["loss_weights"], want["loss_weights"])
+    with pytest.raises(ValueError, match=r"weights \[1.0\] must be 2 positive numbers"):
+        DataConfig(source=("x", "y"), weights=(1.0,))
+
+
+def _mark(directory, offset):
+    """Rewrite every shard of `directory` with loss weights raised by `offset`."""
+    import tensorflow as tf
+
+    for path in sorted(directory.glob("*.tfrecord")):
+        records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+        with tf.io.TFRecordWriter(str(path)) as w:
+            for example in records:
+                values = example.features.feature["loss_weights"].float_list.value
+                values[:] = [v + offset for v in values]
+                w.write(example.SerializeToString())

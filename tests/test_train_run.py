@@ -138,3 +138,18 @@ def test_a_damaged_shard_stops_training_in_one_line(train_data, tmp_path):
         ckpts = out / "checkpoints"
         leftovers = [p.name for p in ckpts.iterdir() if not p.name.isdigit()] if ckpts.exists() else []
         assert not leftovers, leftovers
+
+
+def test_a_mixture_of_sources_trains_and_mismatched_weights_are_one_line(train_data, tmp_path):
+    out = tmp_path / "mix"
+    cmd = _command(train_data, out, "train.steps=2")
+    data_at = cmd.index("--data")
+    mixed = cmd[:data_at + 2] + ["--data", str(train_data / "*.tfrecord"), "--data-weights", "1", "3"] + cmd[data_at + 2:]
+    proc = subprocess.run(mixed, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "checkpoints" / "2" / "progress" / "metadata").read_text())["train_config"]["data"][
+        "weights"] == [1.0, 3.0]
+    bad = mixed[:mixed.index("--data-weights") + 2] + mixed[mixed.index("--data-weights") + 3:]
+    proc = subprocess.run(bad, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "weights [1.0] must be 2 positive numbers, one per source" in proc.stderr.strip().splitlines()[-1]
