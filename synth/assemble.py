@@ -52,10 +52,16 @@ class PackStats:
 
 
 class Packer:
-    """Appends tokens to the current sequence; a finished sequence is handed out by `take`."""
+    """Appends tokens to the current sequence; a finished sequence is handed out by `take`.
 
-    def __init__(self, seq_len: int, negative_weight: float, bos_id: int | None, pad_id: int):
+    With `doc_len`, a segment (one extended document) holds at most that many tokens, so several
+    fixed-length documents pack one sequence (64K documents 8 to a 512K sequence, say).
+    """
+
+    def __init__(self, seq_len: int, negative_weight: float, bos_id: int | None, pad_id: int,
+                 doc_len: int | None = None):
         self.seq_len, self.bos_id, self.pad_id = seq_len, bos_id, pad_id
+        self.doc_len = doc_len or seq_len
         self.weight = {ROLE_META: 1.0, ROLE_NEGATIVE: negative_weight}
         self.stats = PackStats()
         self._reset()
@@ -75,7 +81,21 @@ class Packer:
 
     @property
     def remaining(self) -> int:
+        """Tokens left in the sequence."""
         return self.seq_len - self.fill
+
+    @property
+    def room(self) -> int:
+        """Tokens left in the current segment."""
+        return min(self.remaining, self.segment_start + self.doc_len - self.fill)
+
+    @property
+    def next_segment_room(self) -> int:
+        return min(self.remaining, self.doc_len)
+
+    @property
+    def segment_full(self) -> bool:
+        return self.room == 0
 
     @property
     def full(self) -> bool:
@@ -91,13 +111,13 @@ class Packer:
 
     def add_bos(self) -> None:
         """A document separator: part of the input, never a prediction target."""
-        if self.bos_id is not None and self.remaining:
+        if self.bos_id is not None and self.room:
             self.add(np.asarray([self.bos_id]), ROLE_META)
             self.weights[self.fill - 1] = 0.0
 
     def add(self, tokens: np.ndarray, role: int, chunk_id: str | None = None) -> int:
         """Append what fits of `tokens`; returns how many tokens were cut off."""
-        take = min(len(tokens), self.remaining)
+        take = min(len(tokens), self.room)
         span = slice(self.fill, self.fill + take)
         self.ids[span] = tokens[:take]
         self.weights[span] = self.weight[role]
@@ -207,7 +227,7 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
         chunks = ctx.meta.doc_chunks(doc)
         if not len(chunks):
             continue
-        if packer.fill and packer.remaining < ctx.min_segment:
+        if packer.fill and packer.remaining < min(ctx.min_segment, packer.doc_len):
             # Too little room for a dependency across negatives: pad rather than start a fragment.
             yield packer.take()
             if max_sequences is not None and packer.stats.sequences >= max_sequences:
@@ -215,14 +235,14 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
         meta_tokens = [ctx.meta.tokens(c) for c in chunks]
         doc_id = ctx.meta.doc_ids[doc]
         own = MetaDocument(ctx.corpus_doc_index.get(doc_id), rules.overlap.document(meta_tokens))
-        k = choose_k(packer.remaining - 1, sum(len(t) for t in meta_tokens), len(chunks),
+        k = choose_k(packer.next_segment_room - 1, sum(len(t) for t in meta_tokens), len(chunks),
                      ctx.mean_negative, ctx.fixed_k, ctx.max_k, ctx.headroom)
         packer.begin_segment(doc_id)
         packer.stats.documents_used += 1
         for i, (chunk, tokens) in enumerate(zip(chunks, meta_tokens)):
-            if ctx.meta_position == "head":  # placed before mining: a full sequence then needs none
+            if ctx.meta_position == "head":  # placed before mining: a full segment then needs none
                 packer.add(tokens, ROLE_META)
-                if packer.full:
+                if packer.segment_full:
                     break
             negatives = mine(source, rules, ctx.meta.embeddings[chunk], k, (scores[i], ids[i]), own,
                              packer.negatives_in_sample, ctx.corpus.num_chunks)
@@ -230,7 +250,7 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
             if ctx.meta_position != "head":
                 group.insert(_meta_slot(ctx, len(group), doc, i), None)  # None: the meta-chunk itself
             for piece in group:
-                if packer.full:
+                if packer.segment_full:
                     break
                 if piece is None:
                     packer.add(tokens, ROLE_META)
@@ -239,7 +259,7 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
                 rules.place(negative, score)
                 chunk_id = ctx.corpus.chunk_id(negative, ctx.corpus_chunk_doc)
                 packer.add(ctx.corpus.tokens(negative), ROLE_NEGATIVE, chunk_id)
-            if packer.full:
+            if packer.segment_full:
                 break
         if packer.full:
             yield packer.take()

@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="where each meta-chunk goes among its negatives: head (default, the method), tail or "
                            "random (the paper's position ablation)")
     mine.add_argument("--seq-len", type=int, help="tokens per training sequence (default: 32768)")
+    mine.add_argument("--doc-len", type=int,
+                      help="tokens per extended document, several packed into each --seq-len sequence with "
+                           "segment ids (the authors' 512K data: --doc-len 65536 --seq-len 524288); default: one "
+                           "document spans the sequence")
     mine.add_argument("--k", help="negatives per meta-chunk, or 'auto' (default): chosen from the "
                                   "lengths to fill --seq-len")
     mine.add_argument("--max-k", help="upper bound of the automatic k (default 'auto': as many as --seq-len "

@@ -48,6 +48,7 @@ class MiningConfig:
 class OutputConfig:
     out: Path = Path("out")
     seq_len: int = 32768
+    doc_len: int | None = None  # tokens per extended document, several packed per sequence; None: seq_len
     negative_weight: float = 1.0
     num_shards: int = 8
     max_sequences: int | None = None
@@ -101,9 +102,10 @@ FLAT_DEFAULTS: dict[str, object] = {
     "tokenizer": "llama3", "embedder": "minilm",
     "embed-device": "cpu", "embed-max-tokens": None, "trust-remote-code": False,
     "chunk-tokens": None, "chunk-chars": None,
-    "seq-len": 32768, "k": None, "max-k": None, "headroom": 1.5, "min-segment-tokens": 512,
+    "seq-len": 32768, "doc-len": None, "k": None, "max-k": None, "headroom": 1.5, "min-segment-tokens": 512,
     "index": "faiss-flat", "index-params": None, "negative-weight": 1.0, "dedup-threshold": 0.95,
-    "overlap-threshold": 0.5, "shingle-tokens": 8, "max-reuse": 8, "reuse-scope": "run", "meta-position": "head", "num-shards": 8, "max-sequences": None, "seed": 0,
+    "overlap-threshold": 0.5, "shingle-tokens": 8, "max-reuse": 8, "reuse-scope": "run", "meta-position": "head",
+    "num-shards": 8, "max-sequences": None, "seed": 0,
     "strategy": "nextlong", "compression": "none", "cache-dir": None,
     "strict": False, "docs-per-block": 1024,
 }
@@ -169,6 +171,11 @@ def build_config(flat: dict) -> SynthConfig:
     seq_len = int(flat["seq-len"])
     if not 64 <= seq_len <= 2**20:
         raise SynthError("--seq-len must be between 64 and 1048576 tokens")
+    doc_len = None if flat["doc-len"] is None else int(flat["doc-len"])
+    if doc_len is not None and not 64 <= doc_len <= seq_len:
+        raise SynthError(f"--doc-len must be between 64 and --seq-len ({seq_len}) tokens")
+    if doc_len is not None and str(flat["strategy"]).endswith("-concat"):
+        raise SynthError("--doc-len packs extended documents: it goes with nextlong or random-negatives")
     chunking = _chunking(flat)
     if chunking.unit == "tokens" and chunking.size >= seq_len:
         raise SynthError("--chunk-tokens must be smaller than --seq-len")
@@ -208,7 +215,7 @@ def build_config(flat: dict) -> SynthConfig:
             overlap_threshold=float(flat["overlap-threshold"]), shingle_tokens=int(flat["shingle-tokens"]),
             seed=int(flat["seed"])),
         output=OutputConfig(
-            out=Path(flat["out"]), seq_len=seq_len,
+            out=Path(flat["out"]), seq_len=seq_len, doc_len=doc_len,
             negative_weight=float(flat["negative-weight"]),
             num_shards=int(flat["num-shards"]),
             max_sequences=None if flat["max-sequences"] is None else int(flat["max-sequences"]),

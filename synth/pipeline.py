@@ -128,8 +128,9 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
             config, index, corpus.store, meta.store)
 
     inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir)
-    opened = OpenInputs(config, Extension.build(meta.store, corpus.store, config.mining, config.output.seq_len),
-                        index, tokenizer)
+    extension = Extension.build(meta.store, corpus.store, config.mining,
+                                config.output.doc_len or config.output.seq_len)
+    opened = OpenInputs(config, extension, index, tokenizer)
     reports = make_shards(inputs, opened, workers)
 
     summary = summarize(config, tokenizer, meta, corpus, reports, recall, embedder.window if embedder else None)

@@ -55,7 +55,8 @@ class OpenInputs:
         corpus = meta if inputs.corpus == inputs.meta else inputs.corpus.open()
         config = inputs.config
         return cls(config=config,
-                   extension=Extension.build(meta, corpus, config.mining, config.output.seq_len),
+                   extension=Extension.build(meta, corpus, config.mining,
+                                             config.output.doc_len or config.output.seq_len),
                    index=load_index(inputs.index_dir) if inputs.index_dir else None,
                    tokenizer=load_tokenizer(inputs.config.tokenizer))
 
@@ -83,8 +84,8 @@ def report_path(config: SynthConfig, name: str) -> Path:
 def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardReport:
     config, ext = opened.config, opened.extension
     out, mining = config.output, config.mining
-    packer = Packer(out.seq_len, out.negative_weight, opened.tokenizer.bos_id,
-                    opened.tokenizer.pad_id)
+    packer = Packer(out.seq_len, out.negative_weight, opened.tokenizer.bos_id, opened.tokenizer.pad_id,
+                    out.doc_len)
     cap = _shard_cap(out.max_sequences, shard, out.num_shards)
     overlap = MetaOverlap(ext.corpus.tokens, mining.shingle_tokens, mining.overlap_threshold)
     rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse, overlap,

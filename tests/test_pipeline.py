@@ -382,3 +382,17 @@ def test_meta_chunk_position_ablation(corpus, tmp_path, position):
         assert main([*args[:3], str(tmp_path / "again"), *args[4:]]) == 0
         assert shard_bytes(tmp_path / "again") == shard_bytes(out)
         assert set(after_bos) == {1, 2}  # some meta-chunks drawn first, some not
+
+
+def test_doc_len_packs_fixed_length_documents_into_each_sequence(corpus, tmp_path):
+    """--doc-len 256 --seq-len 1024: four extended documents of exactly 256 tokens per sequence, each its
+    own segment (positions restart, meta-chunk first), as the authors packed 64K documents into 512K."""
+    out = tmp_path / "packed"
+    assert main(synth_args(corpus, out, "--doc-len", "256", "--max-sequences", "4")) == 0
+    for ex in read_dataset(out, with_provenance=True).as_numpy_iterator():
+        segments = list(_segments(ex))
+        assert [len(idx) for idx in segments] == [256] * 4 and len(ex["meta_doc_ids"]) == 4
+        for idx in segments:
+            np.testing.assert_array_equal(ex["positions"][idx], np.arange(256))
+            assert ex["token_roles"][idx[1]] == 1 and (ex["token_roles"][idx] == 2).any()
+    assert main(synth_args(corpus, tmp_path / "bad", "--doc-len", "2048")) == 2
