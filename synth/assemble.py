@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE, segment_starts
+from synth.dedup import near_duplicate_documents
 from synth.negatives import CandidateSource, MetaDocument, NegativeFilter, mine
 
 if TYPE_CHECKING:
@@ -168,6 +169,7 @@ class Extension:
     corpus: ChunkStore
     corpus_chunk_doc: np.ndarray
     corpus_doc_index: dict[str, int]
+    corpus_duplicates: np.ndarray  # bool per corpus document: a near-duplicate of an earlier one
     fixed_k: int | None
     max_k: int
     headroom: float
@@ -185,7 +187,10 @@ class Extension:
         max_k = mining.max_k
         if max_k is None:
             max_k = max(1, math.ceil(seq_len * mining.headroom / mean_negative))
-        return cls(meta=meta, corpus=corpus, corpus_chunk_doc=corpus.chunk_doc(),
+        duplicates = np.zeros(corpus.num_docs, bool) if mining.corpus_dedup is None else near_duplicate_documents(
+            lambda d: [corpus.tokens(c) for c in corpus.doc_chunks(d)], corpus.num_docs, mining.corpus_dedup,
+            mining.shingle_tokens)
+        return cls(meta=meta, corpus=corpus, corpus_chunk_doc=corpus.chunk_doc(), corpus_duplicates=duplicates,
                    corpus_doc_index={doc_id: i for i, doc_id in enumerate(corpus.doc_ids)},
                    fixed_k=mining.k, max_k=max_k, headroom=mining.headroom,
                    min_segment=mining.min_segment_tokens, meta_position=mining.meta_position, seed=mining.seed,

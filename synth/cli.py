@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="drop candidates sharing at least this share of their token n-grams with ANY "
                            "chunk of the meta-document (default: 0.5; above 1 turns it off)")
     mine.add_argument("--shingle-tokens", type=int, help="n of those token n-grams (default: 8)")
+    mine.add_argument("--corpus-dedup", type=float, metavar="JACCARD",
+                      help="near-deduplicate the retrieval corpus first (MinHash LSH over the same n-grams): a "
+                           "document this similar to an earlier one never gives negatives (e.g. 0.8; default off)")
     mine.add_argument("--max-reuse", type=int,
                       help="placements of one corpus chunk as a negative (default: 8), over the run or per "
                            "shard as --reuse-scope says")

@@ -41,6 +41,7 @@ class MiningConfig:
     meta_position: str = "head"  # where m_i goes among its negatives; head is the method
     overlap_threshold: float = 0.5  # reject a negative this share of whose token n-grams is in its meta-document
     shingle_tokens: int = 8  # n of those n-grams
+    corpus_dedup: float | None = None  # Jaccard above which a corpus document repeats an earlier one; None: off
     seed: int = 0
 
 
@@ -104,7 +105,8 @@ FLAT_DEFAULTS: dict[str, object] = {
     "chunk-tokens": None, "chunk-chars": None,
     "seq-len": 32768, "doc-len": None, "k": None, "max-k": None, "headroom": 1.5, "min-segment-tokens": 512,
     "index": "faiss-flat", "index-params": None, "negative-weight": 1.0, "dedup-threshold": 0.95,
-    "overlap-threshold": 0.5, "shingle-tokens": 8, "max-reuse": 8, "reuse-scope": "run", "meta-position": "head",
+    "overlap-threshold": 0.5, "shingle-tokens": 8, "corpus-dedup": None, "max-reuse": 8, "reuse-scope": "run",
+    "meta-position": "head",
     "num-shards": 8, "max-sequences": None, "seed": 0,
     "strategy": "nextlong", "compression": "none", "cache-dir": None,
     "strict": False, "docs-per-block": 1024,
@@ -213,6 +215,7 @@ def build_config(flat: dict) -> SynthConfig:
             reuse_scope=_choice(flat, "reuse-scope", REUSE_SCOPES),
             meta_position=_choice(flat, "meta-position", META_POSITIONS),
             overlap_threshold=float(flat["overlap-threshold"]), shingle_tokens=int(flat["shingle-tokens"]),
+            corpus_dedup=None if flat["corpus-dedup"] is None else float(flat["corpus-dedup"]),
             seed=int(flat["seed"])),
         output=OutputConfig(
             out=Path(flat["out"]), seq_len=seq_len, doc_len=doc_len,

@@ -90,6 +90,7 @@ class NegativeFilter:
     shard: int = 0
     num_shards: int = 1
     reuse_scope: str = "run"
+    duplicate_doc: np.ndarray | None = None  # bool per corpus document, from `synth.dedup`
     stats: MiningStats = field(default_factory=MiningStats)
     reuse: Counter = field(default_factory=Counter)
 
@@ -128,6 +129,8 @@ class NegativeFilter:
             return "index_padding"
         if own.corpus_doc is not None and self.chunk_doc[chunk] == own.corpus_doc:
             return "same_document"
+        if self.duplicate_doc is not None and self.duplicate_doc[self.chunk_doc[chunk]]:
+            return "corpus_near_duplicate"
         if score > self.dedup_threshold:
             return "near_duplicate"
         if chunk in in_sample:

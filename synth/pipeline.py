@@ -133,7 +133,9 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
     opened = OpenInputs(config, extension, index, tokenizer)
     reports = make_shards(inputs, opened, workers)
 
-    summary = summarize(config, tokenizer, meta, corpus, reports, recall, embedder.window if embedder else None)
+    duplicates = None if config.mining.corpus_dedup is None else int(extension.corpus_duplicates.sum())
+    summary = summarize(config, tokenizer, meta, corpus, reports, recall, embedder.window if embedder else None,
+                        duplicates)
     manifest = Manifest(
         seq_len=config.output.seq_len, compression=config.output.compression,
         shards=tuple(ShardEntry(r.file, r.sequences, r.sha256, r.bytes) for r in reports),

@@ -56,7 +56,7 @@ def _quantile(hist: np.ndarray, q: float) -> float | None:
 
 
 def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport],
-              recall: float | None, embedder_window: int | None) -> dict:
+              recall: float | None, embedder_window: int | None, corpus_duplicates: int | None) -> dict:
     roles: Counter = Counter()
     filtered: Counter = Counter()
     for report in reports:
@@ -74,6 +74,7 @@ def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport],
             for name, c in collections.items()
         },
         "embedder": {"name": config.embedder, "window": embedder_window},
+        "corpus_near_duplicate_documents": corpus_duplicates,
         "sequences": sum(r.sequences for r in reports),
         "segments": sum(r.segments for r in reports),
         "meta_documents_used": sum(r.documents_used for r in reports),
@@ -124,6 +125,9 @@ def render_summary(summary: dict) -> str:
             f"- negative cosine similarity: mean {neg['similarity_mean']}, "
             f"p10/p50/p90 {neg['similarity_p10_p50_p90']}",
         ]
+    if summary["corpus_near_duplicate_documents"] is not None:
+        duplicates = summary["corpus_near_duplicate_documents"]
+        lines.append(f"- corpus near-duplicate documents (never negatives): {duplicates}")
     if summary["index"]["kind"]:
         lines.append(f"- index {summary['index']['kind']}: recall@10 vs exact search "
                      f"{summary['index']['recall_at_10']}")

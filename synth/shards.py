@@ -89,7 +89,8 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
     cap = _shard_cap(out.max_sequences, shard, out.num_shards)
     overlap = MetaOverlap(ext.corpus.tokens, mining.shingle_tokens, mining.overlap_threshold)
     rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse, overlap,
-                           shard=shard, num_shards=out.num_shards, reuse_scope=mining.reuse_scope)
+                           shard=shard, num_shards=out.num_shards, reuse_scope=mining.reuse_scope,
+                           duplicate_doc=ext.corpus_duplicates)
     if mining.strategy in ("plain-concat", "knn-concat"):
         docs = _shard_docs(ext.meta.num_docs, shard, out.num_shards, mining.seed)
         if mining.strategy == "knn-concat":

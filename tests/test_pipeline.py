@@ -396,3 +396,16 @@ def test_doc_len_packs_fixed_length_documents_into_each_sequence(corpus, tmp_pat
             np.testing.assert_array_equal(ex["positions"][idx], np.arange(256))
             assert ex["token_roles"][idx[1]] == 1 and (ex["token_roles"][idx] == 2).any()
     assert main(synth_args(corpus, tmp_path / "bad", "--doc-len", "2048")) == 2
+
+
+def test_corpus_near_dedup_counts_and_skips_later_copies(tmp_path):
+    corpus = _leaky_corpus(tmp_path / "leaky.jsonl")  # 16 pages, 8 of them also under an alias id
+    out = tmp_path / "dedup"
+    assert main(synth_args(corpus, out, "--k", "3", "--corpus-dedup", "0.8")) == 0
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["corpus_near_duplicate_documents"] == 8
+    assert counts["negatives"]["filtered"]["corpus_near_duplicate"] > 0
+    used = {n.decode().split("#")[0] for ex in read_dataset(out, with_provenance=True).as_numpy_iterator()
+            for n in ex["negative_chunk_ids"]}
+    assert used and not {u for u in used if u.startswith("alias")}
+    assert "corpus near-duplicate documents (never negatives): 8" in (out / "summary.md").read_text()

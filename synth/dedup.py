@@ -1,0 +1,40 @@
+"""Near-duplicate documents of the retrieval corpus: MinHash LSH over token-shingle sets.
+
+Real corpora repeat documents with small changes (mirrors, boilerplate-heavy pages). Before mining,
+every document whose estimated Jaccard similarity to an EARLIER one reaches the threshold is marked,
+so its chunks never become negatives: the first copy stays usable. Deterministic: documents are
+taken in store order and MinHash permutations come from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from synth.overlap import shingles
+
+NUM_PERM = 128
+SEED = 1
+
+
+def near_duplicate_documents(tokens_of_doc, num_docs: int, threshold: float, n: int) -> np.ndarray:
+    """bool [num_docs]: documents near-duplicating an earlier one. `tokens_of_doc(d)` gives the token
+    chunks of document d; shingles are its token n-grams (never spanning two chunks)."""
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    duplicate = np.zeros(num_docs, bool)
+    for doc in tqdm(range(num_docs), desc="corpus near-dedup", unit="doc", leave=False, disable=num_docs < 10_000):
+        parts = [shingles(t, n) for t in tokens_of_doc(doc)]
+        hashes = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+        if not len(hashes):
+            continue
+        # MinHash wants 32-bit element hashes: fold the 64-bit shingle hashes.
+        folded = ((hashes >> np.uint64(32)) ^ (hashes & np.uint64(0xFFFFFFFF))).astype(np.uint32)
+        minhash = MinHash(num_perm=NUM_PERM, seed=SEED, hashfunc=int)
+        minhash.update_batch(folded.tolist())
+        if lsh.query(minhash):
+            duplicate[doc] = True
+        else:
+            lsh.insert(doc, minhash)
+    return duplicate
