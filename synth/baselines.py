@@ -5,6 +5,10 @@
   by the cosine of mean chunk embeddings; a dead end (all near neighbours visited) jumps to the
   next unvisited document of the random order. ICLM walks a whole corpus; here each shard walks
   its own documents, so shards stay independent.
+- keyword-concat (in the spirit of Quest): documents grouped by a shared keyword and each group
+  concatenated. Quest has a model write queries for every document and takes keywords from those
+  queries; here each document's keyword is its highest TF-IDF word among the shard's documents, so
+  no generation model is involved and a document belongs to exactly one group.
 """
 
 from __future__ import annotations
@@ -43,3 +47,20 @@ def knn_walk(vectors: np.ndarray, order: list[int]) -> list[int]:
         _, near = index.search(vectors[current:current + 1], min(NEIGHBOURS, len(vectors)))
         current = next((int(i) for i in near[0] if i >= 0 and not visited[i]), None)
     return walk
+
+
+def keyword_order(texts: list[str], seed: int) -> list[int]:
+    """Indexes of `texts` grouped by keyword: groups in a seeded random order, each in input order."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(stop_words="english", token_pattern=r"(?u)\b[^\W\d_]{3,}\b", sublinear_tf=True)
+    try:
+        weights = vectorizer.fit_transform(texts)
+    except ValueError:  # no word survives (empty or all stop words): one group
+        return list(range(len(texts)))
+    keywords = np.asarray(weights.argmax(axis=1)).ravel()
+    keywords[np.asarray(weights.max(axis=1).todense()).ravel() == 0] = -1  # documents without a word
+    groups = np.unique(keywords)
+    order = np.random.default_rng(seed).permutation(groups)
+    rank = {keyword: position for position, keyword in enumerate(order.tolist())}
+    return sorted(range(len(texts)), key=lambda i: (rank[int(keywords[i])], i))

@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     mine = p.add_argument_group("negatives and layout")
     mine.add_argument("--strategy", choices=STRATEGIES,
                       help="nextlong (default); the paper's baselines: random-negatives, plain-concat (the "
-                           "meta-documents back to back), knn-concat (ordered by a nearest-neighbour walk, as ICLM)")
+                           "meta-documents back to back), knn-concat (ordered by a nearest-neighbour walk, as ICLM), "
+                           "keyword-concat (grouped by a TF-IDF keyword, in the spirit of Quest)")
     mine.add_argument("--meta-position", choices=["head", "tail", "random"],
                       help="where each meta-chunk goes among its negatives: head (default, the method), tail or "
                            "random (the paper's position ablation)")

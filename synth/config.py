@@ -16,7 +16,7 @@ from synth.embed import EmbeddingConfig
 from synth.errors import SynthError
 from synth.index import INDEX_KINDS, IndexConfig
 
-STRATEGIES = ("nextlong", "random-negatives", "plain-concat", "knn-concat")
+STRATEGIES = ("nextlong", "random-negatives", "plain-concat", "knn-concat", "keyword-concat")
 META_POSITIONS = ("head", "tail", "random")
 REUSE_SCOPES = ("run", "shard")
 COMPRESSIONS = ("none", "gzip")

@@ -111,7 +111,7 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _check_same_run(config)
     tokenizer = load_tokenizer(config.tokenizer)
-    needs_embeddings = config.mining.strategy != "plain-concat"
+    needs_embeddings = config.mining.strategy not in ("plain-concat", "keyword-concat")
     embedder = load_embedder(config.embedder, config.embedding) if needs_embeddings else None
 
     meta = _collection(config.meta, "meta", config, tokenizer, embedder)

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from synth.assemble import Extension, Packer, concatenated_sequences, extended_sequences
-from synth.baselines import document_vectors, knn_walk
+from synth.baselines import document_vectors, keyword_order, knn_walk
 from synth.config import SynthConfig
 from synth.index import ChunkIndex, load_index
 from synth.negatives import IndexCandidates, NegativeFilter, RandomCandidates
@@ -91,11 +91,15 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
     rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse, overlap,
                            shard=shard, num_shards=out.num_shards, reuse_scope=mining.reuse_scope,
                            duplicate_doc=ext.corpus_duplicates)
-    if mining.strategy in ("plain-concat", "knn-concat"):
+    if mining.strategy.endswith("-concat"):
         docs = _shard_docs(ext.meta.num_docs, shard, out.num_shards, mining.seed)
         if mining.strategy == "knn-concat":
             vectors = document_vectors(ext.meta.embeddings, ext.meta.doc_chunk_offsets, docs)
             docs = [docs[i] for i in knn_walk(vectors, list(range(len(docs))))]
+        elif mining.strategy == "keyword-concat":
+            texts = [opened.tokenizer.decode([t for c in ext.meta.doc_chunks(d) for t in ext.meta.tokens(c).tolist()])
+                     for d in docs]
+            docs = [docs[i] for i in keyword_order(texts, mining.seed)]
         sequences = concatenated_sequences(ext.meta, docs, packer, cap)
     else:
         source = IndexCandidates(opened.index) if mining.strategy == "nextlong" else \

@@ -147,3 +147,15 @@ def test_knn_walk_follows_the_nearest_unvisited_neighbour():
     vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
     assert knn_walk(vectors, [0, 4, 1, 2, 3, 5, 6]) == [0, 1, 2, 3, 4, 5, 6]
     assert knn_walk(vectors, [6, 0, 1, 2, 3, 4, 5]) == [6, 5, 4, 3, 2, 1, 0]
+
+
+def test_keyword_order_groups_documents_sharing_their_top_keyword():
+    from synth.baselines import keyword_order
+
+    topics = ["glacier", "violin", "orchard"]
+    texts = [f"the {topics[i % 3]} {topics[i % 3]} story number {'one two three'.split()[i % 3]}" for i in range(9)]
+    order = keyword_order(texts, seed=0)
+    assert sorted(order) == list(range(9))
+    runs = [topics[i % 3] for i in order]
+    assert sum(a != b for a, b in zip(runs, runs[1:])) == 2  # three contiguous groups
+    assert keyword_order(texts, seed=0) == order and keyword_order(["", "  "], seed=0) == [0, 1]

@@ -124,7 +124,7 @@ def test_negative_weight_and_gzip(corpus, tmp_path):
     assert set(np.unique(ex["loss_weights"][ex["token_roles"] == 2])) == {0.25}
 
 
-@pytest.mark.parametrize("strategy", ["random-negatives", "plain-concat", "knn-concat"])
+@pytest.mark.parametrize("strategy", ["random-negatives", "plain-concat", "knn-concat", "keyword-concat"])
 def test_ablation_strategies(corpus, tmp_path, strategy):
     out = tmp_path / strategy
     assert main(synth_args(corpus, out, "--strategy", strategy, "--max-sequences", "3")) == 0
