@@ -1,7 +1,9 @@
 """Typed configuration of a synthesis run, built once from flags and YAML and passed top-down.
 
 Users see a flat set of options (command-line flags, and YAML keys of the same names); the run
-sees them grouped by the stage that uses them.
+sees them grouped by the stage that uses them. `OPTIONS` lists every flat option once, with the
+dataclass field its default is read from: the flat defaults, the command line (`synth.cli`) and
+each help line's "(default: ...)" all come from it, so no default is written twice.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from synth.chunking import MIN_CHAR_LIMIT
-from synth.corpus import CorpusSpec
+from synth.corpus import FORMATS, CorpusSpec
 from synth.embed import EmbeddingConfig
 from synth.errors import SynthError
 from synth.index import INDEX_KINDS, IndexConfig
@@ -93,24 +96,124 @@ def _plain(value):
     return value
 
 
-# Flat option name -> default. These are the flag names (with '-') and YAML keys.
-FLAT_DEFAULTS: dict[str, object] = {
-    "meta": None, "corpus": None, "out": None,
-    "meta-format": "auto", "corpus-format": "auto",
-    "id-field": "id", "text-field": "text",
-    "max-meta-docs": None, "max-corpus-docs": None,
-    "max-doc-chars": 4_000_000,
-    "tokenizer": "llama3", "embedder": "minilm",
-    "embed-device": "cpu", "embed-max-tokens": None, "trust-remote-code": False,
-    "chunk-tokens": None, "chunk-chars": None,
-    "seq-len": 32768, "doc-len": None, "k": None, "max-k": None, "headroom": 1.5, "min-segment-tokens": 512,
-    "index": "faiss-flat", "index-params": None, "negative-weight": 1.0, "dedup-threshold": 0.95,
-    "overlap-threshold": 0.5, "shingle-tokens": 8, "corpus-dedup": None, "max-reuse": 8, "reuse-scope": "run",
-    "meta-position": "head",
-    "num-shards": 8, "max-sequences": None, "seed": 0,
-    "strategy": "nextlong", "compression": "none", "cache-dir": None,
-    "strict": False, "docs-per-block": 1024,
-}
+IO = "inputs and output"
+MODEL = "tokenizer, chunking, embedding, index"
+LAYOUT = "negatives and layout"
+
+
+def _default_of(cls: type, name: str) -> Any:
+    found = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return found.default_factory() if found.default is dataclasses.MISSING else found.default
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    group: str
+    help: str
+    default_from: tuple[type, str] | None = None  # (dataclass, field) holding the default
+    arguments: dict = field(default_factory=dict)  # more argparse keywords: type, choices, metavar, action
+    cli: str | None = None  # the flag, where it differs from the YAML key
+
+    @property
+    def default(self) -> Any:
+        return None if self.default_from is None else _default_of(*self.default_from)
+
+    @property
+    def help_text(self) -> str:
+        """The help line, ending in the default where there is one to state."""
+        if not self.help or self.default is None or self.arguments.get("action") == "store_true":
+            return self.help
+        return f"{self.help} (default: {self.default})"
+
+
+def _int(**more) -> dict:
+    return {"type": int, **more}
+
+
+def _float(**more) -> dict:
+    return {"type": float, **more}
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("meta", IO, "meta-documents: the short documents to extend"),
+    Option("corpus", IO, "retrieval corpus for negatives (default: the meta-documents)"),
+    Option("out", IO, "output directory for shards, manifest.json and summary.md"),
+    Option("meta-format", IO, "format of --meta", (CorpusSpec, "format"), {"choices": FORMATS}),
+    Option("corpus-format", IO, "format of --corpus", (CorpusSpec, "format"), {"choices": FORMATS}),
+    Option("id-field", IO, "id field of JSONL/Parquet/TFDS records; records without one are named by a hash "
+                           "of their text", (CorpusSpec, "id_field")),
+    Option("text-field", IO, "text field of records", (CorpusSpec, "text_field")),
+    Option("max-meta-docs", IO, "read at most this many meta-documents", arguments=_int()),
+    Option("max-corpus-docs", IO, "read at most this many corpus documents", arguments=_int()),
+    Option("max-doc-chars", IO, "skip (and count) longer documents", (CorpusSpec, "max_doc_chars"), _int()),
+    Option("strict", IO, "fail on the first bad record instead of counting and skipping it",
+           (SynthConfig, "strict"), {"action": "store_true", "default": None}),
+    Option("cache-dir", IO, "chunk, embedding and index cache (default: OUT/.cache)", arguments={"type": Path}),
+    Option("tokenizer", MODEL, "'llama3' (bundled), a tokenizer.json or a HF tokenizer directory; lengths are "
+                               "counted in its tokens", (SynthConfig, "tokenizer")),
+    Option("chunk-tokens", MODEL, f"chunk size in tokens (default: {ChunkingConfig.size})", arguments=_int()),
+    Option("chunk-chars", MODEL, "chunk size in characters instead (the paper: 2048)", arguments=_int()),
+    Option("embedder", MODEL, "'minilm' (bundled all-MiniLM-L6-v2), 'hashing[:DIM]', or a local "
+                              "sentence-transformers directory", (SynthConfig, "embedder")),
+    Option("embed-device", MODEL, "where the embedder runs: cpu, cuda, cuda:1, mps, ...",
+           (EmbeddingConfig, "device")),
+    Option("embed-max-tokens", MODEL, "the encoder's window in its own tokens, up to the positions the model "
+                                      "has (default: the model's max_seq_length; MiniLM 256). Longer chunks are "
+                                      "counted in the summary", arguments=_int()),
+    Option("trust-remote-code", MODEL, "allow an embedder that ships its own Python code (e.g. "
+                                       "jina-embeddings-v3) to run it", (EmbeddingConfig, "trust_remote_code"),
+           {"action": "store_true", "default": None}),
+    Option("index", MODEL, "nearest-neighbour index", (IndexConfig, "kind"), {"choices": INDEX_KINDS}),
+    Option("index-params", MODEL, "index tuning, repeatable: nlist, nprobe, pq_m (faiss-ivfpq); hnsw_m, "
+                                  "ef_search, ef_construction (faiss-hnsw); scann_leaves, scann_leaves_to_search "
+                                  "(scann). Unset ones keep their defaults (nlist, pq_m and the ScaNN leaves "
+                                  "follow the corpus size). YAML: index-params: {nprobe: 32}",
+           arguments={"action": "append", "metavar": "KEY=VALUE"}, cli="index-param"),
+    Option("strategy", LAYOUT, "nextlong; the paper's baselines: random-negatives, plain-concat (the "
+                               "meta-documents back to back), knn-concat (ordered by a nearest-neighbour walk, as "
+                               "ICLM), keyword-concat (grouped by a TF-IDF keyword, in the spirit of Quest)",
+           (MiningConfig, "strategy"), {"choices": STRATEGIES}),
+    Option("meta-position", LAYOUT, "where each meta-chunk goes among its negatives: head (the method), tail or "
+                                    "random (the paper's position ablation)", (MiningConfig, "meta_position"),
+           {"choices": META_POSITIONS}),
+    Option("seq-len", LAYOUT, "tokens per training sequence", (OutputConfig, "seq_len"), _int()),
+    Option("doc-len", LAYOUT, "tokens per extended document, several packed into each --seq-len sequence with "
+                              "segment ids (the authors' 512K data: --doc-len 65536 --seq-len 524288); default: "
+                              "one document spans the sequence", arguments=_int()),
+    Option("k", LAYOUT, "negatives per meta-chunk, or 'auto' (default): the paper's k from the lengths"),
+    Option("max-k", LAYOUT, "upper bound of the automatic k (default 'auto': as many as the length can hold, so "
+                            "one meta-document spans the whole sequence)"),
+    Option("headroom", LAYOUT, "the paper's w: the automatic k = (seq_len*w - meta tokens) / (meta chunks * "
+                               "mean negative tokens), the extended document then cut at its length",
+           (MiningConfig, "headroom"), _float()),
+    Option("min-segment-tokens", LAYOUT, "pad the end of a sequence rather than start a meta-document there "
+                                         "with less room than this", (MiningConfig, "min_segment_tokens"), _int()),
+    Option("negative-weight", LAYOUT, "loss weight of negative tokens, 0..1 (1.0 = the paper)",
+           (OutputConfig, "negative_weight"), _float()),
+    Option("dedup-threshold", LAYOUT, "drop candidates more similar than this cosine",
+           (MiningConfig, "dedup_threshold"), _float()),
+    Option("overlap-threshold", LAYOUT, "drop candidates sharing at least this share of their token n-grams "
+                                        "with ANY chunk of the meta-document; above 1 turns it off",
+           (MiningConfig, "overlap_threshold"), _float()),
+    Option("shingle-tokens", LAYOUT, "n of those token n-grams", (MiningConfig, "shingle_tokens"), _int()),
+    Option("corpus-dedup", LAYOUT, "near-deduplicate the retrieval corpus first (MinHash LSH over the same "
+                                   "n-grams): a document this similar to an earlier one never gives negatives "
+                                   "(e.g. 0.8; default off)", arguments=_float(metavar="JACCARD")),
+    Option("max-reuse", LAYOUT, "placements of one corpus chunk as a negative, over the run or per shard as "
+                                "--reuse-scope says", (MiningConfig, "max_reuse"), _int()),
+    Option("reuse-scope", LAYOUT, "run: at most --max-reuse in all shards together; shard: in each",
+           (MiningConfig, "reuse_scope"), {"choices": REUSE_SCOPES}),
+    Option("num-shards", LAYOUT, "output shards", (OutputConfig, "num_shards"), _int()),
+    Option("max-sequences", LAYOUT, "stop after this many sequences in all (same budget across strategies)",
+           arguments=_int()),
+    Option("compression", LAYOUT, "TFRecord compression", (OutputConfig, "compression"), {"choices": COMPRESSIONS}),
+    Option("seed", LAYOUT, "seed of every random choice", (MiningConfig, "seed"), _int()),
+    Option("docs-per-block", LAYOUT, "", (SynthConfig, "docs_per_block"), _int()),  # tests only: no help
+)
+
+# Flag (and YAML key) -> default: what `build_config` merges YAML and flags over.
+FLAT_DEFAULTS: dict[str, Any] = {option.flag: option.default for option in OPTIONS}
 
 
 def _spec(path: str, fmt: str, flat: dict, max_docs) -> CorpusSpec:
