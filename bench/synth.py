@@ -7,6 +7,10 @@
    on the same chunk texts.
 3. Each ANN index: queries/s and recall@10 vs exact faiss-flat, on MiniLM chunk embeddings.
 4. Peak RSS of whole runs as the corpus grows.
+5. Hardness and leaks of the negatives with the own-document text rule off, on, and on with corpus
+   near-dedup (MiniLM, the bundled Python docs as meta-documents AND corpus, so shared boilerplate
+   can leak): cosine of placed negatives, rejections by reason, and how much of the negatives'
+   text repeats their own meta-document (share of 8-grams; meta-chunks copied whole).
 
     python bench/synth.py [--quick]
 """
@@ -14,6 +18,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -160,11 +166,64 @@ def bench_rss(work: Path, sizes: list[int]) -> None:
         print(f"    {size:6d} docs: peak RSS {int(line[0].split()[1]) / 1024:8.0f} MiB")
 
 
+def _leaks(out: Path, texts: dict[str, str], chunk_tokens: int) -> tuple[float, int]:
+    """(share of negative-token 8-grams found in their segment's own meta-document, meta-chunks of
+    that document found verbatim among the segment's negatives)."""
+    from synth.chunking import chunk_document
+    from synth.overlap import shingles
+    from synth.tfrecord import read_dataset
+
+    tokenizer = load_tokenizer()
+    shared = total = copies = 0
+    for ex in read_dataset(out, with_provenance=True).as_numpy_iterator():
+        seg = ex["segment_ids"]
+        for meta, segment in zip((m.decode() for m in ex["meta_doc_ids"]), np.unique(seg[seg > 0])):
+            idx = np.flatnonzero(seg == segment)
+            negatives = ex["input_ids"][idx][ex["token_roles"][idx] == 2].astype(np.int64)
+            chunks = [np.asarray(c.ids, np.int64) for c in chunk_document(texts[meta], chunk_tokens, "tokens",
+                                                                           tokenizer)]
+            own = np.unique(np.concatenate([shingles(c, 8) for c in chunks]))
+            grams = shingles(negatives, 8)
+            shared += int(np.isin(grams, own).sum())
+            total += len(grams)
+            stream = negatives.tobytes()
+            # int64 tokens: a match at an offset that is not a multiple of 8 bytes is no token match
+            copies += sum(len(c) >= 8 and stream.find(c.tobytes()) >= 0 and stream.find(c.tobytes()) % 8 == 0
+                          for c in chunks)
+    return shared / max(total, 1), copies
+
+
+def bench_leaks(work: Path, limit: int) -> None:
+    print(f"5. negatives' hardness and leaks: {limit} Python-docs sections as meta-documents; MiniLM")
+    docs = documents("sample:pydocs", limit)
+    texts = {d.id: d.text for d in docs}
+    mirrored = work / "mirrored.jsonl"  # the corpus a real crawl gives: every page twice, under two ids
+    mirrored.write_text("".join(json.dumps({"id": f"{prefix}{d.id}", "text": d.text}) + "\n"
+                                for prefix in ("", "mirror/") for d in docs))
+    for corpus_name, corpus in (("corpus = the same sections", []), ("corpus = the sections twice (mirror ids)",
+                                                                     ["--corpus", str(mirrored)])):
+        print(f"  {corpus_name}:")
+        common = ["--meta", "sample:pydocs", "--max-meta-docs", str(limit), *corpus, "--embedder", "minilm",
+                  "--index", "faiss-flat", "--seq-len", "8192", "--chunk-tokens", "256", "--num-shards", "2",
+                  "--cache-dir", str(work / "leak-cache")]
+        for name, extra in (("text rule off", ["--overlap-threshold", "2"]), ("text rule on (default)", []),
+                            ("rule on + corpus near-dedup 0.8", ["--corpus-dedup", "0.8"])):
+            out = work / f"{corpus_name}-{name}".replace(" ", "-")
+            with contextlib.redirect_stdout(io.StringIO()):
+                seconds = run_synth(*common, "--out", str(out), *extra)
+            negatives = json.loads((out / "manifest.json").read_text())["counts"]["negatives"]
+            share, copies = _leaks(out, texts, 256)
+            print(f"    {name}: {negatives['chosen']} negatives placed, cosine mean {negatives['similarity_mean']} "
+                  f"p10/p50/p90 {negatives['similarity_p10_p50_p90']}; rejected {negatives['filtered']}; "
+                  f"negative 8-grams from their own meta-document {100 * share:.2f}%, meta-chunks copied whole "
+                  f"{copies}; {seconds:.0f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small slices, for a smoke run")
-    parser.add_argument("--parts", default="1234", help="which measurements to run (default 1234)")
+    parser.add_argument("--parts", default="12345", help="which measurements to run (default 12345)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -177,6 +236,8 @@ def main() -> None:
             bench_minilm(work, 200 if args.quick else None)
         if "3" in args.parts:
             bench_indexes(minilm_embeddings(work, 150 if args.quick else 1500))
+        if "5" in args.parts:
+            bench_leaks(work, 60 if args.quick else 300)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,17 @@ def test_shards_parse_back_with_plain_tf_data(tmp_path):
         batches = list(read_dataset(out).batch(2).as_numpy_iterator())
         assert [b["input_ids"].shape for b in batches] == [(2, seq_len), (1, seq_len)]
         np.testing.assert_array_equal(batches[1]["input_ids"][0], written[2].input_ids)
+
+
+def test_writer_and_reader_share_one_contract():
+    """Synthesis writes and training reads through the same objects of `nextlong_jax.schema`."""
+    import nextlong_jax.data as reader
+    import nextlong_jax.schema as schema
+    import synth.assemble as packer
+    import synth.tfrecord as writer
+
+    assert writer.INT_FEATURES is reader.INT_FEATURES is schema.INT_FEATURES
+    assert writer.FLOAT_FEATURES is reader.FLOAT_FEATURES is schema.FLOAT_FEATURES
+    assert writer.Manifest is reader.Manifest is schema.Manifest
+    assert packer.segment_starts is reader.segment_starts is schema.segment_starts
+    assert (packer.ROLE_META, packer.ROLE_NEGATIVE) == (schema.ROLE_META, schema.ROLE_NEGATIVE) == (1, 2)
