@@ -63,7 +63,8 @@ class DataConfig:
 
     def __post_init__(self):
         if self.weights and (len(self.weights) != len(self.sources) or min(self.weights) <= 0):
-            raise ValueError(f"weights {list(self.weights)} must be {len(self.sources)} positive numbers, one per source")
+            raise ValueError(f"weights {list(self.weights)} must be {len(self.sources)} positive numbers, "
+                             "one per source")
 
     @property
     def sources(self) -> tuple[str, ...]:

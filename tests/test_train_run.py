@@ -144,7 +144,8 @@ def test_a_mixture_of_sources_trains_and_mismatched_weights_are_one_line(train_d
     out = tmp_path / "mix"
     cmd = _command(train_data, out, "train.steps=2")
     data_at = cmd.index("--data")
-    mixed = cmd[:data_at + 2] + ["--data", str(train_data / "*.tfrecord"), "--data-weights", "1", "3"] + cmd[data_at + 2:]
+    extra = ["--data", str(train_data / "*.tfrecord"), "--data-weights", "1", "3"]
+    mixed = cmd[:data_at + 2] + extra + cmd[data_at + 2:]
     proc = subprocess.run(mixed, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "checkpoints" / "2" / "progress" / "metadata").read_text())["train_config"]["data"][
