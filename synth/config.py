@@ -15,7 +15,7 @@ from typing import Any
 
 from synth.chunking import MIN_CHAR_LIMIT
 from synth.corpus import FORMATS, CorpusSpec
-from synth.embed import EmbeddingConfig
+from synth.embed import EMBED_BACKENDS, EmbeddingConfig
 from synth.errors import SynthError
 from synth.index import INDEX_KINDS, IndexConfig
 
@@ -156,7 +156,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("chunk-chars", MODEL, "chunk size in characters instead (the paper: 2048)", arguments=_int()),
     Option("embedder", MODEL, "'minilm' (bundled all-MiniLM-L6-v2), 'hashing[:DIM]', or a local "
                               "sentence-transformers directory", (SynthConfig, "embedder")),
-    Option("embed-device", MODEL, "where the embedder runs: cpu, cuda, cuda:1, mps, ...",
+    Option("embed-backend", MODEL, "torch (sentence-transformers) or jax (the same BERT-family encoders on jax's "
+                                   "devices: TPU, GPU or CPU, data-parallel)", (EmbeddingConfig, "backend"),
+           {"choices": EMBED_BACKENDS}),
+    Option("embed-device", MODEL, "where the torch backend runs: cpu, cuda, cuda:1, mps, ...",
            (EmbeddingConfig, "device")),
     Option("embed-max-tokens", MODEL, "the encoder's window in its own tokens, up to the positions the model "
                                       "has (default: the model's max_seq_length; MiniLM 256). Longer chunks are "
@@ -306,7 +309,8 @@ def build_config(flat: dict) -> SynthConfig:
         tokenizer=str(flat["tokenizer"]),
         embedder=str(flat["embedder"]),
         embedding=EmbeddingConfig(
-            device=str(flat["embed-device"]), trust_remote_code=bool(flat["trust-remote-code"]),
+            backend=_choice(flat, "embed-backend", EMBED_BACKENDS), device=str(flat["embed-device"]),
+            trust_remote_code=bool(flat["trust-remote-code"]),
             max_tokens=None if flat["embed-max-tokens"] is None else int(flat["embed-max-tokens"])),
         chunking=chunking,
         index=IndexConfig(kind=_choice(flat, "index", INDEX_KINDS), seed=int(flat["seed"]),

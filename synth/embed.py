@@ -40,9 +40,13 @@ class Embedder(Protocol):
         ...
 
 
+EMBED_BACKENDS = ("torch", "jax")
+
+
 @dataclass(frozen=True)
 class EmbeddingConfig:
-    device: str = "cpu"  # where a sentence-transformers model runs: cpu, cuda, cuda:1, mps, ...
+    backend: str = "torch"  # torch: sentence-transformers; jax: `synth.jax_encoder` on jax's devices
+    device: str = "cpu"  # where the torch backend runs: cpu, cuda, cuda:1, mps, ...
     max_tokens: int | None = None  # the encoder's window; None: the model's own max_seq_length
     trust_remote_code: bool = False  # models with their own code (jina-embeddings-v3) need it
 
@@ -151,7 +155,7 @@ def minilm_path() -> Path:
 def load_embedder(spec: str = DEFAULT_EMBEDDER, options: EmbeddingConfig = EmbeddingConfig()) -> Embedder:
     """`minilm`, `hashing`, `hashing:DIM`, or a local sentence-transformers directory."""
     if spec == "minilm":
-        return SentenceTransformerEmbedder(minilm_path(), options)
+        return _model_embedder(minilm_path(), options)
     if spec == "hashing" or spec.startswith("hashing:"):
         dim = spec.partition(":")[2]
         if dim and not dim.isdigit():
@@ -162,4 +166,12 @@ def load_embedder(spec: str = DEFAULT_EMBEDDER, options: EmbeddingConfig = Embed
         raise SynthError(
             f"embedder {spec!r} not found: use 'minilm', 'hashing', or a local "
             "sentence-transformers model directory")
+    return _model_embedder(path, options)
+
+
+def _model_embedder(path: Path, options: EmbeddingConfig) -> Embedder:
+    if options.backend == "jax":
+        from synth.jax_encoder import JaxSentenceEncoder
+
+        return JaxSentenceEncoder(path, options.max_tokens)
     return SentenceTransformerEmbedder(path, options)
