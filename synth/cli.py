@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                            help=option.help_text or argparse.SUPPRESS, **option.arguments)
     p.add_argument("--workers", type=int, default=1,
                    help="processes making output shards (default 1); the output is the same")
+    p.add_argument("--tfds", action="store_true",
+                   help="also write TFDS metadata, so tfds.builder_from_directory(OUT) reads the shards (needs "
+                        "tensorflow-datasets and uncompressed shards); may be added to a finished run")
     return p
 
 
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise SynthError("--workers must be at least 1")
         summary = run(config, workers=args.workers)
+        if args.tfds:
+            from synth.tfds_metadata import write_tfds_metadata
+
+            write_tfds_metadata(config.output.out)
     except SynthError as exc:
         print(f"nextlong-synth: error: {exc}", file=sys.stderr)
         return 2
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     timing = summary["timing"]
     print(f"- time: {timing['seconds']}s (chunking {timing['chunk_seconds']}s, "
           f"embedding {timing['embed_seconds']}s)")
-    print(f"- output: {config.output.out}/manifest.json, summary.md")
+    print(f"- output: {config.output.out}/manifest.json, summary.md" + (", TFDS metadata" if args.tfds else ""))
     return 0
 
 

@@ -409,3 +409,21 @@ def test_corpus_near_dedup_counts_and_skips_later_copies(tmp_path):
             for n in ex["negative_chunk_ids"]}
     assert used and not {u for u in used if u.startswith("alias")}
     assert "corpus near-duplicate documents (never negatives): 8" in (out / "summary.md").read_text()
+
+
+def test_tfds_metadata_makes_the_output_a_tfds_dataset(corpus, tmp_path):
+    import tensorflow_datasets as tfds
+
+    out = tmp_path / "tfds"
+    assert main(synth_args(corpus, out, "--max-sequences", "5", "--tfds")) == 0
+    builder = tfds.builder_from_directory(str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert builder.info.splits["train"].num_examples == manifest["counts"]["sequences"] == 5
+    assert builder.info.features["input_ids"].shape == (1024,) and '"strategy": "nextlong"' in builder.info.description
+    got = list(builder.as_dataset(split="train", shuffle_files=False).as_numpy_iterator())
+    want = list(read_dataset(out, with_provenance=True).as_numpy_iterator())
+    for a, b in zip(got, want, strict=True):
+        for name in ("input_ids", "loss_weights", "token_roles", "segment_ids", "positions"):
+            np.testing.assert_array_equal(a[name], b[name])
+        assert list(a["meta_doc_ids"]) == list(b["meta_doc_ids"])
+    assert main(synth_args(corpus, tmp_path / "gz", "--max-sequences", "2", "--compression", "gzip", "--tfds")) == 2
