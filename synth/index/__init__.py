@@ -1,0 +1,101 @@
+"""Nearest-neighbour search over chunk embeddings: one interface, one registry of backends.
+
+Embeddings are L2-normalised float32 rows, so inner product is cosine similarity. Every backend
+returns exact inner products as scores (the approximate ones re-rank their candidates against the
+stored vectors), so similarity thresholds downstream mean the same thing whichever index found the
+candidates. Ids are row numbers of the matrix given to `build_index`; -1 (score -inf) pads rows
+that have fewer than k results.
+
+An index directory holds `meta.json` (requested kind, effective backend, config, size) and the
+backend's files. It is written under a temporary name and renamed when complete, so a killed save
+never leaves a directory that looks like an index but is not one.
+
+Backends, one module each: `flat` (exact), `ivfpq`, `hnsw` (faiss) and `scann`; `BACKENDS` maps
+each kind to its build, load and training needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from synth.errors import SynthError
+from synth.index import flat, hnsw, ivfpq, scann
+from synth.index.base import (FLAT, FORMAT, HNSW, INDEX_KINDS, IVFPQ, META, MIN_TRAIN_POINTS, POINTS_PER_CENTROID,
+                              SCANN, Backend, ChunkIndex, IndexConfig, check_matrix)
+
+__all__ = ["INDEX_KINDS", "BACKENDS", "ChunkIndex", "IndexConfig", "build_index", "load_index", "exact_search",
+           "recall_at_k"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS: dict[str, Backend] = {FLAT: flat.BACKEND, IVFPQ: ivfpq.BACKEND, HNSW: hnsw.BACKEND, SCANN: scann.BACKEND}
+assert tuple(BACKENDS) == INDEX_KINDS
+
+
+def build_index(embeddings: np.ndarray, config: IndexConfig) -> ChunkIndex:
+    """Index the rows of `embeddings` (float32, L2-normalised); deterministic for a given config."""
+    vectors = check_matrix(embeddings, "embeddings")
+    if not len(vectors):
+        raise SynthError("cannot build an index over 0 embeddings (is the corpus empty?)")
+    centroids = BACKENDS[config.kind].centroids(config, len(vectors))
+    needed = max(MIN_TRAIN_POINTS, POINTS_PER_CENTROID * centroids) if centroids else 0
+    if len(vectors) < needed:
+        log.warning("%s needs at least %d vectors to train, got %d: using exact faiss-flat search",
+                    config.kind, needed, len(vectors))
+        return flat.build(vectors, config)
+    return BACKENDS[config.kind].build(vectors, config)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def load_index(directory: Path) -> ChunkIndex:
+    """The index `save` wrote to `directory`; SynthError if it is missing or damaged."""
+    directory = Path(directory)
+    if not (directory / META).is_file():
+        raise SynthError(f"no index at {directory} ({META} missing)")
+    try:
+        meta = json.loads((directory / META).read_text())
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{META} is not in format {FORMAT}")
+        config = IndexConfig(**meta["config"])
+        index = BACKENDS[meta["backend"]].load(directory, meta, config)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SynthError) as error:
+        raise SynthError(f"cannot load the index at {directory}: {_one_line(error)}; "
+                         f"delete it to rebuild") from error
+    if (index.ntotal, index.dim) != (meta["ntotal"], meta["dim"]):
+        raise SynthError(f"index at {directory} holds {index.ntotal} x {index.dim} vectors but "
+                         f"{META} says {meta['ntotal']} x {meta['dim']}; delete it to rebuild")
+    return index
+
+
+def exact_search(embeddings: np.ndarray, queries: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product search: the ground truth that recall is measured against."""
+    return flat.build(check_matrix(embeddings, "embeddings"), IndexConfig()).search(queries, k)
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / k, ignoring -1 padding.
+
+    Where fewer than k true neighbours exist, the denominator is how many do, so an exact index
+    scores 1.0 whatever k is.
+    """
+    if approx_ids.ndim != 2 or approx_ids.shape[0] != exact_ids.shape[0]:
+        raise ValueError(f"id arrays disagree: {approx_ids.shape} vs {exact_ids.shape}")
+    if k < 1 or min(approx_ids.shape[1], exact_ids.shape[1]) < k:
+        raise ValueError(f"k={k} needs at least k columns of ids")
+    if not len(exact_ids):
+        raise ValueError("recall of zero queries is undefined")
+    recalls = []
+    for approx, exact in zip(approx_ids[:, :k], exact_ids[:, :k]):
+        truth = exact[exact >= 0]
+        hits = np.intersect1d(approx[approx >= 0], truth).size
+        recalls.append(hits / len(truth) if len(truth) else 1.0)
+    return float(np.mean(recalls))
