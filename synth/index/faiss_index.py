@@ -55,7 +55,9 @@ class FaissIndex:
 
 def load_faiss(directory: Path, meta: dict[str, Any], config: IndexConfig, *, reranked: bool = False,
                search_params: SearchParams = no_params) -> FaissIndex:
-    index = faiss.read_index(str(directory / FAISS_FILE))
+    # On-disk inverted lists (a sharded IVF build) are found beside the index file, wherever the
+    # directory was moved since it was written.
+    index = faiss.read_index(str(directory / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
     vectors = None
     if reranked:
         vectors = np.load(directory / VECTORS_FILE, mmap_mode="r")
