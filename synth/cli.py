@@ -27,7 +27,8 @@ TFDS dataset), a glob, or a bundled sample: sample:pydocs, sample:jargon.
 
 example:
   nextlong-synth --meta sample:pydocs --corpus sample:jargon --out out/demo --seq-len 8192
-  nextlong-synth --config configs/synth/paper.yaml --meta docs.jsonl --out out/paper
+  nextlong-synth --config configs/synth/paper-128k.yaml --meta docs.jsonl --out out/paper
+  nextlong-synth index build --corpus web.parquet --cache-dir cache/ --out out/any --index faiss-ivfpq
 """
 
 
@@ -66,6 +67,9 @@ def _flat_options(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["index", "build"]:
+        return _index_build(argv[2:])
     args = _parser().parse_args(argv)
     try:
         config = build_config(_flat_options(args))
@@ -93,6 +97,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- time: {timing['seconds']}s (chunking {timing['chunk_seconds']}s, "
           f"embedding {timing['embed_seconds']}s)")
     print(f"- output: {config.output.out}/manifest.json, summary.md" + (", TFDS metadata" if args.tfds else ""))
+    return 0
+
+
+def _index_build(argv: list[str]) -> int:
+    """`nextlong-synth index build [options]`: the index step alone, for many runs to reuse."""
+    parser = _parser()
+    parser.prog = "nextlong-synth index build"
+    parser.description = ("Chunk, embed and index the retrieval corpus (--corpus, else --meta) into the cache "
+                          "(--cache-dir, else OUT/.cache), where synthesis runs with the same corpus, chunking, "
+                          "embedder and index settings reuse it.")
+    args = parser.parse_args(argv)
+    try:
+        flat = _flat_options(args)
+        if flat.get("meta") is None and flat.get("corpus") is not None:
+            flat["meta"] = flat["corpus"]  # only the corpus is read here
+        config = build_config(flat)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from synth.pipeline import build_corpus_index
+
+        report = build_corpus_index(config)
+    except SynthError as exc:
+        print(f"nextlong-synth: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"- index {report['kind']} ({report['backend']}): {report['vectors']} vectors in {report['seconds']}s, "
+          f"{report['mib_per_million_vectors']} MiB per million vectors, recall@10 vs exact search "
+          f"{report['recall_at_10']}")
+    print(f"- at {report['index_dir']}")
     return 0
 
 

@@ -101,6 +101,28 @@ def _recall(config: SynthConfig, index: ChunkIndex, corpus: ChunkStore, meta: Ch
     return recall_at_k(approx, exact, k)
 
 
+def build_corpus_index(config: SynthConfig) -> dict:
+    """`nextlong-synth index build`: chunk, embed and index the retrieval corpus into the cache, where
+    every synthesis run with the same corpus, chunking, embedder and index settings finds it.
+
+    Returns where it is and what it costs: size per million vectors and recall@10 against exact
+    search on a seeded sample of corpus chunks.
+    """
+    tokenizer = load_tokenizer(config.tokenizer)
+    embedder = load_embedder(config.embedder, config.embedding)
+    corpus = _collection(config.retrieval_corpus, "corpus", config, tokenizer, embedder)
+    if corpus.store.num_chunks == 0:
+        raise SynthError("no usable corpus documents were read; check --corpus/--meta and the field names")
+    started = time.perf_counter()
+    index, directory = _index(config, corpus, embedder.fingerprint)
+    seconds = time.perf_counter() - started
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    return {"index_dir": str(directory), "kind": config.index.kind, "backend": index.backend,
+            "vectors": index.ntotal, "seconds": round(seconds, 2),
+            "mib_per_million_vectors": round(size / index.ntotal * 1e6 / 2**20, 1),
+            "recall_at_10": round(_recall(config, index, corpus.store, corpus.store), 4)}
+
+
 def run(config: SynthConfig, workers: int = 1) -> dict:
     """Run (or resume) a synthesis; returns the summary that is also written to OUT.
 

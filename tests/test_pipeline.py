@@ -1,9 +1,10 @@
 import json
-from collections import Counter
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -427,3 +428,17 @@ def test_tfds_metadata_makes_the_output_a_tfds_dataset(corpus, tmp_path):
             np.testing.assert_array_equal(a[name], b[name])
         assert list(a["meta_doc_ids"]) == list(b["meta_doc_ids"])
     assert main(synth_args(corpus, tmp_path / "gz", "--max-sequences", "2", "--compression", "gzip", "--tfds")) == 2
+
+
+def test_index_build_is_a_step_that_synthesis_reuses(corpus, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    options = ["--embedder", "hashing", "--index", "faiss-ivfpq", "--chunk-tokens", "64", "--cache-dir", str(cache)]
+    assert main(["index", "build", "--corpus", str(corpus), "--out", str(tmp_path / "unused"), *options]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"index faiss-ivfpq \(faiss-(ivfpq|flat)\): \d+ vectors in .* MiB per million vectors, "
+                     r"recall@10 vs exact search [01]\.\d+", printed), printed
+    (index_dir,) = cache.glob("index-*")
+    built = (index_dir / "meta.json").stat().st_mtime_ns
+    assert main(["--meta", str(corpus), "--out", str(tmp_path / "run"), "--seq-len", "1024", "--num-shards", "1",
+                 "--max-sequences", "2", *options]) == 0
+    assert list(cache.glob("index-*")) == [index_dir] and (index_dir / "meta.json").stat().st_mtime_ns == built
