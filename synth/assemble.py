@@ -5,8 +5,8 @@ A training sequence is exactly `seq_len` tokens made of segments. In `nextlong` 
 `[bos, m_1, n_11..n_1k, m_2, n_21..n_2k, ...]` (meta-chunk first); when one meta-document is
 shorter than the target, further extended meta-documents follow as new segments (document
 masking keeps them apart), and the segment that overflows is cut at the last token that fits.
-`plain-concat` and `knn-concat` fill each sequence with whole meta-documents in one segment, in the
-order `synth.baselines` gives. `--meta-position tail|random` moves each meta-chunk within its group
+The `*-concat` baselines fill each sequence with whole meta-documents in one segment, in the order
+`synth.baselines` gives. `--meta-position tail|random` moves each meta-chunk within its group
 of negatives (the paper's position ablation).
 
 Loss convention: `loss_weights[t]` weighs the prediction of `input_ids[t]` from the tokens before
@@ -29,7 +29,6 @@ from synth.negatives import CandidateSource, MetaDocument, NegativeFilter, mine
 if TYPE_CHECKING:
     from synth.config import MiningConfig
     from synth.store import ChunkStore
-
 
 
 @dataclass
