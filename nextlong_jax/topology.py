@@ -97,6 +97,9 @@ def prepare_environment() -> None:
     # libtpu otherwise probes cloud metadata for the workers of a slice this machine is not part of.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # No TPU is opened, only the compiler: two compile-only runs at once (a test suite beside a
+    # user's run, say) must not fail on libtpu's one-process lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ["JAX_PLATFORMS"] = "cpu"  # for child processes; jax itself read it when imported
     jax.config.update("jax_platforms", "cpu")
 
