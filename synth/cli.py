@@ -43,7 +43,13 @@ def _parser() -> argparse.ArgumentParser:
         group.add_argument(f"--{option.cli or option.flag}", dest=option.flag.replace("-", "_"),
                            help=option.help_text or argparse.SUPPRESS, **option.arguments)
     p.add_argument("--workers", type=int, default=1,
-                   help="processes making output shards (default 1); the output is the same")
+                   help="processes making output shards with the local runner (default 1); the output is the same")
+    p.add_argument("--runner", choices=("local", "beam"), default="local",
+                   help="local: this machine (default); beam: an Apache Beam pipeline (needs apache-beam: pip install "
+                        "nextlong-jax[beam]), the same examples as the local runner")
+    p.add_argument("--beam-options", default="", metavar="'--opt=v ...'",
+                   help="Beam pipeline options; default: DirectRunner, 2 worker processes. E.g. '--runner=DataflowRunner "
+                        "--project=P --region=R --temp_location=gs://B/tmp' or '--direct_num_workers=8'")
     p.add_argument("--tfds", action="store_true",
                    help="also write TFDS metadata, so tfds.builder_from_directory(OUT) reads the shards (needs "
                         "tensorflow-datasets and uncompressed shards); may be added to a finished run")
@@ -74,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(_flat_options(args))
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
-        from synth.pipeline import run  # heavy imports (TensorFlow, torch) only when running
-
         if args.workers < 1:
             raise SynthError("--workers must be at least 1")
-        summary = run(config, workers=args.workers)
+        # Heavy imports (TensorFlow, torch, Beam) only when running.
+        if args.runner == "beam":
+            summary = _beam_runner().run_beam(config, args.beam_options)
+        else:
+            from synth.pipeline import run
+
+            summary = run(config, workers=args.workers)
         if args.tfds:
             from synth.tfds_metadata import write_tfds_metadata
 
@@ -98,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
           f"embedding {timing['embed_seconds']}s)")
     print(f"- output: {config.output.out}/manifest.json, summary.md" + (", TFDS metadata" if args.tfds else ""))
     return 0
+
+
+def _beam_runner():
+    try:
+        from synth import beam_runner
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("apache_beam"):
+            raise
+        raise SynthError("--runner beam needs Apache Beam: pip install 'nextlong-jax[beam]'") from None
+    return beam_runner
 
 
 def _index_build(argv: list[str]) -> int:

@@ -314,25 +314,43 @@ def _where(source: Source, position: int) -> str:
     return f"{source.path} {unit} {position}" if unit else str(source.path)
 
 
+def _skip(source: Source, position: int, reason: str, spec: CorpusSpec, strict: bool) -> str:
+    if strict:
+        raise SynthError(f"{_where(source, position)}: {reason} ({_explain(reason, spec)}); fix the input, or run "
+                         "without --strict to skip and count such records")
+    return reason
+
+
+def checked_records(source: Source, spec: CorpusSpec, strict: bool) -> Iterator[tuple[int, Document | str]]:
+    """Every record of one source with its position: the document, or the reason it is skipped.
+
+    Ids repeated across records are not checked here: that needs all sources (`_accepted`, or a
+    grouping by id in the Beam runner)."""
+    for raw in _READERS[source.format](source, spec):
+        try:
+            yield raw.position, _document(raw, spec)
+        except _Skip as skip:
+            yield raw.position, _skip(source, raw.position, skip.reason, spec, strict)
+
+
+def duplicate_id(source: Source, position: int, spec: CorpusSpec, strict: bool) -> str:
+    """The skip reason of a record whose id an earlier record (in reading order) has."""
+    return _skip(source, position, "duplicate_id", spec, strict)
+
+
 def _accepted(sources: list[Source], spec: CorpusSpec, stats: ReadStats,
               strict: bool) -> Iterator[Document]:
     seen: set[str] = set()
     for source in sources:
-        for raw in _READERS[source.format](source, spec):
-            try:
-                document = _document(raw, spec)
-                if document.id in seen:
-                    raise _Skip("duplicate_id")
-            except _Skip as skip:
-                if strict:
-                    raise SynthError(f"{_where(source, raw.position)}: {skip.reason} "
-                                     f"({_explain(skip.reason, spec)}); fix the input, or run "
-                                     "without --strict to skip and count such records") from None
-                stats.skipped[skip.reason] += 1
+        for position, record in checked_records(source, spec, strict):
+            if isinstance(record, Document) and record.id in seen:
+                record = duplicate_id(source, position, spec, strict)
+            if isinstance(record, str):
+                stats.skipped[record] += 1
                 continue
-            seen.add(document.id)
+            seen.add(record.id)
             stats.accepted += 1
-            yield document
+            yield record
 
 
 def read_documents(spec: CorpusSpec, stats: ReadStats, strict: bool = False) -> Iterator[Document]:

@@ -65,27 +65,36 @@ def _check_same_run(config: SynthConfig) -> None:
         write_json(saved, current)
 
 
+def collection_key(spec: CorpusSpec, config: SynthConfig, tokenizer: TextTokenizer) -> str:
+    """Names a chunked collection: its source files, tokenizer and chunking."""
+    return store_key(corpus_fingerprint(spec), tokenizer, config.chunking, config.docs_per_block)
+
+
+def collection_dir(config: SynthConfig, key: str) -> Path:
+    return config.output.cache / f"chunks-{key}"
+
+
 def _collection(spec: CorpusSpec, label: str, config: SynthConfig, tokenizer: TextTokenizer,
                 embedder) -> Collection:
     read = ReadStats()
-    key = store_key(corpus_fingerprint(spec), tokenizer, config.chunking, config.docs_per_block)
-    ref, build = build_store(
-        read_documents(spec, read, strict=config.strict), config.output.cache / f"chunks-{key}",
-        tokenizer, config.chunking, embedder, config.docs_per_block, label)
+    key = collection_key(spec, config, tokenizer)
+    ref, build = build_store(read_documents(spec, read, strict=config.strict), collection_dir(config, key),
+                             tokenizer, config.chunking, embedder, config.docs_per_block, label)
     return Collection(key, ref, ref.open(), read, build)
 
 
-def _index(config: SynthConfig, corpus: Collection,
-           embedder_fingerprint: str) -> tuple[ChunkIndex, Path]:
+def corpus_index(config: SynthConfig, corpus_key: str, corpus: ChunkStore,
+                 embedder_fingerprint: str) -> tuple[ChunkIndex, Path]:
+    """The index of the corpus chunks, from the cache when an earlier run (or `index build`) made it."""
     digest = hashlib.sha256(json.dumps(
-        [asdict(config.index), embedder_fingerprint, corpus.key]).encode()).hexdigest()[:16]
+        [asdict(config.index), embedder_fingerprint, corpus_key]).encode()).hexdigest()[:16]
     directory = config.output.cache / f"index-{digest}"
     if (directory / "meta.json").is_file():
         return load_index(directory), directory
     started = time.perf_counter()
-    index = build_index(corpus.store.embeddings, config.index)
+    index = build_index(corpus.embeddings, config.index)
     index.save(directory)
-    tqdm.write(f"index {config.index.kind}: {corpus.store.num_chunks} chunks in "
+    tqdm.write(f"index {config.index.kind}: {corpus.num_chunks} chunks in "
                f"{time.perf_counter() - started:.1f}s")
     return index, directory
 
@@ -114,7 +123,7 @@ def build_corpus_index(config: SynthConfig) -> dict:
     if corpus.store.num_chunks == 0:
         raise SynthError("no usable corpus documents were read; check --corpus/--meta and the field names")
     started = time.perf_counter()
-    index, directory = _index(config, corpus, embedder.fingerprint)
+    index, directory = corpus_index(config, corpus.key, corpus.store, embedder.fingerprint)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     return {"index_dir": str(directory), "kind": config.index.kind, "backend": index.backend,
@@ -123,41 +132,60 @@ def build_corpus_index(config: SynthConfig) -> dict:
             "recall_at_10": round(_recall(config, index, corpus.store, corpus.store), 4)}
 
 
+def needs_embeddings(config: SynthConfig) -> bool:
+    return config.mining.strategy not in ("plain-concat", "keyword-concat")
+
+
+def prepare(config: SynthConfig) -> TextTokenizer:
+    """What every runner does first: the output directory, bound to this configuration."""
+    config.output.out.mkdir(parents=True, exist_ok=True)
+    _check_same_run(config)
+    return load_tokenizer(config.tokenizer)
+
+
 def run(config: SynthConfig, workers: int = 1) -> dict:
     """Run (or resume) a synthesis; returns the summary that is also written to OUT.
 
     `workers` processes make the output shards; it does not change the output.
     """
     started = time.perf_counter()
-    out = config.output.out
-    out.mkdir(parents=True, exist_ok=True)
-    _check_same_run(config)
-    tokenizer = load_tokenizer(config.tokenizer)
-    needs_embeddings = config.mining.strategy not in ("plain-concat", "keyword-concat")
-    embedder = load_embedder(config.embedder, config.embedding) if needs_embeddings else None
+    tokenizer = prepare(config)
+    embedder = load_embedder(config.embedder, config.embedding) if needs_embeddings(config) else None
 
     meta = _collection(config.meta, "meta", config, tokenizer, embedder)
     corpus = meta if config.corpus is None else _collection(
         config.corpus, "corpus", config, tokenizer, embedder)
-    if meta.store.num_chunks == 0 or corpus.store.num_chunks == 0:
-        raise SynthError("no usable documents were read (see the skip counts above); "
-                         "check --meta/--corpus and the field names")
+    check_collections(meta, corpus)
 
-    index, index_dir, recall = None, None, None
+    index, index_dir = None, None
     if config.mining.strategy == "nextlong":
-        index, index_dir = _index(config, corpus, embedder.fingerprint)
-        recall = 1.0 if config.index.kind == "faiss-flat" else _recall(
-            config, index, corpus.store, meta.store)
+        index, index_dir = corpus_index(config, corpus.key, corpus.store, embedder.fingerprint)
 
     inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir)
     extension = Extension.build(meta.store, corpus.store, config.mining,
                                 config.output.doc_len or config.output.seq_len)
     opened = OpenInputs(config, extension, index, tokenizer)
     reports = make_shards(inputs, opened, workers)
+    return finish(config, tokenizer, meta, corpus, index, extension, reports,
+                  embedder.window if embedder else None, started)
 
+
+def check_collections(meta: Collection, corpus: Collection) -> None:
+    if meta.store.num_chunks == 0 or corpus.store.num_chunks == 0:
+        raise SynthError("no usable documents were read (see the skip counts above); "
+                         "check --meta/--corpus and the field names")
+
+
+def finish(config: SynthConfig, tokenizer: TextTokenizer, meta: Collection, corpus: Collection,
+           index: ChunkIndex | None, extension: Extension, reports: list, embedder_window: int | None,
+           started: float) -> dict:
+    """The manifest and summary of a run whose shards are all written; returns the summary."""
+    out = config.output.out
+    recall = None
+    if index is not None:
+        recall = 1.0 if config.index.kind == "faiss-flat" else _recall(config, index, corpus.store, meta.store)
     duplicates = None if config.mining.corpus_dedup is None else int(extension.corpus_duplicates.sum())
-    summary = summarize(config, tokenizer, meta, corpus, reports, recall, embedder.window if embedder else None,
-                        duplicates)
+    summary = summarize(config, tokenizer, meta, corpus, reports, recall, embedder_window, duplicates)
     manifest = Manifest(
         seq_len=config.output.seq_len, compression=config.output.compression,
         shards=tuple(ShardEntry(r.file, r.sequences, r.sha256, r.bytes) for r in reports),

@@ -81,6 +81,14 @@ def report_path(config: SynthConfig, name: str) -> Path:
     return config.output.out / ".state" / f"{name}.json"
 
 
+def finished_report(config: SynthConfig, shard: int) -> ShardReport | None:
+    """The report of a shard a previous (or killed) run completed, else None."""
+    name = shard_file(config, shard)
+    if not (config.output.out / name).is_file():
+        return None
+    return ShardReport.from_dict(json.loads(report_path(config, name).read_text()))
+
+
 def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardReport:
     config, ext = opened.config, opened.extension
     out, mining = config.output, config.mining
@@ -141,12 +149,7 @@ def make_shards(inputs: ShardInputs, opened: OpenInputs, workers: int) -> list[S
     """All shards, reusing finished ones; missing shards in `workers` processes (1 = here)."""
     config = inputs.config
     num_shards = config.output.num_shards
-    reports: dict[int, ShardReport] = {}
-    for shard in range(num_shards):
-        name = shard_file(config, shard)
-        if (config.output.out / name).is_file():
-            reports[shard] = ShardReport.from_dict(
-                json.loads(report_path(config, name).read_text()))
+    reports = {s: r for s in range(num_shards) if (r := finished_report(config, s)) is not None}
     missing = [s for s in range(num_shards) if s not in reports]
     bar = tqdm(total=num_shards, initial=len(reports), desc="shards", unit="shard",
                dynamic_ncols=True)

@@ -136,6 +136,37 @@ def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings
     os.replace(tmp, directory)
 
 
+def embedding_name(embedder: Embedder | None) -> str:
+    return f"emb-{embedder.fingerprint if embedder else 'none'}.npy"
+
+
+def build_block(block: Path, docs: list[Document], tokenizer: TextTokenizer, chunking: ChunkingConfig,
+                embedder: Embedder | None, stats: BuildStats) -> None:
+    """One block of consecutive documents, chunked and embedded into `block`, or reused when a
+    complete one is there. Every runner (local, Beam) builds blocks with this, so they agree."""
+    name = embedding_name(embedder)
+    if (block / name).is_file():
+        stats.blocks_reused += 1
+        stats.chunks_over_window += _over_window(block, name)
+        return
+    started = time.perf_counter()
+    per_doc = chunk_documents([d.text for d in docs], chunking.size, chunking.unit, tokenizer)
+    texts = [c.text for doc_chunks in per_doc for c in doc_chunks]
+    stats.chunk_seconds += time.perf_counter() - started
+    started = time.perf_counter()
+    embeddings = embedder.embed(texts) if embedder else np.zeros((len(texts), 0), np.float32)
+    over_window = embedder.over_window(texts) if embedder else 0
+    stats.embed_seconds += time.perf_counter() - started
+    stats.chunks_embedded += len(texts)
+    stats.chunks_over_window += over_window
+    _write_block(block, docs, per_doc, embeddings, name, over_window)
+    stats.blocks_built += 1
+
+
+def block_path(directory: Path, number: int) -> Path:
+    return directory / f"block-{number:05d}"
+
+
 def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextTokenizer,
                 chunking: ChunkingConfig, embedder: Embedder | None, docs_per_block: int,
                 label: str) -> tuple[StoreRef, BuildStats]:
@@ -144,35 +175,17 @@ def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextT
     Without an embedder (layouts that need no retrieval) the blocks hold zero-width embeddings.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    embedding_name = f"emb-{embedder.fingerprint if embedder else 'none'}.npy"
-    dim = embedder.dim if embedder else 0
     stats = BuildStats()
     blocks: list[Path] = []
     progress = tqdm(desc=f"{label}: chunk+embed" if embedder else f"{label}: chunk", unit="doc",
                     dynamic_ncols=True)
     for number, docs in enumerate(_batched(documents, docs_per_block)):
-        block = directory / f"block-{number:05d}"
-        blocks.append(block)
+        blocks.append(block_path(directory, number))
         progress.update(len(docs))
-        if (block / embedding_name).is_file():
-            stats.blocks_reused += 1
-            stats.chunks_over_window += _over_window(block, embedding_name)
-            continue
-        started = time.perf_counter()
-        per_doc = chunk_documents([d.text for d in docs], chunking.size, chunking.unit, tokenizer)
-        texts = [c.text for doc_chunks in per_doc for c in doc_chunks]
-        stats.chunk_seconds += time.perf_counter() - started
-        started = time.perf_counter()
-        embeddings = embedder.embed(texts) if embedder else np.zeros((len(texts), 0), np.float32)
-        over_window = embedder.over_window(texts) if embedder else 0
-        stats.embed_seconds += time.perf_counter() - started
-        stats.chunks_embedded += len(texts)
-        stats.chunks_over_window += over_window
-        _write_block(block, docs, per_doc, embeddings, embedding_name, over_window)
-        stats.blocks_built += 1
+        build_block(blocks[-1], docs, tokenizer, chunking, embedder, stats)
         progress.set_postfix(chunks=stats.chunks_embedded, refresh=False)
     progress.close()
-    return StoreRef(tuple(blocks), embedding_name, dim), stats
+    return StoreRef(tuple(blocks), embedding_name(embedder), embedder.dim if embedder else 0), stats
 
 
 def load_store(ref: StoreRef) -> ChunkStore:

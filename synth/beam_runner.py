@@ -1,0 +1,217 @@
+"""`nextlong-synth --runner beam`: the synthesis stages as one Apache Beam pipeline.
+
+Each stage calls the function the local runner calls, so both write the same examples:
+
+- read: one task per source file, records checked by `corpus.checked_records`; a repeated id is
+  settled by grouping on the id (the record first in reading order wins, as the local reader's);
+- number: each document gets its place in reading order from the per-source counts, and with it
+  its block (`docs_per_block` consecutive documents), so blocks hold what the local runner's hold;
+- blocks: chunked and embedded by `store.build_block`, tokenizer and embedder loaded once per worker;
+- index: built once from the corpus blocks, or found in the cache (`pipeline.corpus_index`);
+- shards: `shards.make_shard` per output shard, stores and index opened once per worker.
+
+The driver then writes the manifest and summary as the local runner does, with the read and build
+counts taken from the pipeline's Beam metrics. Every stage reuses finished work (blocks, index,
+shards), so a killed pipeline run again resumes. Any Beam runner works: DirectRunner by default,
+Dataflow, Flink or Spark through `--beam-options`. The cache and output directories must be
+visible to every worker (a local disk for DirectRunner, a shared mount elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics, MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from synth.assemble import Extension
+from synth.config import SynthConfig
+from synth.corpus import CorpusSpec, Document, ReadStats, checked_records, duplicate_id, resolve_sources
+from synth.embed import load_embedder
+from synth.errors import SynthError
+from synth.pipeline import (Collection, check_collections, collection_dir, collection_key, corpus_index, finish,
+                            needs_embeddings, prepare)
+from synth.shards import OpenInputs, ShardInputs, finished_report, make_shard
+from synth.store import BuildStats, StoreRef, block_path, build_block, embedding_name
+from synth.tokenizer import load_tokenizer
+
+NAMESPACE = "nextlong-synth"
+DEFAULT_OPTIONS = ("--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2 "
+                   "--default_sdk_harness_log_level=WARNING")
+
+
+def _count(name: str, value: int = 1) -> None:
+    if value:
+        Metrics.counter(NAMESPACE, name).inc(value)
+
+
+def _read_source(indexed, spec: CorpusSpec, strict: bool, label: str):
+    """((source, position), document) for each usable record of one source; skips are counted."""
+    number, source = indexed
+    for position, record in checked_records(source, spec, strict):
+        if isinstance(record, str):
+            _count(f"{label}.skipped.{record}")
+        else:
+            yield (number, position), record
+
+
+def _first_of_id(grouped, sources, spec: CorpusSpec, strict: bool, label: str):
+    """Of the records sharing an id, the first in reading order; the rest count as duplicates."""
+    _, records = grouped
+    first, *later = sorted(records, key=lambda record: record[0])
+    for (number, position), _ in later:
+        _count(f"{label}.skipped.{duplicate_id(sources[number], position, spec, strict)}")
+    yield first[0][0], (first[0][1], first[1])
+
+
+def _in_reading_order(grouped, counts: dict[int, int], max_docs: int | None, docs_per_block: int):
+    """(block, (place in reading order, document)) for the documents of one source."""
+    number, records = grouped
+    start = sum(n for s, n in counts.items() if s < number)
+    for rank, (_, document) in enumerate(sorted(records, key=lambda record: record[0])):
+        place = start + rank
+        if max_docs is None or place < max_docs:
+            yield place // docs_per_block, (place, document)
+
+
+class _BuildBlock(beam.DoFn):
+    def __init__(self, config: SynthConfig, directory: Path, label: str):
+        self.config, self.directory, self.label = config, directory, label
+
+    def setup(self):
+        self.tokenizer = load_tokenizer(self.config.tokenizer)
+        self.embedder = load_embedder(self.config.embedder, self.config.embedding) \
+            if needs_embeddings(self.config) else None
+
+    def process(self, grouped):
+        number, placed = grouped
+        documents: list[Document] = [document for _, document in sorted(placed, key=lambda p: p[0])]
+        stats = BuildStats()
+        build_block(block_path(self.directory, number), documents, self.tokenizer, self.config.chunking,
+                    self.embedder, stats)
+        _count(f"{self.label}.accepted", len(documents))
+        for name in ("blocks_built", "blocks_reused", "chunks_embedded", "chunks_over_window"):
+            _count(f"{self.label}.{name}", getattr(stats, name))
+        _count(f"{self.label}.chunk_ms", round(stats.chunk_seconds * 1000))
+        _count(f"{self.label}.embed_ms", round(stats.embed_seconds * 1000))
+        yield number
+
+
+def _store_ref(numbers: list[int], directory: Path, name: str, dim: int) -> StoreRef:
+    return StoreRef(tuple(block_path(directory, n) for n in sorted(numbers)), name, dim)
+
+
+def _collection(pipeline, spec: CorpusSpec, label: str, config: SynthConfig, directory: Path, name: str,
+                dim: int):
+    """The chunk store of `spec` built in the pipeline: a PCollection of its one StoreRef."""
+    sources = resolve_sources(spec)
+    documents = (
+        pipeline
+        | f"{label}: sources" >> beam.Create(list(enumerate(sources)))
+        | f"{label}: read" >> beam.FlatMap(_read_source, spec, config.strict, label)
+        | f"{label}: key by id" >> beam.Map(lambda record: (record[1].id, record))
+        | f"{label}: group by id" >> beam.GroupByKey()
+        | f"{label}: first of each id" >> beam.FlatMap(_first_of_id, sources, spec, config.strict, label))
+    counts = (documents
+              | f"{label}: source of each" >> beam.Map(lambda keyed: keyed[0])
+              | f"{label}: count per source" >> beam.combiners.Count.PerElement())
+    return (
+        documents
+        | f"{label}: group by source" >> beam.GroupByKey()
+        | f"{label}: place" >> beam.FlatMap(_in_reading_order, beam.pvalue.AsDict(counts),
+                                            spec.max_docs, config.docs_per_block)
+        | f"{label}: group by block" >> beam.GroupByKey()
+        | f"{label}: chunk and embed" >> beam.ParDo(_BuildBlock(config, directory, label))
+        | f"{label}: all blocks" >> beam.combiners.ToList()
+        | f"{label}: store" >> beam.Map(_store_ref, directory, name, dim))
+
+
+def _build_index(corpus: StoreRef, config: SynthConfig, corpus_key: str, fingerprint: str) -> str:
+    return str(corpus_index(config, corpus_key, corpus.open(), fingerprint)[1])
+
+
+class _MakeShard(beam.DoFn):
+    """One output shard (or the report of one a previous run finished); inputs opened once per worker."""
+
+    def setup(self):
+        self.inputs, self.opened = None, None
+
+    def process(self, shard: int, inputs: ShardInputs):
+        report = finished_report(inputs.config, shard)
+        if report is None:
+            if self.inputs != inputs:
+                self.inputs, self.opened = inputs, OpenInputs.open(inputs)
+            report = make_shard(self.opened, shard, progress=False)
+            _count("shards.written")
+        _count("sequences", report.sequences)
+        for role, tokens in report.tokens_by_role.items():
+            _count(f"tokens.{role}", tokens)
+        yield report
+
+
+def _counters(result) -> dict[str, int]:
+    found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    return {c.key.metric.name: c.committed if c.committed is not None else c.attempted for c in found}
+
+
+def _collection_from(counters: dict[str, int], label: str, key: str, config: SynthConfig, name: str,
+                     dim: int) -> Collection:
+    """The collection the pipeline built, with the counts it reported."""
+    accepted = counters.get(f"{label}.accepted", 0)
+    blocks = -(-accepted // config.docs_per_block)
+    ref = StoreRef(tuple(block_path(collection_dir(config, key), n) for n in range(blocks)), name, dim)
+    read = ReadStats(accepted=counters.get(f"{label}.accepted", 0))
+    prefix = f"{label}.skipped."
+    read.skipped.update({k[len(prefix):]: v for k, v in counters.items() if k.startswith(prefix)})
+    build = BuildStats(**{f.name: counters.get(f"{label}.{f.name}", 0) for f in fields(BuildStats)
+                          if not f.name.endswith("seconds")},
+                       chunk_seconds=counters.get(f"{label}.chunk_ms", 0) / 1000,
+                       embed_seconds=counters.get(f"{label}.embed_ms", 0) / 1000)
+    return Collection(key, ref, ref.open(), read, build)
+
+
+def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
+    """Run (or resume) a synthesis as a Beam pipeline; returns the summary also written to OUT."""
+    started = time.perf_counter()
+    tokenizer = prepare(config)
+    embedder = load_embedder(config.embedder, config.embedding) if needs_embeddings(config) else None
+    name, dim = embedding_name(embedder), embedder.dim if embedder else 0
+    specs = {"meta": config.meta} if config.corpus is None else {"meta": config.meta, "corpus": config.corpus}
+    keys = {label: collection_key(spec, config, tokenizer) for label, spec in specs.items()}
+    options = PipelineOptions(shlex.split(f"{DEFAULT_OPTIONS} {beam_options}"))
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # per-stage chatter; failures still show
+    with beam.Pipeline(options=options) as pipeline:
+        refs = {label: _collection(pipeline, spec, label, config, collection_dir(config, keys[label]), name, dim)
+                for label, spec in specs.items()}
+        corpus_ref = refs.get("corpus", refs["meta"])
+        if config.mining.strategy == "nextlong":
+            index_dir = corpus_ref | "index" >> beam.Map(_build_index, config, keys.get("corpus", keys["meta"]),
+                                                         embedder.fingerprint)
+        else:
+            index_dir = pipeline | "no index" >> beam.Create([None])
+        inputs = (index_dir | "shard inputs" >> beam.Map(
+            lambda index, meta, corpus: ShardInputs(config, meta, corpus, Path(index) if index else None),
+            beam.pvalue.AsSingleton(refs["meta"]), beam.pvalue.AsSingleton(corpus_ref)))
+        _ = (pipeline
+             | "shard numbers" >> beam.Create(range(config.output.num_shards))
+             | "spread shards" >> beam.Reshuffle()
+             | "make shards" >> beam.ParDo(_MakeShard(), beam.pvalue.AsSingleton(inputs)))
+    counters = _counters(pipeline.result)
+
+    collections = {label: _collection_from(counters, label, keys[label], config, name, dim) for label in specs}
+    meta, corpus = collections["meta"], collections.get("corpus", collections["meta"])
+    check_collections(meta, corpus)
+    reports = [finished_report(config, shard) for shard in range(config.output.num_shards)]
+    if any(report is None for report in reports):
+        raise SynthError("the Beam pipeline finished without writing every shard; run it again to resume")
+    index = None
+    if config.mining.strategy == "nextlong":
+        index = corpus_index(config, corpus.key, corpus.store, embedder.fingerprint)[0]
+    extension = Extension.build(meta.store, corpus.store, config.mining, config.output.doc_len or config.output.seq_len)
+    return finish(config, tokenizer, meta, corpus, index, extension, reports,
+                  embedder.window if embedder else None, started)
