@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="local: this machine (default); beam: an Apache Beam pipeline (needs apache-beam: pip install "
                         "nextlong-jax[beam]), the same examples as the local runner")
     p.add_argument("--beam-options", default="", metavar="'--opt=v ...'",
-                   help="Beam pipeline options; default: DirectRunner, 2 worker processes. E.g. '--runner=DataflowRunner "
-                        "--project=P --region=R --temp_location=gs://B/tmp' or '--direct_num_workers=8'")
+                   help="Beam pipeline options; default: DirectRunner, 2 worker processes. E.g. "
+                        "'--direct_num_workers=8' or '--runner=FlinkRunner --flink_master=HOST:8081'")
     p.add_argument("--tfds", action="store_true",
                    help="also write TFDS metadata, so tfds.builder_from_directory(OUT) reads the shards (needs "
                         "tensorflow-datasets and uncompressed shards); may be added to a finished run")

@@ -35,7 +35,8 @@ def inputs(tmp_path_factory):
 
 def _examples(out: Path) -> set[bytes]:
     manifest = json.loads((out / "manifest.json").read_text())
-    return {record.numpy() for shard in manifest["shards"] for record in tf.data.TFRecordDataset(str(out / shard["file"]))}
+    files = [str(out / shard["file"]) for shard in manifest["shards"]]
+    return {record.numpy() for record in tf.data.TFRecordDataset(files)}
 
 
 def test_beam_runner_writes_the_local_runners_examples(inputs, tmp_path):
