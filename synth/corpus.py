@@ -20,9 +20,10 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from synth.errors import SynthError
+from synth.files import Location, is_url, match_urls, open_binary, signature, size, url_files
 
 FORMATS = ("auto", "jsonl", "parquet", "text", "tfds")
 SAMPLE_PREFIX = "sample:"
@@ -75,7 +76,7 @@ class ReadStats:
 
 @dataclass(frozen=True)
 class Source:
-    path: Path
+    path: Location
     format: str  # jsonl | parquet | text | tfds
     name: str  # the id of a text file's document: its path below the folder or glob given
 
@@ -107,12 +108,12 @@ def resolve_sample(name: str) -> Path:
     return SAMPLE_DIR / f"{bare}{_SAMPLE_SUFFIX}"
 
 
-def _suffix_format(path: Path) -> str | None:
-    name = path.name.lower()
+def _suffix_format(path: Location) -> str | None:
+    name = PurePosixPath(str(path)).name.lower()
     return next((fmt for fmt, suffixes in _SUFFIXES.items() if name.endswith(suffixes)), None)
 
 
-def _file_source(path: Path, name: str, fmt: str) -> Source:
+def _file_source(path: Location, name: str, fmt: str) -> Source:
     if fmt == "tfds":
         raise SynthError(f"{path}: a TFDS dataset is a directory (the one holding "
                          "dataset_info.json); give that directory")
@@ -120,23 +121,27 @@ def _file_source(path: Path, name: str, fmt: str) -> Source:
     return Source(path, fmt if fmt != "auto" else _suffix_format(path) or "text", name)
 
 
-def _is_hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def _is_hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in PurePosixPath(relative).parts)
 
 
 def _directory_sources(root: Path, fmt: str) -> list[Source]:
     if fmt == "tfds" or (fmt == "auto" and (root / "dataset_info.json").is_file()):
         return [Source(root, "tfds", root.name)]
-    files = sorted((p.relative_to(root) for p in root.rglob("*") if p.is_file()),
-                   key=lambda p: p.as_posix())
-    files = [p for p in files if not _is_hidden(p)]
+    files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    return _folder_sources(root, files, lambda name: root / name, fmt)
+
+
+def _folder_sources(root: Location, files: list[str], locate: Callable[[str], Location], fmt: str) -> list[Source]:
+    """The sources among a folder's files (named relative to it), in sorted order."""
+    files = sorted(name for name in files if not _is_hidden(name))
     # Data files win over text files, which in a data folder are mostly READMEs.
     wanted = (fmt,) if fmt != "auto" else ("jsonl", "parquet")
-    sources = [Source(root / p, _suffix_format(p), p.as_posix()) for p in files
-               if _suffix_format(p) in wanted]
+    sources = [Source(locate(name), _suffix_format(name), name) for name in files
+               if _suffix_format(name) in wanted]
     if not sources and fmt == "auto":
-        sources = [Source(root / p, "text", p.as_posix()) for p in files
-                   if _suffix_format(p) == "text"]
+        sources = [Source(locate(name), "text", name) for name in files
+                   if _suffix_format(name) == "text"]
     if not sources:
         kinds = [s for f in ((fmt,) if fmt != "auto" else _SUFFIXES) for s in _SUFFIXES[f]]
         raise SynthError(f"{root}: no {'/'.join(kinds)} files in this directory; "
@@ -154,6 +159,8 @@ def resolve_sources(spec: CorpusSpec) -> list[Source]:
     """The files (or the TFDS directory) `spec` names, in reading order."""
     if spec.format not in FORMATS:
         raise SynthError(f"unknown corpus format {spec.format!r}; use one of {', '.join(FORMATS)}")
+    if is_url(spec.path):
+        return _url_sources(spec)
     if spec.path.startswith(SAMPLE_PREFIX):
         sample = resolve_sample(spec.path)
         return [_file_source(sample, sample.name, spec.format)]
@@ -170,7 +177,26 @@ def resolve_sources(spec: CorpusSpec) -> list[Source]:
     return [_file_source(p, p.relative_to(root).as_posix(), spec.format) for p in matches]
 
 
-def _unreadable(path: Path, error: BaseException) -> SynthError:
+def _url_sources(spec: CorpusSpec) -> list[Source]:
+    """Sources named by a URL: a glob, a folder (everything below it), or one file."""
+    if spec.format == "tfds":
+        raise SynthError(f"{spec.path}: TFDS datasets are read from a local directory")
+    if _GLOB_CHARS.search(spec.path):
+        found = match_urls(spec.path)
+        if not found:
+            raise SynthError(f"{spec.path}: no matching files; check the URL")
+        root = spec.path[: _GLOB_CHARS.search(spec.path).start()].rpartition("/")[0]
+        return [_file_source(m.path, m.path[len(root) + 1:], spec.format) for m in found]
+    listing = url_files(spec.path)
+    if listing is not None:
+        root, files = listing
+        return _folder_sources(root, files, lambda name: f"{root}/{name}", spec.format)
+    if not match_urls(spec.path):
+        raise SynthError(f"{spec.path}: no such file or folder; check the URL")
+    return [_file_source(spec.path, spec.path.rpartition("/")[2], spec.format)]
+
+
+def _unreadable(path: Location, error: BaseException) -> SynthError:
     if isinstance(error, PermissionError):
         return SynthError(f"cannot read {path}: permission denied; check its permissions")
     detail = " ".join(str(error).split()) or type(error).__name__
@@ -195,9 +221,9 @@ def _parse_json_line(line: bytes, position: int, spec: CorpusSpec) -> _Raw:
 
 def _jsonl_records(source: Source, spec: CorpusSpec) -> Iterator[_Raw]:
     try:
-        with open(source.path, "rb") as probe:
+        with open_binary(source.path) as probe:
             compressed = probe.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
-        with (gzip.open(source.path, "rb") if compressed else open(source.path, "rb")) as lines:
+        with open_binary(source.path) as raw, (gzip.GzipFile(fileobj=raw) if compressed else raw) as lines:
             for position, line in enumerate(lines, 1):
                 if not line.isspace():
                     yield _parse_json_line(line, position, spec)
@@ -210,30 +236,32 @@ def _parquet_records(source: Source, spec: CorpusSpec) -> Iterator[_Raw]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(source.path)
-        names = set(parquet.schema_arrow.names)
-        if spec.text_field not in names:
-            for position in range(1, parquet.metadata.num_rows + 1):
-                yield _Raw(position, problem="missing_field")
-            return
-        columns = [spec.text_field] + ([spec.id_field] if spec.id_field in names else [])
-        position = 0
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-            texts = batch.column(spec.text_field).to_pylist()
-            ids = batch.column(spec.id_field).to_pylist() if len(columns) == 2 else [None] * len(texts)
-            for doc_id, text in zip(ids, texts):
-                position += 1
-                yield _Raw(position, doc_id, text)
+        with open_binary(source.path) as handle:
+            parquet = pq.ParquetFile(handle)
+            names = set(parquet.schema_arrow.names)
+            if spec.text_field not in names:
+                for position in range(1, parquet.metadata.num_rows + 1):
+                    yield _Raw(position, problem="missing_field")
+                return
+            columns = [spec.text_field] + ([spec.id_field] if spec.id_field in names else [])
+            position = 0
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+                texts = batch.column(spec.text_field).to_pylist()
+                ids = batch.column(spec.id_field).to_pylist() if len(columns) == 2 else [None] * len(texts)
+                for doc_id, text in zip(ids, texts):
+                    position += 1
+                    yield _Raw(position, doc_id, text)
     except (OSError, pa.ArrowException) as error:
         raise _unreadable(source.path, error) from None
 
 
 def _text_records(source: Source, spec: CorpusSpec) -> Iterator[_Raw]:
     try:
-        if source.path.stat().st_size > _MAX_UTF8_BYTES_PER_CHAR * spec.max_doc_chars:
+        if size(source.path) > _MAX_UTF8_BYTES_PER_CHAR * spec.max_doc_chars:
             yield _Raw(0, source.name, problem="too_long")
         else:
-            yield _Raw(0, source.name, source.path.read_bytes())
+            with open_binary(source.path) as file:
+                yield _Raw(0, source.name, file.read())
     except OSError as error:
         raise _unreadable(source.path, error) from None
 
@@ -362,7 +390,7 @@ def read_documents(spec: CorpusSpec, stats: ReadStats, strict: bool = False) -> 
     return itertools.islice(_accepted(sources, spec, stats, strict), spec.max_docs)
 
 
-def _source_files(source: Source) -> list[Path]:
+def _source_files(source: Source) -> list[Location]:
     if source.format != "tfds":
         return [source.path]
     return sorted((p for p in source.path.rglob("*") if p.is_file()), key=lambda p: p.as_posix())
@@ -374,6 +402,5 @@ def corpus_fingerprint(spec: CorpusSpec) -> str:
     digest = hashlib.sha256(json.dumps([_READER_VERSION, asdict(spec)], sort_keys=True).encode())
     for source in resolve_sources(spec):
         for path in _source_files(source):
-            stat = path.stat()
-            digest.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+            digest.update(f"\0{signature(path)}".encode())
     return digest.hexdigest()

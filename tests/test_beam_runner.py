@@ -7,8 +7,15 @@ import pytest
 
 pytest.importorskip("apache_beam")
 
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from apache_beam.io.filesystem import FileMetadata  # noqa: E402
+from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
+
 from synth.cli import main  # noqa: E402
+from synth.corpus import CorpusSpec, ReadStats, read_documents, resolve_sources  # noqa: E402
+from synth.errors import SynthError  # noqa: E402
 from test_pipeline import synth_args, write_corpus  # noqa: E402
 
 BEAM = ["--runner", "beam", "--beam-options", "--direct_num_workers=2 --direct_running_mode=multi_processing"]
@@ -59,3 +66,58 @@ def test_beam_runner_writes_the_local_runners_examples(inputs, tmp_path):
     shards = {p: p.stat().st_mtime_ns for p in beam.glob("*.tfrecord*")}
     assert main(synth_args(meta, beam, *args, *BEAM)) == 0
     assert {p: p.stat().st_mtime_ns for p in beam.glob("*.tfrecord*")} == shards
+
+
+class MirrorFileSystem(LocalFileSystem):
+    """The local disk under a URL scheme: inputs named by URL go through Beam's filesystem registry, as
+    gs:// or s3:// inputs do, without a network."""
+
+    PREFIX = "mirror://"
+
+    @classmethod
+    def scheme(cls):
+        return "mirror"
+
+    def _local(self, path):
+        return path.removeprefix(self.PREFIX)
+
+    def exists(self, path):
+        return super().exists(self._local(path))
+
+    def metadata(self, path):
+        found = super().metadata(self._local(path))
+        return FileMetadata(path, found.size_in_bytes, found.last_updated_in_seconds)
+
+    def _url_dirname(self, url):
+        return self.PREFIX + super()._url_dirname(self._local(url))
+
+    def _list(self, prefix):
+        for found in super()._list(self._local(prefix)):
+            yield FileMetadata(self.PREFIX + found.path, found.size_in_bytes, found.last_updated_in_seconds)
+
+    def _path_open(self, path, *args, **kwargs):
+        return super()._path_open(self._local(path), *args, **kwargs)
+
+
+def test_inputs_named_by_url_are_read_through_beam_filesystems(inputs, tmp_path):
+    """A folder URL, a glob URL and a Parquet file URL read as their local paths do; the Beam runner
+    (in this process, where the test filesystem is registered) reads the URL too."""
+    meta, corpus = inputs
+    url = MirrorFileSystem.PREFIX + str(meta)
+    for local, remote in ((meta, url), (meta / "[ab].jsonl", f"{url}/[ab].jsonl")):
+        stats_local, stats_remote = ReadStats(), ReadStats()
+        expected = list(read_documents(CorpusSpec(str(local)), stats_local))
+        assert list(read_documents(CorpusSpec(remote), stats_remote)) == expected
+        assert stats_remote == stats_local and stats_local.accepted > 0
+    table = pa.table({"id": ["x", "y"], "text": ["one.\ntwo.", "three."]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    documents = read_documents(CorpusSpec(MirrorFileSystem.PREFIX + str(tmp_path / "t.parquet")), ReadStats())
+    assert [(d.id, d.text) for d in documents] == [("x", "one.\ntwo."), ("y", "three.")]
+    with pytest.raises(SynthError, match="no such file or folder"):
+        resolve_sources(CorpusSpec(url + "/missing.jsonl"))
+
+    args = ["--corpus", str(corpus), "--num-shards", "2"]
+    assert main(synth_args(meta, tmp_path / "local", *args)) == 0
+    assert main(synth_args(url, tmp_path / "beam", *args, "--runner", "beam",
+                           "--beam-options", "--direct_running_mode=in_memory --direct_num_workers=1")) == 0
+    assert _examples(tmp_path / "beam") == _examples(tmp_path / "local")

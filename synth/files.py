@@ -1,0 +1,82 @@
+"""Where input files live: the local disk (paths), or any filesystem Apache Beam knows (URLs:
+gs://, s3://, hdfs://, azfs://, with that filesystem's Beam extra installed).
+
+Local paths never touch Beam, so the local runner needs no Beam install unless given a URL.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+from synth.errors import SynthError
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+Location = Path | str  # a local path, or a URL
+
+
+def is_url(path: str) -> bool:
+    return bool(_URL.match(path))
+
+
+def _filesystems():
+    try:
+        from apache_beam.io.filesystems import FileSystems
+    except ModuleNotFoundError:
+        raise SynthError("reading URLs (gs://, s3://, ...) goes through Apache Beam's filesystems: pip install "
+                         "'nextlong-jax[beam]' and the filesystem's extra, e.g. 'apache-beam[gcp]'") from None
+    return FileSystems
+
+
+def open_binary(location: Location) -> BinaryIO:
+    if isinstance(location, Path):
+        return open(location, "rb")
+    from apache_beam.io.filesystem import CompressionTypes
+
+    # Uncompressed: the readers look at the bytes themselves (gzip magic, Parquet footer).
+    return _filesystems().open(location, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def size(location: Location) -> int:
+    if isinstance(location, Path):
+        return location.stat().st_size
+    return _metadata(location).size_in_bytes
+
+
+def signature(location: Location) -> str:
+    """What changes when the file does: its full name, size and modification time."""
+    if isinstance(location, Path):
+        stat = location.stat()
+        return f"{location.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    found = _metadata(location)
+    return f"{location}\0{found.size_in_bytes}\0{found.last_updated_in_seconds}"
+
+
+def _metadata(url: str):
+    found = match_urls(url)
+    if len(found) != 1:
+        raise SynthError(f"{url}: no such file")
+    return found[0]
+
+
+def match_urls(pattern: str) -> list:
+    """Beam `FileMetadata` of the files a URL names (a file or a glob), sorted by path."""
+    try:
+        result = _filesystems().match([pattern])[0]
+    except Exception as error:  # Beam raises its own errors per filesystem: name the URL with them
+        if isinstance(error, SynthError):
+            raise
+        raise SynthError(f"cannot list {pattern}: {' '.join(str(error).split())}") from None
+    return sorted(result.metadata_list, key=lambda m: m.path)
+
+
+def url_files(url: str) -> tuple[str, list[str]] | None:
+    """The files below a URL that names a folder: (the folder, their paths relative to it), or None
+    when nothing is below it."""
+    root = url.rstrip("/")
+    below = match_urls(f"{root}/**")
+    if not below:
+        return None
+    return root, [m.path[len(root) + 1:] for m in below]
