@@ -20,7 +20,9 @@ visible to every worker (a local disk for DirectRunner, a shared mount elsewhere
 from __future__ import annotations
 
 import logging
+import re
 import shlex
+from contextlib import contextmanager
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -131,8 +133,16 @@ def _collection(pipeline, spec: CorpusSpec, label: str, config: SynthConfig, dir
         | f"{label}: store" >> beam.Map(_store_ref, directory, name, dim))
 
 
-def _build_index(corpus: StoreRef, config: SynthConfig, corpus_key: str, fingerprint: str) -> str:
+def _build_index(corpus: StoreRef, config: SynthConfig, corpus_key: str, fingerprint: str) -> str | None:
+    if not corpus.blocks:
+        return None  # nothing usable was read: the driver says so once the pipeline is done
     return str(corpus_index(config, corpus_key, corpus.open(), fingerprint)[1])
+
+
+def _shard_inputs(index: str | None, meta: StoreRef, corpus: StoreRef, config: SynthConfig) -> ShardInputs | None:
+    if not meta.blocks or not corpus.blocks:
+        return None
+    return ShardInputs(config, meta, corpus, Path(index) if index else None)
 
 
 class _MakeShard(beam.DoFn):
@@ -141,7 +151,9 @@ class _MakeShard(beam.DoFn):
     def setup(self):
         self.inputs, self.opened = None, None
 
-    def process(self, shard: int, inputs: ShardInputs):
+    def process(self, shard: int, inputs: ShardInputs | None):
+        if inputs is None:
+            return
         report = finished_report(inputs.config, shard)
         if report is None:
             if self.inputs != inputs:
@@ -154,7 +166,23 @@ class _MakeShard(beam.DoFn):
         yield report
 
 
+@contextmanager
+def _user_errors():
+    """A SynthError raised in a worker (a --strict violation, an unreadable file) reaches the driver
+    wrapped in the runner's own error, traceback included: show it as the one line it is."""
+    try:
+        yield
+    except SynthError:
+        raise
+    except Exception as error:
+        found = re.search(r"SynthError: (.+)", str(error))
+        if found is None:
+            raise
+        raise SynthError(found.group(1).strip()) from error
+
+
 def _counters(result) -> dict[str, int]:
+    result.wait_until_finish()
     found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
     return {c.key.metric.name: c.committed if c.committed is not None else c.attempted for c in found}
 
@@ -175,6 +203,25 @@ def _collection_from(counters: dict[str, int], label: str, key: str, config: Syn
     return Collection(key, ref, ref.open(), read, build)
 
 
+def _stages(pipeline, config: SynthConfig, keys: dict[str, str], name: str, dim: int, fingerprint: str | None):
+    """The whole synthesis as transforms of `pipeline`: collections -> index -> shards."""
+    specs = {"meta": config.meta, "corpus": config.corpus}
+    refs = {label: _collection(pipeline, specs[label], label, config, collection_dir(config, key), name, dim)
+            for label, key in keys.items()}
+    corpus_ref = refs.get("corpus", refs["meta"])
+    if config.mining.strategy == "nextlong":
+        index_dir = corpus_ref | "index" >> beam.Map(_build_index, config, keys.get("corpus", keys["meta"]),
+                                                     fingerprint)
+    else:
+        index_dir = pipeline | "no index" >> beam.Create([None])
+    inputs = (index_dir | "shard inputs" >> beam.Map(
+        _shard_inputs, beam.pvalue.AsSingleton(refs["meta"]), beam.pvalue.AsSingleton(corpus_ref), config))
+    _ = (pipeline
+         | "shard numbers" >> beam.Create(range(config.output.num_shards))
+         | "spread shards" >> beam.Reshuffle()
+         | "make shards" >> beam.ParDo(_MakeShard(), beam.pvalue.AsSingleton(inputs)))
+
+
 def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     """Run (or resume) a synthesis as a Beam pipeline; returns the summary also written to OUT."""
     started = time.perf_counter()
@@ -185,23 +232,10 @@ def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     keys = {label: collection_key(spec, config, tokenizer) for label, spec in specs.items()}
     options = PipelineOptions(shlex.split(f"{DEFAULT_OPTIONS} {beam_options}"))
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # per-stage chatter; failures still show
-    with beam.Pipeline(options=options) as pipeline:
-        refs = {label: _collection(pipeline, spec, label, config, collection_dir(config, keys[label]), name, dim)
-                for label, spec in specs.items()}
-        corpus_ref = refs.get("corpus", refs["meta"])
-        if config.mining.strategy == "nextlong":
-            index_dir = corpus_ref | "index" >> beam.Map(_build_index, config, keys.get("corpus", keys["meta"]),
-                                                         embedder.fingerprint)
-        else:
-            index_dir = pipeline | "no index" >> beam.Create([None])
-        inputs = (index_dir | "shard inputs" >> beam.Map(
-            lambda index, meta, corpus: ShardInputs(config, meta, corpus, Path(index) if index else None),
-            beam.pvalue.AsSingleton(refs["meta"]), beam.pvalue.AsSingleton(corpus_ref)))
-        _ = (pipeline
-             | "shard numbers" >> beam.Create(range(config.output.num_shards))
-             | "spread shards" >> beam.Reshuffle()
-             | "make shards" >> beam.ParDo(_MakeShard(), beam.pvalue.AsSingleton(inputs)))
-    counters = _counters(pipeline.result)
+    pipeline = beam.Pipeline(options=options)
+    _stages(pipeline, config, keys, name, dim, embedder.fingerprint if embedder else None)
+    with _user_errors():
+        counters = _counters(pipeline.run())
 
     collections = {label: _collection_from(counters, label, keys[label], config, name, dim) for label in specs}
     meta, corpus = collections["meta"], collections.get("corpus", collections["meta"])

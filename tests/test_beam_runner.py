@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("apache_beam")
@@ -121,3 +122,31 @@ def test_inputs_named_by_url_are_read_through_beam_filesystems(inputs, tmp_path)
     assert main(synth_args(url, tmp_path / "beam", *args, "--runner", "beam",
                            "--beam-options", "--direct_running_mode=in_memory --direct_num_workers=1")) == 0
     assert _examples(tmp_path / "beam") == _examples(tmp_path / "local")
+
+
+def test_jax_encoder_on_two_worker_processes_gives_the_local_embeddings(inputs, tmp_path):
+    """Each Beam worker embeds its own blocks on its own devices; the vectors equal one process's."""
+    meta, corpus = inputs
+    args = ["--corpus", str(corpus), "--embedder", "minilm", "--embed-backend", "jax", "--docs-per-block", "4"]
+    local, beam = tmp_path / "local", tmp_path / "beam"
+    assert main(synth_args(meta, local, *args)) == 0
+    assert main(synth_args(meta, beam, *args, *BEAM)) == 0
+    blocks = sorted(p.relative_to(local) for p in local.glob(".cache/chunks-*/block-*/emb-*.npy"))
+    assert len(blocks) == 4 + 10  # 15 meta documents and 40 corpus documents, 4 to a block
+    assert sorted(p.relative_to(beam) for p in beam.glob(".cache/chunks-*/block-*/emb-*.npy")) == blocks
+    for block in blocks:
+        np.testing.assert_allclose(np.load(beam / block), np.load(local / block), atol=1e-6)
+    assert _examples(beam) == _examples(local)
+
+
+def test_worker_errors_reach_the_user_as_one_line(inputs, tmp_path, capsys):
+    meta, corpus = inputs
+    assert main(synth_args(meta, tmp_path / "strict", "--corpus", str(corpus), "--strict", *BEAM)) == 2
+    error = capsys.readouterr().err.strip()
+    assert "Traceback" not in error and len(error.splitlines()) == 1
+    assert "duplicate_id" in error or "malformed_json" in error
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n" + json.dumps({"id": "e", "text": ""}) + "\n")
+    assert main(synth_args(bad, tmp_path / "empty", "--corpus", str(corpus), *BEAM)) == 2
+    assert "no usable documents" in capsys.readouterr().err
