@@ -136,7 +136,7 @@ def _collection(pipeline, spec: CorpusSpec, label: str, config: SynthConfig, dir
 def _build_index(corpus: StoreRef, config: SynthConfig, corpus_key: str, fingerprint: str) -> str | None:
     if not corpus.blocks:
         return None  # nothing usable was read: the driver says so once the pipeline is done
-    return str(corpus_index(config, corpus_key, corpus.open(), fingerprint)[1])
+    return str(corpus_index(config, corpus_key, corpus, fingerprint)[1])
 
 
 def _shard_inputs(index: str | None, meta: StoreRef, corpus: StoreRef, config: SynthConfig) -> ShardInputs | None:
@@ -245,7 +245,7 @@ def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
         raise SynthError("the Beam pipeline finished without writing every shard; run it again to resume")
     index = None
     if config.mining.strategy == "nextlong":
-        index = corpus_index(config, corpus.key, corpus.store, embedder.fingerprint)[0]
+        index = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)[0]
     extension = Extension.build(meta.store, corpus.store, config.mining, config.output.doc_len or config.output.seq_len)
     return finish(config, tokenizer, meta, corpus, index, extension, reports,
                   embedder.window if embedder else None, started)

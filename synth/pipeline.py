@@ -24,7 +24,7 @@ from synth.config import SynthConfig
 from synth.corpus import CorpusSpec, ReadStats, corpus_fingerprint, read_documents
 from synth.embed import load_embedder
 from synth.errors import SynthError
-from synth.index import ChunkIndex, build_index, exact_search, load_index, recall_at_k
+from synth.index import ChunkIndex, build_saved, exact_search, load_index, recall_at_k
 from synth.report import render_summary, summarize
 from synth.shards import OpenInputs, ShardInputs, make_shards
 from synth.store import BuildStats, ChunkStore, StoreRef, build_store, store_key
@@ -83,7 +83,7 @@ def _collection(spec: CorpusSpec, label: str, config: SynthConfig, tokenizer: Te
     return Collection(key, ref, ref.open(), read, build)
 
 
-def corpus_index(config: SynthConfig, corpus_key: str, corpus: ChunkStore,
+def corpus_index(config: SynthConfig, corpus_key: str, corpus: StoreRef,
                  embedder_fingerprint: str) -> tuple[ChunkIndex, Path]:
     """The index of the corpus chunks, from the cache when an earlier run (or `index build`) made it."""
     digest = hashlib.sha256(json.dumps(
@@ -92,10 +92,8 @@ def corpus_index(config: SynthConfig, corpus_key: str, corpus: ChunkStore,
     if (directory / "meta.json").is_file():
         return load_index(directory), directory
     started = time.perf_counter()
-    index = build_index(corpus.embeddings, config.index)
-    index.save(directory)
-    tqdm.write(f"index {config.index.kind}: {corpus.num_chunks} chunks in "
-               f"{time.perf_counter() - started:.1f}s")
+    index = build_saved(corpus.block_embeddings(), config.index, directory)
+    tqdm.write(f"index {config.index.kind}: {index.ntotal} chunks in {time.perf_counter() - started:.1f}s")
     return index, directory
 
 
@@ -123,7 +121,7 @@ def build_corpus_index(config: SynthConfig) -> dict:
     if corpus.store.num_chunks == 0:
         raise SynthError("no usable corpus documents were read; check --corpus/--meta and the field names")
     started = time.perf_counter()
-    index, directory = corpus_index(config, corpus.key, corpus.store, embedder.fingerprint)
+    index, directory = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     return {"index_dir": str(directory), "kind": config.index.kind, "backend": index.backend,
@@ -159,7 +157,7 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
 
     index, index_dir = None, None
     if config.mining.strategy == "nextlong":
-        index, index_dir = corpus_index(config, corpus.key, corpus.store, embedder.fingerprint)
+        index, index_dir = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)
 
     inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir)
     extension = Extension.build(meta.store, corpus.store, config.mining,

@@ -65,6 +65,10 @@ class StoreRef:
     def open(self) -> "ChunkStore":
         return load_store(self)
 
+    def block_embeddings(self) -> list[np.ndarray]:
+        """Each block's embeddings, memory-mapped: the collection's vectors without loading them all."""
+        return [np.load(block / self.embedding_name, mmap_mode="r") for block in self.blocks]
+
 
 @dataclass
 class ChunkStore:

@@ -264,3 +264,24 @@ def test_ivfpq_built_in_shards_and_merged_on_disk_equals_one_build(data, tmp_pat
         got, want = index.search(queries, K), whole.search(queries, K)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["faiss-ivfpq", "faiss-hnsw", "faiss-flat"])
+def test_index_saved_from_blocks_equals_one_built_at_once(data, tmp_path, kind):
+    """What synthesis and `index build` use: IVF-PQ goes block by block through the on-disk merge,
+    the rest over all rows; every kind finds what `build_index` of the concatenation finds."""
+    from synth.index import build_saved
+    from synth.index.ivfpq import ON_DISK_LISTS
+
+    base, queries = data
+    config = IndexConfig(kind=kind, seed=3)
+    blocks = np.array_split(base, [500, 1500])
+    saved = build_saved(blocks, config, tmp_path / "index")
+    assert (tmp_path / "index" / ON_DISK_LISTS).is_file() == (kind == "faiss-ivfpq")
+    want = build_index(base, config).search(queries, K)
+    for index in (saved, load_index(tmp_path / "index")):
+        got = index.search(queries, K)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    with pytest.raises(SynthError, match="0 embeddings"):
+        build_saved([base[:0]], config, tmp_path / "empty")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -27,8 +28,8 @@ from synth.index import flat, hnsw, ivfpq, scann
 from synth.index.base import (FLAT, FORMAT, HNSW, INDEX_KINDS, IVFPQ, META, MIN_TRAIN_POINTS, POINTS_PER_CENTROID,
                               SCANN, Backend, ChunkIndex, IndexConfig, check_matrix)
 
-__all__ = ["INDEX_KINDS", "BACKENDS", "ChunkIndex", "IndexConfig", "build_index", "load_index", "exact_search",
-           "recall_at_k"]
+__all__ = ["INDEX_KINDS", "BACKENDS", "ChunkIndex", "IndexConfig", "build_index", "build_saved", "load_index",
+           "exact_search", "recall_at_k"]
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +37,37 @@ BACKENDS: dict[str, Backend] = {FLAT: flat.BACKEND, IVFPQ: ivfpq.BACKEND, HNSW: 
 assert tuple(BACKENDS) == INDEX_KINDS
 
 
+def _trainable(config: IndexConfig, n: int) -> bool:
+    """Whether n vectors are enough to train `config.kind`; if not, the index is exact (with a warning)."""
+    if not n:
+        raise SynthError("cannot build an index over 0 embeddings (is the corpus empty?)")
+    centroids = BACKENDS[config.kind].centroids(config, n)
+    needed = max(MIN_TRAIN_POINTS, POINTS_PER_CENTROID * centroids) if centroids else 0
+    if n < needed:
+        log.warning("%s needs at least %d vectors to train, got %d: using exact faiss-flat search",
+                    config.kind, needed, n)
+    return n >= needed
+
+
 def build_index(embeddings: np.ndarray, config: IndexConfig) -> ChunkIndex:
     """Index the rows of `embeddings` (float32, L2-normalised); deterministic for a given config."""
     vectors = check_matrix(embeddings, "embeddings")
-    if not len(vectors):
-        raise SynthError("cannot build an index over 0 embeddings (is the corpus empty?)")
-    centroids = BACKENDS[config.kind].centroids(config, len(vectors))
-    needed = max(MIN_TRAIN_POINTS, POINTS_PER_CENTROID * centroids) if centroids else 0
-    if len(vectors) < needed:
-        log.warning("%s needs at least %d vectors to train, got %d: using exact faiss-flat search",
-                    config.kind, needed, len(vectors))
+    if not _trainable(config, len(vectors)):
         return flat.build(vectors, config)
     return BACKENDS[config.kind].build(vectors, config)
+
+
+def build_saved(blocks: Sequence[np.ndarray], config: IndexConfig, directory: Path) -> ChunkIndex:
+    """The index of the blocks' rows, in order, saved to `directory`: equal to `build_index` of their
+    concatenation. IVF-PQ is built block by block with its inverted lists merged on disk
+    (`ivfpq.build_sharded`), so with memory-mapped blocks the build never holds every vector."""
+    blocks = [check_matrix(block, "embeddings") for block in blocks if len(block)]
+    trainable = _trainable(config, sum(len(block) for block in blocks))
+    if trainable and config.kind == IVFPQ:
+        return ivfpq.build_sharded(blocks, config, directory)
+    index = (BACKENDS[config.kind] if trainable else flat).build(np.concatenate(blocks), config)
+    index.save(directory)
+    return index
 
 
 def _one_line(error: BaseException) -> str:
