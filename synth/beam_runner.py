@@ -15,6 +15,9 @@ counts taken from the pipeline's Beam metrics. Every stage reuses finished work 
 shards), so a killed pipeline run again resumes. Any Beam runner works: DirectRunner by default,
 Dataflow, Flink or Spark through `--beam-options`. The cache and output directories must be
 visible to every worker (a local disk for DirectRunner, a shared mount elsewhere).
+
+One difference from the local runner: with --max-meta-docs/--max-corpus-docs the local reader stops at
+the cut, while every file is read here, so skips after the cut are counted too.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-from contextlib import contextmanager
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
