@@ -12,7 +12,6 @@ so a restarted run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from nextlong_jax.schema import (FLOAT_FEATURES, INT_FEATURES, MANIFEST, ROLE_NEGATIVE, TRAINING_FEATURES, Manifest,
-                                 ManifestError, segment_starts)
+                                 ManifestError, file_sha256, segment_starts)
 from nextlong_jax.train_config import DataConfig
 
 
@@ -80,16 +79,8 @@ def check_against_manifest(manifest: Manifest, root: Path, verify_sha256: bool) 
         if shard.bytes is not None and size != shard.bytes:
             raise DataError(f"shard {path} is {size} bytes but {MANIFEST} says {shard.bytes}: an incomplete "
                             "or altered copy; copy it again")
-        if verify_sha256 and _sha256(path) != shard.sha256:
+        if verify_sha256 and file_sha256(path) != shard.sha256:
             raise DataError(f"shard {path} does not match the sha256 in {MANIFEST}: corrupted; copy it again")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def locate_damage(shards: Shards) -> str:

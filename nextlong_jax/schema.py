@@ -11,6 +11,7 @@ Features, each of exactly `seq_len` values per sequence: `input_ids`, `token_rol
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,15 @@ def segment_starts(segment_ids: np.ndarray) -> np.ndarray:
     starts = np.ones(segment_ids.shape, bool)
     starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
     return starts & (segment_ids != 0)
+
+
+def file_sha256(path: Path) -> str:
+    """The digest a manifest states for a shard file: the writer records it, the reader checks it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE, segment_starts
-from synth.dedup import near_duplicate_documents
 from synth.negatives import CandidateSource, MetaDocument, NegativeFilter, mine
 
 if TYPE_CHECKING:
@@ -179,16 +178,17 @@ class Extension:
     prefetch_docs: int = 64
 
     @classmethod
-    def build(cls, meta: ChunkStore, corpus: ChunkStore, mining: MiningConfig, seq_len: int) -> "Extension":
+    def build(cls, meta: ChunkStore, corpus: ChunkStore, mining: MiningConfig, seq_len: int,
+              duplicates: np.ndarray | None) -> "Extension":
+        """`duplicates`: the corpus's near-duplicate documents (`dedup`), None where that is off."""
         lengths = corpus.chunk_lengths()
         mean_negative = float(lengths.mean()) if len(lengths) else 1.0
         # Unless capped, k may grow to what fills the whole target from one meta-chunk.
         max_k = mining.max_k
         if max_k is None:
             max_k = max(1, math.ceil(seq_len * mining.headroom / mean_negative))
-        duplicates = np.zeros(corpus.num_docs, bool) if mining.corpus_dedup is None else near_duplicate_documents(
-            lambda d: [corpus.tokens(c) for c in corpus.doc_chunks(d)], corpus.num_docs, mining.corpus_dedup,
-            mining.shingle_tokens)
+        if duplicates is None:
+            duplicates = np.zeros(corpus.num_docs, bool)
         return cls(meta=meta, corpus=corpus, corpus_chunk_doc=corpus.chunk_doc(), corpus_duplicates=duplicates,
                    corpus_doc_index={doc_id: i for i, doc_id in enumerate(corpus.doc_ids)},
                    fixed_k=mining.k, max_k=max_k, headroom=mining.headroom,

@@ -34,13 +34,12 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from synth.assemble import Extension
 from synth.config import SynthConfig
 from synth.corpus import CorpusSpec, Document, ReadStats, checked_records, duplicate_id, resolve_sources
 from synth.embed import load_embedder
 from synth.errors import SynthError
-from synth.pipeline import (Collection, check_collections, collection_dir, collection_key, corpus_index, finish,
-                            needs_embeddings, prepare)
+from synth.pipeline import (Collection, check_collections, collection_dir, collection_key, corpus_index,
+                            extension_of, finish, near_duplicates, needs_embeddings, prepare)
 from synth.shards import OpenInputs, ShardInputs, finished_report, make_shard
 from synth.store import BuildStats, StoreRef, block_path, build_block, embedding_name
 from synth.tokenizer import load_tokenizer
@@ -142,10 +141,16 @@ def _build_index(corpus: StoreRef, config: SynthConfig, corpus_key: str, fingerp
     return str(corpus_index(config, corpus_key, corpus, fingerprint)[1])
 
 
-def _shard_inputs(index: str | None, meta: StoreRef, corpus: StoreRef, config: SynthConfig) -> ShardInputs | None:
+def _near_duplicates(corpus: StoreRef, config: SynthConfig, corpus_key: str) -> str | None:
+    found = near_duplicates(config, corpus_key, corpus.open()) if corpus.blocks else None
+    return str(found) if found else None
+
+
+def _shard_inputs(index: str | None, meta: StoreRef, corpus: StoreRef, duplicates: str | None,
+                  config: SynthConfig) -> ShardInputs | None:
     if not meta.blocks or not corpus.blocks:
         return None
-    return ShardInputs(config, meta, corpus, Path(index) if index else None)
+    return ShardInputs(config, meta, corpus, Path(index) if index else None, Path(duplicates) if duplicates else None)
 
 
 class _MakeShard(beam.DoFn):
@@ -211,14 +216,15 @@ def _stages(pipeline, config: SynthConfig, keys: dict[str, str], name: str, dim:
     specs = {"meta": config.meta, "corpus": config.corpus}
     refs = {label: _collection(pipeline, specs[label], label, config, collection_dir(config, key), name, dim)
             for label, key in keys.items()}
-    corpus_ref = refs.get("corpus", refs["meta"])
+    corpus_ref, corpus_key = refs.get("corpus", refs["meta"]), keys.get("corpus", keys["meta"])
     if config.mining.strategy == "nextlong":
-        index_dir = corpus_ref | "index" >> beam.Map(_build_index, config, keys.get("corpus", keys["meta"]),
-                                                     fingerprint)
+        index_dir = corpus_ref | "index" >> beam.Map(_build_index, config, corpus_key, fingerprint)
     else:
         index_dir = pipeline | "no index" >> beam.Create([None])
+    duplicates = corpus_ref | "corpus near-duplicates" >> beam.Map(_near_duplicates, config, corpus_key)
     inputs = (index_dir | "shard inputs" >> beam.Map(
-        _shard_inputs, beam.pvalue.AsSingleton(refs["meta"]), beam.pvalue.AsSingleton(corpus_ref), config))
+        _shard_inputs, beam.pvalue.AsSingleton(refs["meta"]), beam.pvalue.AsSingleton(corpus_ref),
+        beam.pvalue.AsSingleton(duplicates), config))
     _ = (pipeline
          | "shard numbers" >> beam.Create(range(config.output.num_shards))
          | "spread shards" >> beam.Reshuffle()
@@ -249,6 +255,6 @@ def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     index = None
     if config.mining.strategy == "nextlong":
         index = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)[0]
-    extension = Extension.build(meta.store, corpus.store, config.mining, config.output.doc_len or config.output.seq_len)
+    extension = extension_of(config, meta, corpus, near_duplicates(config, corpus.key, corpus.store))
     return finish(config, tokenizer, meta, corpus, index, extension, reports,
                   embedder.window if embedder else None, started)

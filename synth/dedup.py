@@ -8,6 +8,9 @@ taken in store order and MinHash permutations come from a fixed seed.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -38,3 +41,17 @@ def near_duplicate_documents(tokens_of_doc, num_docs: int, threshold: float, n: 
         else:
             lsh.insert(doc, minhash)
     return duplicate
+
+
+def cached_near_duplicates(corpus, directory: Path, threshold: float, n: int) -> Path:
+    """`near_duplicate_documents` of a chunk store, found once and kept in `directory` (the store's
+    own): every process and worker that makes shards loads it instead of finding it again."""
+    path = directory / f"near-duplicates-j{threshold}-n{n}.npy"
+    if not path.is_file():
+        marks = near_duplicate_documents(lambda d: [corpus.tokens(c) for c in corpus.doc_chunks(d)],
+                                         corpus.num_docs, threshold, n)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, marks)
+        os.replace(tmp, path)
+    return path

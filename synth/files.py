@@ -6,7 +6,9 @@ Local paths never touch Beam, so the local runner needs no Beam install unless g
 
 from __future__ import annotations
 
+import os
 import re
+import uuid
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,6 +17,12 @@ from synth.errors import SynthError
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 Location = Path | str  # a local path, or a URL
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A name beside `path` that no other writer uses: two workers may make the same output at once
+    (a retried or duplicated Beam task, a rerun beside a lingering worker), and each renames its own."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 def is_url(path: str) -> bool:

@@ -150,7 +150,9 @@ class JaxSentenceEncoder:
         self._tokenizer.no_truncation()
         devices = jax.local_devices()
         self._batch = batch_per_device * len(devices)
-        self._rows = NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec("data"))
+        # Each batch is split over the local devices by rows.
+        self._put = partial(jax.device_put, device=NamedSharding(Mesh(np.asarray(devices), ("data",)),
+                                                                 PartitionSpec("data")))
         self._encode = jax.jit(partial(_encode, heads=int(config["num_attention_heads"]),
                                        eps=float(config.get("layer_norm_eps", 1e-12)), pooling=pooling,
                                        normalize=normalize))
@@ -184,8 +186,6 @@ class JaxSentenceEncoder:
             for i, r in enumerate(rows):
                 ids[i, :len(encoded[r])] = encoded[r]
                 mask[i, :len(encoded[r])] = 1
-            import jax
-
-            vectors = self._encode(self._params, jax.device_put(ids, self._rows), jax.device_put(mask, self._rows))
+            vectors = self._encode(self._params, self._put(ids), self._put(mask))
             out[rows] = np.asarray(vectors)[:len(rows)]
         return out

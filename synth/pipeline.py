@@ -22,6 +22,7 @@ from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
 from synth.assemble import Extension
 from synth.config import SynthConfig
 from synth.corpus import CorpusSpec, ReadStats, corpus_fingerprint, read_documents
+from synth.dedup import cached_near_duplicates
 from synth.embed import load_embedder
 from synth.errors import SynthError
 from synth.index import ChunkIndex, build_saved, exact_search, load_index, recall_at_k
@@ -159,13 +160,28 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
     if config.mining.strategy == "nextlong":
         index, index_dir = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)
 
-    inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir)
-    extension = Extension.build(meta.store, corpus.store, config.mining,
-                                config.output.doc_len or config.output.seq_len)
+    duplicates = near_duplicates(config, corpus.key, corpus.store)
+    inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir, duplicates)
+    extension = extension_of(config, meta, corpus, duplicates)
     opened = OpenInputs(config, extension, index, tokenizer)
     reports = make_shards(inputs, opened, workers)
     return finish(config, tokenizer, meta, corpus, index, extension, reports,
                   embedder.window if embedder else None, started)
+
+
+def near_duplicates(config: SynthConfig, corpus_key: str, corpus: ChunkStore) -> Path | None:
+    """Where the corpus's near-duplicate documents are marked (found on first use), or None when
+    --corpus-dedup is off."""
+    mining = config.mining
+    if mining.corpus_dedup is None:
+        return None
+    return cached_near_duplicates(corpus, collection_dir(config, corpus_key), mining.corpus_dedup,
+                                  mining.shingle_tokens)
+
+
+def extension_of(config: SynthConfig, meta: Collection, corpus: Collection, duplicates: Path | None) -> Extension:
+    return Extension.build(meta.store, corpus.store, config.mining, config.output.doc_len or config.output.seq_len,
+                           np.load(duplicates) if duplicates else None)
 
 
 def check_collections(meta: Collection, corpus: Collection) -> None:

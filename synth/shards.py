@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from synth.assemble import Extension, Packer, concatenated_sequences, extended_sequences
 from synth.baselines import document_vectors, keyword_order, knn_walk
 from synth.config import SynthConfig
+from synth.files import temporary_sibling
 from synth.index import ChunkIndex, load_index
 from synth.negatives import IndexCandidates, NegativeFilter, RandomCandidates
 from synth.overlap import MetaOverlap
@@ -40,6 +41,7 @@ class ShardInputs:
     meta: StoreRef
     corpus: StoreRef
     index_dir: Path | None  # None for layouts that need no retrieval
+    duplicates: Path | None  # the corpus's near-duplicate documents (`synth.dedup`); None: not deduplicated
 
 
 @dataclass
@@ -56,7 +58,8 @@ class OpenInputs:
         config = inputs.config
         return cls(config=config,
                    extension=Extension.build(meta, corpus, config.mining,
-                                             config.output.doc_len or config.output.seq_len),
+                                             config.output.doc_len or config.output.seq_len,
+                                             np.load(inputs.duplicates) if inputs.duplicates else None),
                    index=load_index(inputs.index_dir) if inputs.index_dir else None,
                    tokenizer=load_tokenizer(inputs.config.tokenizer))
 
@@ -123,7 +126,7 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
             yield to_example(sequence)
 
     name = shard_file(config, shard)
-    tmp = out.out / f"{name}.tmp"
+    tmp = temporary_sibling(out.out / name)
     count, sha256 = write_shard(tmp, examples(), out.compression)
     bar.close()
     report = ShardReport.collect(name, count, sha256, tmp.stat().st_size, packer.stats, rules.stats)

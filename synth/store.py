@@ -25,6 +25,7 @@ from synth.chunking import chunk_documents
 from synth.config import ChunkingConfig
 from synth.corpus import Document
 from synth.embed import Embedder
+from synth.files import temporary_sibling
 from synth.tokenizer import TextTokenizer
 
 _TOKENS, _TOKEN_OFFSETS, _DOC_OFFSETS, _DOC_IDS = (
@@ -123,8 +124,7 @@ def _over_window(block: Path, embedding_name: str) -> int:
 
 def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings: np.ndarray,
                  embedding_name: str, over_window: int) -> None:
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_sibling(directory)
     tmp.mkdir(parents=True)
     chunks = [c for doc_chunks in texts_chunks for c in doc_chunks]
     lengths = [len(c.ids) for c in chunks]
@@ -136,8 +136,16 @@ def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings
     (tmp / _DOC_IDS).write_text(json.dumps([d.id for d in docs], ensure_ascii=False))
     np.save(tmp / embedding_name, embeddings)
     _window_file(tmp, embedding_name).write_text(json.dumps({"chunks_over_window": over_window}))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    if not (directory / embedding_name).is_file():
+        shutil.rmtree(directory, ignore_errors=True)  # partial, or made for another embedder
+        try:
+            os.replace(tmp, directory)
+            return
+        except OSError:
+            if not (directory / embedding_name).is_file():
+                raise
+    # Another worker made the same block meanwhile, with the same content: keep theirs.
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def embedding_name(embedder: Embedder | None) -> str:

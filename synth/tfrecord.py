@@ -7,15 +7,15 @@ renamed when complete, so a reader never sees half a shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import tensorflow as tf
 
-from nextlong_jax.schema import BYTES_FEATURES, FLOAT_FEATURES, INT_FEATURES, MANIFEST, Manifest
+from nextlong_jax.schema import BYTES_FEATURES, FLOAT_FEATURES, INT_FEATURES, MANIFEST, Manifest, file_sha256
 from synth.assemble import Sequence
+from synth.files import temporary_sibling
 
 
 def shard_name(prefix: str, index: int, count: int, compression: str) -> str:
@@ -55,11 +55,7 @@ def write_shard(path: Path, examples, compression: str) -> tuple[int, str]:
         for example in examples:
             writer.write(example)
             count += 1
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return count, digest.hexdigest()
+    return count, file_sha256(path)
 
 
 def feature_spec(seq_len: int) -> dict:
@@ -71,7 +67,7 @@ def feature_spec(seq_len: int) -> dict:
 
 
 def write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_sibling(path)
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 

@@ -1,6 +1,11 @@
 """The Beam runner (DirectRunner, two worker processes) against the local runner."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +54,7 @@ def _examples(out: Path) -> set[bytes]:
 
 def test_beam_runner_writes_the_local_runners_examples(inputs, tmp_path):
     meta, corpus = inputs
-    args = ["--corpus", str(corpus), "--num-shards", "3"]
+    args = ["--corpus", str(corpus), "--num-shards", "3", "--corpus-dedup", "0.8"]
     local, beam = tmp_path / "local", tmp_path / "beam"
     assert main(synth_args(meta, local, *args)) == 0
     assert main(synth_args(meta, beam, *args, *BEAM)) == 0
@@ -150,3 +155,28 @@ def test_worker_errors_reach_the_user_as_one_line(inputs, tmp_path, capsys):
     bad.write_text("{not json\n" + json.dumps({"id": "e", "text": ""}) + "\n")
     assert main(synth_args(bad, tmp_path / "empty", "--corpus", str(corpus), *BEAM)) == 2
     assert "no usable documents" in capsys.readouterr().err
+
+
+def test_killed_pipeline_resumes_to_the_same_examples(inputs, tmp_path):
+    """The driver and its workers killed mid-way (SIGKILL to the process group); the same command
+    again reuses the finished blocks and writes what an uninterrupted run writes."""
+    meta, corpus = inputs
+    args = ["--corpus", str(corpus), "--num-shards", "6", "--docs-per-block", "2"]
+    assert main(synth_args(meta, tmp_path / "reference", *args)) == 0
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "synth.cli", *synth_args(meta, out, *args, *BEAM)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    blocks = out / ".cache"
+    deadline = time.time() + 300
+    while len(list(blocks.glob("chunks-*/block-*/emb-*.npy"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before the kill point"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    kept = {p: p.stat().st_mtime_ns for p in blocks.glob("chunks-*/block-*/emb-*.npy")}
+
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert _examples(out) == _examples(tmp_path / "reference")
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "finished blocks were rebuilt"

@@ -411,6 +411,13 @@ def test_corpus_near_dedup_counts_and_skips_later_copies(tmp_path):
     assert used and not {u for u in used if u.startswith("alias")}
     assert "corpus near-duplicate documents (never negatives): 8" in (out / "summary.md").read_text()
 
+    # Found once, kept beside the corpus's chunks; shard worker processes load it and agree.
+    marks = list(out.glob(".cache/chunks-*/near-duplicates-*.npy"))
+    assert len(marks) == 1 and np.load(marks[0]).sum() == 8
+    workers = tmp_path / "dedup-workers"
+    assert main(synth_args(corpus, workers, "--k", "3", "--corpus-dedup", "0.8", "--workers", "2")) == 0
+    assert shard_bytes(workers) == shard_bytes(out)
+
 
 def test_tfds_metadata_makes_the_output_a_tfds_dataset(corpus, tmp_path):
     import tensorflow_datasets as tfds
