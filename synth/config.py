@@ -169,9 +169,10 @@ OPTIONS: tuple[Option, ...] = (
            {"action": "store_true", "default": None}),
     Option("index", MODEL, "nearest-neighbour index", (IndexConfig, "kind"), {"choices": INDEX_KINDS}),
     Option("index-params", MODEL, "index tuning, repeatable: nlist, nprobe, pq_m (faiss-ivfpq); hnsw_m, "
-                                  "ef_search, ef_construction (faiss-hnsw); scann_leaves, scann_leaves_to_search "
-                                  "(scann). Unset ones keep their defaults (nlist, pq_m and the ScaNN leaves "
-                                  "follow the corpus size). YAML: index-params: {nprobe: 32}",
+                                  "ef_search, ef_construction (faiss-hnsw); scann_leaves, scann_leaves_to_search, "
+                                  "scann_part_vectors (scann: one searcher per that many vectors, built one at a "
+                                  "time, results merged). Unset ones keep their defaults (nlist, pq_m and the ScaNN "
+                                  "leaves follow the corpus size). YAML: index-params: {nprobe: 32}",
            arguments={"action": "append", "metavar": "KEY=VALUE"}, cli="index-param"),
     Option("strategy", LAYOUT, "nextlong; the paper's baselines: random-negatives, plain-concat (the "
                                "meta-documents back to back), knn-concat (ordered by a nearest-neighbour walk, as "

@@ -60,11 +60,14 @@ def build_index(embeddings: np.ndarray, config: IndexConfig) -> ChunkIndex:
 def build_saved(blocks: Sequence[np.ndarray], config: IndexConfig, directory: Path) -> ChunkIndex:
     """The index of the blocks' rows, in order, saved to `directory`: equal to `build_index` of their
     concatenation. IVF-PQ is built block by block with its inverted lists merged on disk
-    (`ivfpq.build_sharded`), so with memory-mapped blocks the build never holds every vector."""
+    (`ivfpq.build_sharded`), and ScaNN one part at a time (`scann.build_parts`), so with memory-mapped
+    blocks neither build holds every vector."""
     blocks = [check_matrix(block, "embeddings") for block in blocks if len(block)]
     trainable = _trainable(config, sum(len(block) for block in blocks))
     if trainable and config.kind == IVFPQ:
         return ivfpq.build_sharded(blocks, config, directory)
+    if trainable and config.kind == SCANN:
+        return scann.build_parts(blocks, config, directory)
     index = (BACKENDS[config.kind] if trainable else flat).build(np.concatenate(blocks), config)
     index.save(directory)
     return index

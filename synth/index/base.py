@@ -56,6 +56,7 @@ class IndexConfig:
     ef_construction: int = 200
     scann_leaves: int | None = None
     scann_leaves_to_search: int | None = None
+    scann_part_vectors: int | None = None  # build one ScaNN searcher per this many vectors; None: one in all
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,7 +65,7 @@ class IndexConfig:
                 f"unknown index kind {self.kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         for name in ("nprobe", "hnsw_m", "ef_search", "ef_construction"):
             _positive(name, getattr(self, name), optional=False)
-        for name in ("nlist", "pq_m", "scann_leaves", "scann_leaves_to_search"):
+        for name in ("nlist", "pq_m", "scann_leaves", "scann_leaves_to_search", "scann_part_vectors"):
             _positive(name, getattr(self, name), optional=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise SynthError(f"index seed must be a non-negative integer, got {self.seed!r}")
