@@ -47,9 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=("local", "beam"), default="local",
                    help="local: this machine (default); beam: an Apache Beam pipeline (needs apache-beam: pip install "
                         "nextlong-jax[beam]), the same examples as the local runner")
-    p.add_argument("--beam-options", default="", metavar="'--opt=v ...'",
-                   help="Beam pipeline options; default: DirectRunner, 2 worker processes. E.g. "
-                        "'--direct_num_workers=8' or '--runner=FlinkRunner --flink_master=HOST:8081'")
+    p.add_argument("--beam-options", default="", metavar="OPTIONS",
+                   help="Beam pipeline options, given with '=' since they start with dashes; default: DirectRunner, "
+                        "2 worker processes. E.g. --beam-options='--direct_num_workers=8' or "
+                        "--beam-options='--runner=FlinkRunner --flink_master=HOST:8081'")
     p.add_argument("--tfds", action="store_true",
                    help="also write TFDS metadata, so tfds.builder_from_directory(OUT) reads the shards (needs "
                         "tensorflow-datasets and uncompressed shards); may be added to a finished run")
