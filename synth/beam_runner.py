@@ -22,11 +22,12 @@ the cut, while every file is read here, so skips after the cut are counted too.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import shlex
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import fields
 from pathlib import Path
 
@@ -211,6 +212,19 @@ def _collection_from(counters: dict[str, int], label: str, key: str, config: Syn
     return Collection(key, ref, ref.open(), read, build)
 
 
+def pipeline_options(given: str) -> PipelineOptions:
+    """DEFAULT_OPTIONS overridden by `given`; a bad option is a one-line SynthError, not Beam's usage text."""
+    options = PipelineOptions(shlex.split(f"{DEFAULT_OPTIONS} {given}"))
+    printed = io.StringIO()
+    try:
+        with redirect_stderr(printed):
+            options.get_all_options()
+    except SystemExit:
+        problem = printed.getvalue().strip().splitlines()[-1].partition("error: ")[2]
+        raise SynthError(f"--beam-options: {problem}") from None
+    return options
+
+
 def _stages(pipeline, config: SynthConfig, keys: dict[str, str], name: str, dim: int, fingerprint: str | None):
     """The whole synthesis as transforms of `pipeline`: collections -> index -> shards."""
     specs = {"meta": config.meta, "corpus": config.corpus}
@@ -234,12 +248,12 @@ def _stages(pipeline, config: SynthConfig, keys: dict[str, str], name: str, dim:
 def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     """Run (or resume) a synthesis as a Beam pipeline; returns the summary also written to OUT."""
     started = time.perf_counter()
+    options = pipeline_options(beam_options)
     tokenizer = prepare(config)
     embedder = load_embedder(config.embedder, config.embedding) if needs_embeddings(config) else None
     name, dim = embedding_name(embedder), embedder.dim if embedder else 0
     specs = {"meta": config.meta} if config.corpus is None else {"meta": config.meta, "corpus": config.corpus}
     keys = {label: collection_key(spec, config, tokenizer) for label, spec in specs.items()}
-    options = PipelineOptions(shlex.split(f"{DEFAULT_OPTIONS} {beam_options}"))
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # per-stage chatter; failures still show
     pipeline = beam.Pipeline(options=options)
     _stages(pipeline, config, keys, name, dim, embedder.fingerprint if embedder else None)

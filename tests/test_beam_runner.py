@@ -180,3 +180,11 @@ def test_killed_pipeline_resumes_to_the_same_examples(inputs, tmp_path):
     assert result.returncode == 0, result.stderr
     assert _examples(out) == _examples(tmp_path / "reference")
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "finished blocks were rebuilt"
+
+
+def test_bad_beam_options_are_one_line_errors(inputs, tmp_path, capsys):
+    meta, _ = inputs
+    assert main(synth_args(meta, tmp_path / "out", "--runner", "beam", "--beam-options=--direct_num_workers=two")) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.splitlines() == [error] and "--beam-options" in error and "'two'" in error
+    assert not (tmp_path / "out").exists()  # refused before anything was written
