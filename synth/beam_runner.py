@@ -40,7 +40,7 @@ from synth.corpus import CorpusSpec, Document, ReadStats, checked_records, dupli
 from synth.embed import load_embedder
 from synth.errors import SynthError
 from synth.pipeline import (Collection, check_collections, collection_dir, collection_key, corpus_index,
-                            extension_of, finish, near_duplicates, needs_embeddings, prepare)
+                            finish, near_duplicates, needs_embeddings, prepare)
 from synth.shards import OpenInputs, ShardInputs, finished_report, make_shard
 from synth.store import BuildStats, StoreRef, block_path, build_block, embedding_name
 from synth.tokenizer import load_tokenizer
@@ -269,6 +269,5 @@ def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     index = None
     if config.mining.strategy == "nextlong":
         index = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)[0]
-    extension = extension_of(config, meta, corpus, near_duplicates(config, corpus.key, corpus.store))
-    return finish(config, tokenizer, meta, corpus, index, extension, reports,
+    return finish(config, tokenizer, meta, corpus, index, near_duplicates(config, corpus.key, corpus.store), reports,
                   embedder.window if embedder else None, started)

@@ -162,10 +162,10 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
 
     duplicates = near_duplicates(config, corpus.key, corpus.store)
     inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir, duplicates)
-    extension = extension_of(config, meta, corpus, duplicates)
-    opened = OpenInputs(config, extension, index, tokenizer)
-    reports = make_shards(inputs, opened, workers)
-    return finish(config, tokenizer, meta, corpus, index, extension, reports,
+    extension = Extension.build(meta.store, corpus.store, config.mining, config.output.doc_len or config.output.seq_len,
+                                np.load(duplicates) if duplicates else None)
+    reports = make_shards(inputs, OpenInputs(config, extension, index, tokenizer), workers)
+    return finish(config, tokenizer, meta, corpus, index, duplicates, reports,
                   embedder.window if embedder else None, started)
 
 
@@ -179,11 +179,6 @@ def near_duplicates(config: SynthConfig, corpus_key: str, corpus: ChunkStore) ->
                                   mining.shingle_tokens)
 
 
-def extension_of(config: SynthConfig, meta: Collection, corpus: Collection, duplicates: Path | None) -> Extension:
-    return Extension.build(meta.store, corpus.store, config.mining, config.output.doc_len or config.output.seq_len,
-                           np.load(duplicates) if duplicates else None)
-
-
 def check_collections(meta: Collection, corpus: Collection) -> None:
     if meta.store.num_chunks == 0 or corpus.store.num_chunks == 0:
         raise SynthError("no usable documents were read (see the skip counts above); "
@@ -191,15 +186,16 @@ def check_collections(meta: Collection, corpus: Collection) -> None:
 
 
 def finish(config: SynthConfig, tokenizer: TextTokenizer, meta: Collection, corpus: Collection,
-           index: ChunkIndex | None, extension: Extension, reports: list, embedder_window: int | None,
+           index: ChunkIndex | None, duplicates: Path | None, reports: list, embedder_window: int | None,
            started: float) -> dict:
-    """The manifest and summary of a run whose shards are all written; returns the summary."""
+    """The manifest and summary of a run whose shards are all written; returns the summary.
+    `duplicates`: the corpus near-duplicates file (`near_duplicates`), None where dedup is off."""
     out = config.output.out
     recall = None
     if index is not None:
         recall = 1.0 if config.index.kind == "faiss-flat" else _recall(config, index, corpus.store, meta.store)
-    duplicates = None if config.mining.corpus_dedup is None else int(extension.corpus_duplicates.sum())
-    summary = summarize(config, tokenizer, meta, corpus, reports, recall, embedder_window, duplicates)
+    summary = summarize(config, tokenizer, meta, corpus, reports, recall, embedder_window,
+                        None if duplicates is None else int(np.load(duplicates).sum()))
     manifest = Manifest(
         seq_len=config.output.seq_len, compression=config.output.compression,
         shards=tuple(ShardEntry(r.file, r.sequences, r.sha256, r.bytes) for r in reports),
