@@ -7,14 +7,16 @@ Each stage calls the function the local runner calls, so both write the same exa
 - number: each document gets its place in reading order from the per-source counts, and with it
   its block (`docs_per_block` consecutive documents), so blocks hold what the local runner's hold;
 - blocks: chunked and embedded by `store.build_block`, tokenizer and embedder loaded once per worker;
-- index: built once from the corpus blocks, or found in the cache (`pipeline.corpus_index`);
+- index: built once from the corpus blocks, or found in the cache (`pipeline.corpus_index`), and its
+  recall@10 measured there;
 - shards: `shards.make_shard` per output shard, stores and index opened once per worker.
 
-The driver then writes the manifest and summary as the local runner does, with the read and build
-counts taken from the pipeline's Beam metrics. Every stage reuses finished work (blocks, index,
-shards), so a killed pipeline run again resumes. Any Beam runner works: DirectRunner by default,
-Dataflow, Flink or Spark through `--beam-options`. The cache and output directories must be
-visible to every worker (a local disk for DirectRunner, a shared mount elsewhere).
+The driver then writes the manifest and summary as the local runner does, from the pipeline's Beam
+metrics alone: it opens no chunk store and no index, which on a cluster may be corpus-sized. Every
+stage reuses finished work (blocks, index, shards), so a killed pipeline run again resumes. Any Beam
+runner works: DirectRunner by default, Dataflow, Flink or Spark through `--beam-options`. The cache
+and output directories must be visible to every worker (a local disk for DirectRunner, a shared
+mount elsewhere).
 
 One difference from the local runner: with --max-meta-docs/--max-corpus-docs the local reader stops at
 the cut, while every file is read here, so skips after the cut are counted too.
@@ -32,6 +34,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -40,12 +43,14 @@ from synth.corpus import CorpusSpec, Document, ReadStats, checked_records, dupli
 from synth.embed import load_embedder
 from synth.errors import SynthError
 from synth.pipeline import (Collection, check_collections, collection_dir, collection_key, corpus_index,
-                            finish, near_duplicates, needs_embeddings, prepare)
+                            finish, index_recall, near_duplicates, needs_embeddings, prepare)
+from synth.report import RunFigures
 from synth.shards import OpenInputs, ShardInputs, finished_report, make_shard
 from synth.store import BuildStats, StoreRef, block_path, build_block, embedding_name
 from synth.tokenizer import load_tokenizer
 
 NAMESPACE = "nextlong-synth"
+RECALL_MICROS, NEAR_DUPLICATES = "index.recall_at_10_micros", "corpus.near_duplicate_documents"
 DEFAULT_OPTIONS = ("--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2 "
                    "--default_sdk_harness_log_level=WARNING")
 
@@ -100,7 +105,7 @@ class _BuildBlock(beam.DoFn):
         build_block(block_path(self.directory, number), documents, self.tokenizer, self.config.chunking,
                     self.embedder, stats)
         _count(f"{self.label}.accepted", len(documents))
-        for name in ("blocks_built", "blocks_reused", "chunks_embedded", "chunks_over_window"):
+        for name in ("blocks_built", "blocks_reused", "chunks", "chunks_embedded", "chunks_over_window"):
             _count(f"{self.label}.{name}", getattr(stats, name))
         _count(f"{self.label}.chunk_ms", round(stats.chunk_seconds * 1000))
         _count(f"{self.label}.embed_ms", round(stats.embed_seconds * 1000))
@@ -122,12 +127,10 @@ def _collection(pipeline, spec: CorpusSpec, label: str, config: SynthConfig, dir
         | f"{label}: key by id" >> beam.Map(lambda record: (record[1].id, record))
         | f"{label}: group by id" >> beam.GroupByKey()
         | f"{label}: first of each id" >> beam.FlatMap(_first_of_id, sources, spec, config.strict, label))
-    counts = (documents
-              | f"{label}: source of each" >> beam.Map(lambda keyed: keyed[0])
-              | f"{label}: count per source" >> beam.combiners.Count.PerElement())
+    per_source = documents | f"{label}: group by source" >> beam.GroupByKey()
+    counts = per_source | f"{label}: count per source" >> beam.MapTuple(lambda source, docs: (source, len(docs)))
     return (
-        documents
-        | f"{label}: group by source" >> beam.GroupByKey()
+        per_source
         | f"{label}: place" >> beam.FlatMap(_in_reading_order, beam.pvalue.AsDict(counts),
                                             spec.max_docs, config.docs_per_block)
         | f"{label}: group by block" >> beam.GroupByKey()
@@ -136,15 +139,22 @@ def _collection(pipeline, spec: CorpusSpec, label: str, config: SynthConfig, dir
         | f"{label}: store" >> beam.Map(_store_ref, directory, name, dim))
 
 
-def _build_index(corpus: StoreRef, config: SynthConfig, corpus_key: str, fingerprint: str) -> str | None:
-    if not corpus.blocks:
+def _build_index(corpus: StoreRef, meta: StoreRef, config: SynthConfig, corpus_key: str,
+                 fingerprint: str) -> str | None:
+    """The index's directory; its recall@10 goes to the driver as a metric, in millionths."""
+    if not corpus.blocks or not meta.blocks:
         return None  # nothing usable was read: the driver says so once the pipeline is done
-    return str(corpus_index(config, corpus_key, corpus, fingerprint)[1])
+    index, directory = corpus_index(config, corpus_key, corpus, fingerprint)
+    _count(RECALL_MICROS, round(index_recall(config, index, corpus, meta) * 1e6))
+    return str(directory)
 
 
 def _near_duplicates(corpus: StoreRef, config: SynthConfig, corpus_key: str) -> str | None:
-    found = near_duplicates(config, corpus_key, corpus.open()) if corpus.blocks else None
-    return str(found) if found else None
+    if config.mining.corpus_dedup is None or not corpus.blocks:
+        return None
+    found = near_duplicates(config, corpus_key, corpus.open())
+    _count(NEAR_DUPLICATES, int(np.load(found).sum()))
+    return str(found)
 
 
 def _shard_inputs(index: str | None, meta: StoreRef, corpus: StoreRef, duplicates: str | None,
@@ -202,14 +212,14 @@ def _collection_from(counters: dict[str, int], label: str, key: str, config: Syn
     accepted = counters.get(f"{label}.accepted", 0)
     blocks = -(-accepted // config.docs_per_block)
     ref = StoreRef(tuple(block_path(collection_dir(config, key), n) for n in range(blocks)), name, dim)
-    read = ReadStats(accepted=counters.get(f"{label}.accepted", 0))
+    read = ReadStats(accepted=accepted)
     prefix = f"{label}.skipped."
     read.skipped.update({k[len(prefix):]: v for k, v in counters.items() if k.startswith(prefix)})
     build = BuildStats(**{f.name: counters.get(f"{label}.{f.name}", 0) for f in fields(BuildStats)
                           if not f.name.endswith("seconds")},
                        chunk_seconds=counters.get(f"{label}.chunk_ms", 0) / 1000,
                        embed_seconds=counters.get(f"{label}.embed_ms", 0) / 1000)
-    return Collection(key, ref, ref.open(), read, build)
+    return Collection(key, ref, read, build)
 
 
 def pipeline_options(given: str) -> PipelineOptions:
@@ -232,7 +242,8 @@ def _stages(pipeline, config: SynthConfig, keys: dict[str, str], name: str, dim:
             for label, key in keys.items()}
     corpus_ref, corpus_key = refs.get("corpus", refs["meta"]), keys.get("corpus", keys["meta"])
     if config.mining.strategy == "nextlong":
-        index_dir = corpus_ref | "index" >> beam.Map(_build_index, config, corpus_key, fingerprint)
+        index_dir = corpus_ref | "index" >> beam.Map(_build_index, beam.pvalue.AsSingleton(refs["meta"]), config,
+                                                     corpus_key, fingerprint)
     else:
         index_dir = pipeline | "no index" >> beam.Create([None])
     duplicates = corpus_ref | "corpus near-duplicates" >> beam.Map(_near_duplicates, config, corpus_key)
@@ -266,8 +277,8 @@ def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     reports = [finished_report(config, shard) for shard in range(config.output.num_shards)]
     if any(report is None for report in reports):
         raise SynthError("the Beam pipeline finished without writing every shard; run it again to resume")
-    index = None
-    if config.mining.strategy == "nextlong":
-        index = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)[0]
-    return finish(config, tokenizer, meta, corpus, index, near_duplicates(config, corpus.key, corpus.store), reports,
-                  embedder.window if embedder else None, started)
+    figures = RunFigures(
+        counters.get(RECALL_MICROS, 0) / 1e6 if config.mining.strategy == "nextlong" else None,
+        counters.get(NEAR_DUPLICATES, 0) if config.mining.corpus_dedup is not None else None,
+        embedder.window if embedder else None)
+    return finish(config, tokenizer, meta, corpus, figures, reports, started)

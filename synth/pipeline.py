@@ -26,7 +26,7 @@ from synth.dedup import cached_near_duplicates
 from synth.embed import load_embedder
 from synth.errors import SynthError
 from synth.index import ChunkIndex, build_saved, exact_search, load_index, recall_at_k
-from synth.report import render_summary, summarize
+from synth.report import RunFigures, render_summary, summarize
 from synth.shards import OpenInputs, ShardInputs, make_shards
 from synth.store import BuildStats, ChunkStore, StoreRef, build_store, store_key
 from synth.tfrecord import write_json
@@ -40,9 +40,12 @@ RECALL_K = 10
 class Collection:
     key: str  # identifies the chunked collection (source files, tokenizer, chunking)
     ref: StoreRef
-    store: ChunkStore
     read: ReadStats
     build: BuildStats
+
+    @property
+    def chunks(self) -> int:
+        return self.build.chunks
 
 
 def _state_dir(config: SynthConfig) -> Path:
@@ -81,7 +84,7 @@ def _collection(spec: CorpusSpec, label: str, config: SynthConfig, tokenizer: Te
     key = collection_key(spec, config, tokenizer)
     ref, build = build_store(read_documents(spec, read, strict=config.strict), collection_dir(config, key),
                              tokenizer, config.chunking, embedder, config.docs_per_block, label)
-    return Collection(key, ref, ref.open(), read, build)
+    return Collection(key, ref, read, build)
 
 
 def corpus_index(config: SynthConfig, corpus_key: str, corpus: StoreRef,
@@ -98,14 +101,18 @@ def corpus_index(config: SynthConfig, corpus_key: str, corpus: StoreRef,
     return index, directory
 
 
-def _recall(config: SynthConfig, index: ChunkIndex, corpus: ChunkStore, meta: ChunkStore) -> float:
-    """recall@10 of the index against exact search, on a seeded sample of meta-chunks."""
+def index_recall(config: SynthConfig, index: ChunkIndex, corpus: StoreRef, queries: StoreRef) -> float:
+    """recall@10 of the index against exact search, on a seeded sample of the `queries` chunks."""
+    if config.index.kind == "faiss-flat":
+        return 1.0
+    embeddings = np.concatenate(queries.block_embeddings())
     rng = np.random.default_rng(config.mining.seed)
-    sample = rng.choice(meta.num_chunks, size=min(RECALL_QUERIES, meta.num_chunks), replace=False)
-    queries = meta.embeddings[np.sort(sample)]
-    k = min(RECALL_K, corpus.num_chunks)
-    _, exact = exact_search(corpus.embeddings, queries, k)
-    _, approx = index.search(queries, k)
+    sample = rng.choice(len(embeddings), size=min(RECALL_QUERIES, len(embeddings)), replace=False)
+    sampled = np.asarray(embeddings[np.sort(sample)])
+    vectors = np.concatenate(corpus.block_embeddings())
+    k = min(RECALL_K, len(vectors))
+    _, exact = exact_search(vectors, sampled, k)
+    _, approx = index.search(sampled, k)
     return recall_at_k(approx, exact, k)
 
 
@@ -119,7 +126,7 @@ def build_corpus_index(config: SynthConfig) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     embedder = load_embedder(config.embedder, config.embedding)
     corpus = _collection(config.retrieval_corpus, "corpus", config, tokenizer, embedder)
-    if corpus.store.num_chunks == 0:
+    if corpus.chunks == 0:
         raise SynthError("no usable corpus documents were read; check --corpus/--meta and the field names")
     started = time.perf_counter()
     index, directory = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)
@@ -128,7 +135,7 @@ def build_corpus_index(config: SynthConfig) -> dict:
     return {"index_dir": str(directory), "kind": config.index.kind, "backend": index.backend,
             "vectors": index.ntotal, "seconds": round(seconds, 2),
             "mib_per_million_vectors": round(size / index.ntotal * 1e6 / 2**20, 1),
-            "recall_at_10": round(_recall(config, index, corpus.store, corpus.store), 4)}
+            "recall_at_10": round(index_recall(config, index, corpus.ref, corpus.ref), 4)}
 
 
 def needs_embeddings(config: SynthConfig) -> bool:
@@ -155,18 +162,23 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
     corpus = meta if config.corpus is None else _collection(
         config.corpus, "corpus", config, tokenizer, embedder)
     check_collections(meta, corpus)
+    meta_store = meta.ref.open()
+    corpus_store = meta_store if corpus is meta else corpus.ref.open()
 
-    index, index_dir = None, None
+    index, index_dir, recall = None, None, None
     if config.mining.strategy == "nextlong":
         index, index_dir = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)
+        recall = index_recall(config, index, corpus.ref, meta.ref)
 
-    duplicates = near_duplicates(config, corpus.key, corpus.store)
+    duplicates = near_duplicates(config, corpus.key, corpus_store)
+    marks = np.load(duplicates) if duplicates else None
     inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir, duplicates)
-    extension = Extension.build(meta.store, corpus.store, config.mining, config.output.doc_len or config.output.seq_len,
-                                np.load(duplicates) if duplicates else None)
+    extension = Extension.build(meta_store, corpus_store, config.mining,
+                                config.output.doc_len or config.output.seq_len, marks)
     reports = make_shards(inputs, OpenInputs(config, extension, index, tokenizer), workers)
-    return finish(config, tokenizer, meta, corpus, index, duplicates, reports,
-                  embedder.window if embedder else None, started)
+    return finish(config, tokenizer, meta, corpus, RunFigures(
+        recall, None if marks is None else int(marks.sum()), embedder.window if embedder else None), reports,
+        started)
 
 
 def near_duplicates(config: SynthConfig, corpus_key: str, corpus: ChunkStore) -> Path | None:
@@ -180,22 +192,16 @@ def near_duplicates(config: SynthConfig, corpus_key: str, corpus: ChunkStore) ->
 
 
 def check_collections(meta: Collection, corpus: Collection) -> None:
-    if meta.store.num_chunks == 0 or corpus.store.num_chunks == 0:
+    if meta.chunks == 0 or corpus.chunks == 0:
         raise SynthError("no usable documents were read (see the skip counts above); "
                          "check --meta/--corpus and the field names")
 
 
 def finish(config: SynthConfig, tokenizer: TextTokenizer, meta: Collection, corpus: Collection,
-           index: ChunkIndex | None, duplicates: Path | None, reports: list, embedder_window: int | None,
-           started: float) -> dict:
-    """The manifest and summary of a run whose shards are all written; returns the summary.
-    `duplicates`: the corpus near-duplicates file (`near_duplicates`), None where dedup is off."""
+           figures: RunFigures, reports: list, started: float) -> dict:
+    """The manifest and summary of a run whose shards are all written; returns the summary."""
     out = config.output.out
-    recall = None
-    if index is not None:
-        recall = 1.0 if config.index.kind == "faiss-flat" else _recall(config, index, corpus.store, meta.store)
-    summary = summarize(config, tokenizer, meta, corpus, reports, recall, embedder_window,
-                        None if duplicates is None else int(np.load(duplicates).sum()))
+    summary = summarize(config, tokenizer, meta, corpus, reports, figures)
     manifest = Manifest(
         seq_len=config.output.seq_len, compression=config.output.compression,
         shards=tuple(ShardEntry(r.file, r.sequences, r.sha256, r.bytes) for r in reports),

@@ -55,8 +55,16 @@ def _quantile(hist: np.ndarray, q: float) -> float | None:
     return round(float(SIMILARITY_BINS[index + 1]), 2)
 
 
-def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport],
-              recall: float | None, embedder_window: int | None, corpus_duplicates: int | None) -> dict:
+@dataclass(frozen=True)
+class RunFigures:
+    """What the summary reports beside the collections and shards; None where it does not apply."""
+
+    recall_at_10: float | None  # of the index against exact search (`index_recall`)
+    corpus_near_duplicates: int | None  # documents marked (`near_duplicates`)
+    embedder_window: int | None
+
+
+def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport], figures: RunFigures) -> dict:
     roles: Counter = Counter()
     filtered: Counter = Counter()
     for report in reports:
@@ -69,12 +77,12 @@ def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport],
         "strategy": config.mining.strategy,
         "seq_len": config.output.seq_len,
         "documents": {
-            name: {**c.read.to_dict(), "chunks": c.store.num_chunks,
+            name: {**c.read.to_dict(), "chunks": c.chunks,
                    "chunks_over_embedder_window": c.build.chunks_over_window}
             for name, c in collections.items()
         },
-        "embedder": {"name": config.embedder, "window": embedder_window},
-        "corpus_near_duplicate_documents": corpus_duplicates,
+        "embedder": {"name": config.embedder, "window": figures.embedder_window},
+        "corpus_near_duplicate_documents": figures.corpus_near_duplicates,
         "sequences": sum(r.sequences for r in reports),
         "segments": sum(r.segments for r in reports),
         "meta_documents_used": sum(r.documents_used for r in reports),
@@ -91,7 +99,7 @@ def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport],
                                      for i, n in enumerate(hist) if n},
         },
         "index": {"kind": config.index.kind if config.mining.strategy == "nextlong" else None,
-                  "recall_at_10": None if recall is None else round(recall, 4)},
+                  "recall_at_10": None if figures.recall_at_10 is None else round(figures.recall_at_10, 4)},
         "tokenizer": {"name": config.tokenizer, "vocab_size": tokenizer.vocab_size},
     }
 

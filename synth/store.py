@@ -49,6 +49,7 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
 class BuildStats:
     blocks_built: int = 0
     blocks_reused: int = 0
+    chunks: int = 0  # in built and reused blocks alike: the collection's size
     chunks_embedded: int = 0
     chunks_over_window: int = 0  # longer than the encoder reads (built and reused blocks alike)
     embed_seconds: float = 0.0
@@ -159,6 +160,7 @@ def build_block(block: Path, docs: list[Document], tokenizer: TextTokenizer, chu
     name = embedding_name(embedder)
     if (block / name).is_file():
         stats.blocks_reused += 1
+        stats.chunks += int(np.load(block / _DOC_OFFSETS)[-1])
         stats.chunks_over_window += _over_window(block, name)
         return
     started = time.perf_counter()
@@ -169,6 +171,7 @@ def build_block(block: Path, docs: list[Document], tokenizer: TextTokenizer, chu
     embeddings = embedder.embed(texts) if embedder else np.zeros((len(texts), 0), np.float32)
     over_window = embedder.over_window(texts) if embedder else 0
     stats.embed_seconds += time.perf_counter() - started
+    stats.chunks += len(texts)
     stats.chunks_embedded += len(texts)
     stats.chunks_over_window += over_window
     _write_block(block, docs, per_doc, embeddings, name, over_window)
@@ -195,7 +198,7 @@ def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextT
         blocks.append(block_path(directory, number))
         progress.update(len(docs))
         build_block(blocks[-1], docs, tokenizer, chunking, embedder, stats)
-        progress.set_postfix(chunks=stats.chunks_embedded, refresh=False)
+        progress.set_postfix(chunks=stats.chunks, refresh=False)
     progress.close()
     return StoreRef(tuple(blocks), embedding_name(embedder), embedder.dim if embedder else 0), stats
 
