@@ -14,9 +14,9 @@ Each stage calls the function the local runner calls, so both write the same exa
 The driver then writes the manifest and summary as the local runner does, from the pipeline's Beam
 metrics alone: it opens no chunk store and no index, which on a cluster may be corpus-sized. Every
 stage reuses finished work (blocks, index, shards), so a killed pipeline run again resumes. Any Beam
-runner works: DirectRunner by default, Dataflow, Flink or Spark through `--beam-options`. The cache
-and output directories must be visible to every worker (a local disk for DirectRunner, a shared
-mount elsewhere).
+runner works: DirectRunner by default, Dataflow, Flink or Spark through `--beam-options`. The output
+and cache directories are local paths (for DirectRunner, or a mount every worker shares) or URLs
+(gs://, s3://, ...), which the workers stage through their local disks (`synth.staging`).
 
 One difference from the local runner: with --max-meta-docs/--max-corpus-docs the local reader stops at
 the cut, while every file is read here, so skips after the cut are counted too.
@@ -38,14 +38,17 @@ import numpy as np
 from apache_beam.metrics import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from nextlong_jax.schema import MANIFEST
 from synth.config import SynthConfig
 from synth.corpus import CorpusSpec, Document, ReadStats, checked_records, duplicate_id, resolve_sources
 from synth.embed import load_embedder
 from synth.errors import SynthError
-from synth.pipeline import (Collection, check_collections, collection_dir, collection_key, corpus_index,
-                            finish, index_recall, near_duplicates, needs_embeddings, prepare)
+from synth.index.base import META
+from synth.pipeline import (SUMMARY, Collection, check_collections, collection_dir, collection_key, corpus_index,
+                            finish, index_dir, index_recall, near_duplicates, needs_embeddings, prepare)
 from synth.report import RunFigures
-from synth.shards import OpenInputs, ShardInputs, finished_report, make_shard
+from synth.shards import OpenInputs, ShardInputs, finished_report, make_shard, publish_shard
+from synth.staging import Mirror
 from synth.store import BuildStats, StoreRef, block_path, build_block, embedding_name
 from synth.tokenizer import load_tokenizer
 
@@ -97,13 +100,17 @@ class _BuildBlock(beam.DoFn):
         self.tokenizer = load_tokenizer(self.config.tokenizer)
         self.embedder = load_embedder(self.config.embedder, self.config.embedding) \
             if needs_embeddings(self.config) else None
+        self.mirror = Mirror.of(self.config.output)
 
     def process(self, grouped):
         number, placed = grouped
         documents: list[Document] = [document for _, document in sorted(placed, key=lambda p: p[0])]
         stats = BuildStats()
-        build_block(block_path(self.directory, number), documents, self.tokenizer, self.config.chunking,
-                    self.embedder, stats)
+        block, marker = block_path(self.directory, number), embedding_name(self.embedder)
+        done = self.mirror.pull_dir(block, marker)
+        build_block(block, documents, self.tokenizer, self.config.chunking, self.embedder, stats)
+        if not done:
+            self.mirror.push_dir(block, marker)
         _count(f"{self.label}.accepted", len(documents))
         for name in ("blocks_built", "blocks_reused", "chunks", "chunks_embedded", "chunks_over_window"):
             _count(f"{self.label}.{name}", getattr(stats, name))
@@ -144,17 +151,40 @@ def _build_index(corpus: StoreRef, meta: StoreRef, config: SynthConfig, corpus_k
     """The index's directory; its recall@10 goes to the driver as a metric, in millionths."""
     if not corpus.blocks or not meta.blocks:
         return None  # nothing usable was read: the driver says so once the pipeline is done
-    index, directory = corpus_index(config, corpus_key, corpus, fingerprint)
+    mirror = Mirror.of(config.output)
+    for store in (corpus, meta):  # built from the corpus, measured with the meta-chunks
+        mirror.pull_store(store.blocks, store.embedding_name)
+    directory = index_dir(config, corpus_key, fingerprint)
+    done = mirror.pull_dir(directory, META)
+    index, _ = corpus_index(config, corpus_key, corpus, fingerprint)
+    if not done:
+        mirror.push_dir(directory, META)
     _count(RECALL_MICROS, round(index_recall(config, index, corpus, meta) * 1e6))
     return str(directory)
+
+
+def _opened(store: StoreRef, mirror: Mirror):
+    mirror.pull_store(store.blocks, store.embedding_name)
+    return store.open()
 
 
 def _near_duplicates(corpus: StoreRef, config: SynthConfig, corpus_key: str) -> str | None:
     if config.mining.corpus_dedup is None or not corpus.blocks:
         return None
-    found = near_duplicates(config, corpus_key, corpus.open())
+    mirror = Mirror.of(config.output)
+    found = near_duplicates(config, corpus_key, lambda: _opened(corpus, mirror), mirror)
     _count(NEAR_DUPLICATES, int(np.load(found).sum()))
     return str(found)
+
+
+def _pull_inputs(inputs: ShardInputs, mirror: Mirror) -> None:
+    """What a worker making shards reads, from a staged cache (`synth.staging`)."""
+    for store in (inputs.meta, inputs.corpus):
+        mirror.pull_store(store.blocks, store.embedding_name)
+    if inputs.index_dir is not None and not mirror.pull_dir(inputs.index_dir, META):
+        raise SynthError(f"{mirror.url(inputs.index_dir)} is not complete; run the same command again")
+    if inputs.duplicates is not None and not mirror.pull(inputs.duplicates):
+        raise SynthError(f"{mirror.url(inputs.duplicates)} is missing; run the same command again")
 
 
 def _shard_inputs(index: str | None, meta: StoreRef, corpus: StoreRef, duplicates: str | None,
@@ -173,11 +203,14 @@ class _MakeShard(beam.DoFn):
     def process(self, shard: int, inputs: ShardInputs | None):
         if inputs is None:
             return
-        report = finished_report(inputs.config, shard)
+        mirror = Mirror.of(inputs.config.output)
+        report = finished_report(inputs.config, shard, mirror)
         if report is None:
             if self.inputs != inputs:
+                _pull_inputs(inputs, mirror)
                 self.inputs, self.opened = inputs, OpenInputs.open(inputs)
             report = make_shard(self.opened, shard, progress=False)
+            publish_shard(inputs.config, shard, mirror)
             _count("shards.written")
         _count("sequences", report.sequences)
         for role, tokens in report.tokens_by_role.items():
@@ -260,7 +293,8 @@ def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     """Run (or resume) a synthesis as a Beam pipeline; returns the summary also written to OUT."""
     started = time.perf_counter()
     options = pipeline_options(beam_options)
-    tokenizer = prepare(config)
+    mirror = Mirror.of(config.output)
+    tokenizer = prepare(config, mirror)
     embedder = load_embedder(config.embedder, config.embedding) if needs_embeddings(config) else None
     name, dim = embedding_name(embedder), embedder.dim if embedder else 0
     specs = {"meta": config.meta} if config.corpus is None else {"meta": config.meta, "corpus": config.corpus}
@@ -274,11 +308,14 @@ def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     collections = {label: _collection_from(counters, label, keys[label], config, name, dim) for label in specs}
     meta, corpus = collections["meta"], collections.get("corpus", collections["meta"])
     check_collections(meta, corpus)
-    reports = [finished_report(config, shard) for shard in range(config.output.num_shards)]
+    reports = [finished_report(config, shard, mirror) for shard in range(config.output.num_shards)]
     if any(report is None for report in reports):
         raise SynthError("the Beam pipeline finished without writing every shard; run it again to resume")
     figures = RunFigures(
         counters.get(RECALL_MICROS, 0) / 1e6 if config.mining.strategy == "nextlong" else None,
         counters.get(NEAR_DUPLICATES, 0) if config.mining.corpus_dedup is not None else None,
         embedder.window if embedder else None)
-    return finish(config, tokenizer, meta, corpus, figures, reports, started)
+    summary = finish(config, tokenizer, meta, corpus, figures, reports, started)
+    for name in (MANIFEST, SUMMARY):
+        mirror.push(config.output.out / name)
+    return summary

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
         if args.workers < 1:
             raise SynthError("--workers must be at least 1")
+        if args.tfds and config.output.out_url:
+            raise SynthError("--tfds checks the shards it describes on the local disk: give a local --out")
         # Heavy imports (TensorFlow, torch, Beam) only when running.
         if args.runner == "beam":
             summary = _beam_runner().run_beam(config, args.beam_options)
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     timing = summary["timing"]
     print(f"- time: {timing['seconds']}s (chunking {timing['chunk_seconds']}s, "
           f"embedding {timing['embed_seconds']}s)")
-    print(f"- output: {config.output.out}/manifest.json, summary.md" + (", TFDS metadata" if args.tfds else ""))
+    print(f"- output: {config.output.out_url or config.output.out}/manifest.json, summary.md"
+          + (", TFDS metadata" if args.tfds else ""))
     return 0
 
 

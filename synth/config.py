@@ -18,6 +18,7 @@ from synth.corpus import FORMATS, CorpusSpec
 from synth.embed import EMBED_BACKENDS, EmbeddingConfig
 from synth.errors import SynthError
 from synth.index import INDEX_KINDS, IndexConfig
+from synth.staging import local_or_staged
 
 STRATEGIES = ("nextlong", "random-negatives", "plain-concat", "knn-concat", "keyword-concat")
 META_POSITIONS = ("head", "tail", "random")
@@ -58,10 +59,17 @@ class OutputConfig:
     max_sequences: int | None = None
     compression: str = "none"
     cache_dir: Path | None = None  # default: OUT/.cache
+    out_url: str | None = None  # where `out` is pushed (`synth.staging`); None: `out` is the output itself
+    cache_url: str | None = None  # the same for `cache_dir`
 
     @property
     def cache(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else self.out / ".cache"
+
+    @property
+    def staged(self) -> bool:
+        """Whether the output or the cache is at a URL, pushed from local staging (`synth.staging`)."""
+        return bool(self.out_url or self.cache_url)
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,8 @@ def _float(**more) -> dict:
 OPTIONS: tuple[Option, ...] = (
     Option("meta", IO, "meta-documents: the short documents to extend"),
     Option("corpus", IO, "retrieval corpus for negatives (default: the meta-documents)"),
-    Option("out", IO, "output directory for shards, manifest.json and summary.md"),
+    Option("out", IO, "output directory for shards, manifest.json and summary.md; a URL (gs://, s3://, ...) "
+           "with --runner beam"),
     Option("meta-format", IO, "format of --meta", (CorpusSpec, "format"), {"choices": FORMATS}),
     Option("corpus-format", IO, "format of --corpus", (CorpusSpec, "format"), {"choices": FORMATS}),
     Option("id-field", IO, "id field of JSONL/Parquet/TFDS records; records without one are named by a hash "
@@ -149,7 +158,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-doc-chars", IO, "skip (and count) longer documents", (CorpusSpec, "max_doc_chars"), _int()),
     Option("strict", IO, "fail on the first bad record instead of counting and skipping it",
            (SynthConfig, "strict"), {"action": "store_true", "default": None}),
-    Option("cache-dir", IO, "chunk, embedding and index cache (default: OUT/.cache)", arguments={"type": Path}),
+    Option("cache-dir", IO, "chunk, embedding and index cache (default: OUT/.cache); a URL with --runner beam"),
     Option("tokenizer", MODEL, "'llama3' (bundled), a tokenizer.json or a HF tokenizer directory; lengths are "
                                "counted in its tokens", (SynthConfig, "tokenizer")),
     Option("chunk-tokens", MODEL, f"chunk size in tokens (default: {ChunkingConfig.size})", arguments=_int()),
@@ -303,6 +312,8 @@ def build_config(flat: dict) -> SynthConfig:
     if float(flat["headroom"]) <= 0 or int(flat["min-segment-tokens"]) < 0:
         raise SynthError("--headroom must be positive and --min-segment-tokens at least 0")
     corpus = flat["corpus"]
+    out, out_url = local_or_staged(str(flat["out"]))
+    cache_dir, cache_url = (None, None) if flat["cache-dir"] is None else local_or_staged(str(flat["cache-dir"]))
     return SynthConfig(
         meta=_spec(flat["meta"], flat["meta-format"], flat, flat["max-meta-docs"]),
         corpus=None if corpus is None or corpus == flat["meta"] else _spec(
@@ -326,12 +337,12 @@ def build_config(flat: dict) -> SynthConfig:
             corpus_dedup=None if flat["corpus-dedup"] is None else float(flat["corpus-dedup"]),
             seed=int(flat["seed"])),
         output=OutputConfig(
-            out=Path(flat["out"]), seq_len=seq_len, doc_len=doc_len,
+            out=out, out_url=out_url, seq_len=seq_len, doc_len=doc_len,
             negative_weight=float(flat["negative-weight"]),
             num_shards=int(flat["num-shards"]),
             max_sequences=None if flat["max-sequences"] is None else int(flat["max-sequences"]),
             compression=_choice(flat, "compression", COMPRESSIONS),
-            cache_dir=None if flat["cache-dir"] is None else Path(flat["cache-dir"])),
+            cache_dir=cache_dir, cache_url=cache_url),
         strict=bool(flat["strict"]),
         docs_per_block=int(flat["docs-per-block"]),
     )

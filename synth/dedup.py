@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from synth.files import temporary_sibling
 from synth.overlap import shingles
 
 NUM_PERM = 128
@@ -43,15 +44,17 @@ def near_duplicate_documents(tokens_of_doc, num_docs: int, threshold: float, n: 
     return duplicate
 
 
-def cached_near_duplicates(corpus, directory: Path, threshold: float, n: int) -> Path:
-    """`near_duplicate_documents` of a chunk store, found once and kept in `directory` (the store's
-    own): every process and worker that makes shards loads it instead of finding it again."""
-    path = directory / f"near-duplicates-j{threshold}-n{n}.npy"
-    if not path.is_file():
-        marks = near_duplicate_documents(lambda d: [corpus.tokens(c) for c in corpus.doc_chunks(d)],
-                                         corpus.num_docs, threshold, n)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, marks)
-        os.replace(tmp, path)
-    return path
+def near_duplicates_path(directory: Path, threshold: float, n: int) -> Path:
+    """Where a chunk store's near-duplicate marks are kept: in the store's own directory, found once, so
+    every process and worker that makes shards loads them instead of finding them again."""
+    return directory / f"near-duplicates-j{threshold}-n{n}.npy"
+
+
+def write_near_duplicates(corpus, path: Path, threshold: float, n: int) -> None:
+    """`near_duplicate_documents` of a chunk store, saved at `path`."""
+    marks = near_duplicate_documents(lambda d: [corpus.tokens(c) for c in corpus.doc_chunks(d)],
+                                     corpus.num_docs, threshold, n)
+    tmp = temporary_sibling(path)
+    with open(tmp, "wb") as f:
+        np.save(f, marks)
+    os.replace(tmp, path)

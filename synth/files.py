@@ -29,7 +29,7 @@ def is_url(path: str) -> bool:
     return bool(_URL.match(path))
 
 
-def _filesystems():
+def beam_filesystems():
     try:
         from apache_beam.io.filesystems import FileSystems
     except ModuleNotFoundError:
@@ -44,7 +44,7 @@ def open_binary(location: Location) -> BinaryIO:
     from apache_beam.io.filesystem import CompressionTypes
 
     # Uncompressed: the readers look at the bytes themselves (gzip magic, Parquet footer).
-    return _filesystems().open(location, compression_type=CompressionTypes.UNCOMPRESSED)
+    return beam_filesystems().open(location, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
 def size(location: Location) -> int:
@@ -72,7 +72,7 @@ def _metadata(url: str):
 def match_urls(pattern: str) -> list:
     """Beam `FileMetadata` of the files a URL names (a file or a glob), sorted by path."""
     try:
-        result = _filesystems().match([pattern])[0]
+        result = beam_filesystems().match([pattern])[0]
     except Exception as error:  # Beam raises its own errors per filesystem: name the URL with them
         if isinstance(error, SynthError):
             raise

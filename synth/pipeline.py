@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -22,16 +23,19 @@ from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
 from synth.assemble import Extension
 from synth.config import SynthConfig
 from synth.corpus import CorpusSpec, ReadStats, corpus_fingerprint, read_documents
-from synth.dedup import cached_near_duplicates
+from synth.dedup import near_duplicates_path, write_near_duplicates
 from synth.embed import load_embedder
 from synth.errors import SynthError
 from synth.index import ChunkIndex, build_saved, exact_search, load_index, recall_at_k
+from synth.index.base import META
 from synth.report import RunFigures, render_summary, summarize
 from synth.shards import OpenInputs, ShardInputs, make_shards
+from synth.staging import Mirror
 from synth.store import BuildStats, ChunkStore, StoreRef, build_store, store_key
 from synth.tfrecord import write_json
 from synth.tokenizer import TextTokenizer, load_tokenizer
 
+SUMMARY = "summary.md"
 RECALL_QUERIES = 256
 RECALL_K = 10
 
@@ -52,11 +56,11 @@ def _state_dir(config: SynthConfig) -> Path:
     return config.output.out / ".state"
 
 
-def _check_same_run(config: SynthConfig) -> None:
+def _check_same_run(config: SynthConfig, mirror: Mirror) -> None:
     """Refuse to mix the shards of two different configurations in one output directory."""
     saved = _state_dir(config) / "config.json"
     current = config.to_dict()
-    if saved.is_file():
+    if mirror.pull(saved):
         previous = json.loads(saved.read_text())
         if previous != current:
             changed = sorted(k for k in set(previous) | set(current)
@@ -67,6 +71,7 @@ def _check_same_run(config: SynthConfig) -> None:
     else:
         saved.parent.mkdir(parents=True, exist_ok=True)
         write_json(saved, current)
+        mirror.push(saved)
 
 
 def collection_key(spec: CorpusSpec, config: SynthConfig, tokenizer: TextTokenizer) -> str:
@@ -87,13 +92,18 @@ def _collection(spec: CorpusSpec, label: str, config: SynthConfig, tokenizer: Te
     return Collection(key, ref, read, build)
 
 
+def index_dir(config: SynthConfig, corpus_key: str, embedder_fingerprint: str) -> Path:
+    """Where the corpus index is cached: named by the index settings, the embedder and the corpus."""
+    digest = hashlib.sha256(json.dumps(
+        [asdict(config.index), embedder_fingerprint, corpus_key]).encode()).hexdigest()[:16]
+    return config.output.cache / f"index-{digest}"
+
+
 def corpus_index(config: SynthConfig, corpus_key: str, corpus: StoreRef,
                  embedder_fingerprint: str) -> tuple[ChunkIndex, Path]:
     """The index of the corpus chunks, from the cache when an earlier run (or `index build`) made it."""
-    digest = hashlib.sha256(json.dumps(
-        [asdict(config.index), embedder_fingerprint, corpus_key]).encode()).hexdigest()[:16]
-    directory = config.output.cache / f"index-{digest}"
-    if (directory / "meta.json").is_file():
+    directory = index_dir(config, corpus_key, embedder_fingerprint)
+    if (directory / META).is_file():
         return load_index(directory), directory
     started = time.perf_counter()
     index = build_saved(corpus.block_embeddings(), config.index, directory)
@@ -123,6 +133,7 @@ def build_corpus_index(config: SynthConfig) -> dict:
     Returns where it is and what it costs: size per million vectors and recall@10 against exact
     search on a seeded sample of corpus chunks.
     """
+    _refuse_urls(config)
     tokenizer = load_tokenizer(config.tokenizer)
     embedder = load_embedder(config.embedder, config.embedding)
     corpus = _collection(config.retrieval_corpus, "corpus", config, tokenizer, embedder)
@@ -142,11 +153,17 @@ def needs_embeddings(config: SynthConfig) -> bool:
     return config.mining.strategy not in ("plain-concat", "keyword-concat")
 
 
-def prepare(config: SynthConfig) -> TextTokenizer:
+def prepare(config: SynthConfig, mirror: Mirror) -> TextTokenizer:
     """What every runner does first: the output directory, bound to this configuration."""
     config.output.out.mkdir(parents=True, exist_ok=True)
-    _check_same_run(config)
+    _check_same_run(config, mirror)
     return load_tokenizer(config.tokenizer)
+
+
+def _refuse_urls(config: SynthConfig) -> None:
+    if config.output.staged:
+        raise SynthError("an --out or --cache-dir URL needs --runner beam (its workers stage the files through "
+                         "local disk); the local runner writes local paths: write there, then copy")
 
 
 def run(config: SynthConfig, workers: int = 1) -> dict:
@@ -155,7 +172,8 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
     `workers` processes make the output shards; it does not change the output.
     """
     started = time.perf_counter()
-    tokenizer = prepare(config)
+    _refuse_urls(config)
+    tokenizer = prepare(config, Mirror())
     embedder = load_embedder(config.embedder, config.embedding) if needs_embeddings(config) else None
 
     meta = _collection(config.meta, "meta", config, tokenizer, embedder)
@@ -170,7 +188,7 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
         index, index_dir = corpus_index(config, corpus.key, corpus.ref, embedder.fingerprint)
         recall = index_recall(config, index, corpus.ref, meta.ref)
 
-    duplicates = near_duplicates(config, corpus.key, corpus_store)
+    duplicates = near_duplicates(config, corpus.key, lambda: corpus_store)
     marks = np.load(duplicates) if duplicates else None
     inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir, duplicates)
     extension = Extension.build(meta_store, corpus_store, config.mining,
@@ -181,14 +199,18 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
         started)
 
 
-def near_duplicates(config: SynthConfig, corpus_key: str, corpus: ChunkStore) -> Path | None:
-    """Where the corpus's near-duplicate documents are marked (found on first use), or None when
-    --corpus-dedup is off."""
+def near_duplicates(config: SynthConfig, corpus_key: str, corpus: Callable[[], ChunkStore],
+                    mirror: Mirror = Mirror()) -> Path | None:
+    """Where the corpus's near-duplicate documents are marked, or None when --corpus-dedup is off.
+    `corpus` opens the store, called only when the marks are not cached yet."""
     mining = config.mining
     if mining.corpus_dedup is None:
         return None
-    return cached_near_duplicates(corpus, collection_dir(config, corpus_key), mining.corpus_dedup,
-                                  mining.shingle_tokens)
+    path = near_duplicates_path(collection_dir(config, corpus_key), mining.corpus_dedup, mining.shingle_tokens)
+    if not mirror.pull(path):
+        write_near_duplicates(corpus(), path, mining.corpus_dedup, mining.shingle_tokens)
+        mirror.push(path)
+    return path
 
 
 def check_collections(meta: Collection, corpus: Collection) -> None:
@@ -211,7 +233,7 @@ def finish(config: SynthConfig, tokenizer: TextTokenizer, meta: Collection, corp
                "content_hash": hashlib.sha256("".join(r.sha256 for r in reports).encode()).hexdigest(),
                "counts": summary, "config": config.to_dict()})
     write_json(out / MANIFEST, manifest.to_dict())
-    (out / "summary.md").write_text(render_summary(summary))
+    (out / SUMMARY).write_text(render_summary(summary))
     timing = {
         "seconds": round(time.perf_counter() - started, 2),
         "chunk_seconds": round(meta.build.chunk_seconds + (

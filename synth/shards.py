@@ -28,6 +28,7 @@ from synth.index import ChunkIndex, load_index
 from synth.negatives import IndexCandidates, NegativeFilter, RandomCandidates
 from synth.overlap import MetaOverlap
 from synth.report import ShardReport
+from synth.staging import Mirror
 from synth.store import StoreRef
 from synth.tfrecord import shard_name, to_example, write_json, write_shard
 from synth.tokenizer import TextTokenizer, load_tokenizer
@@ -84,12 +85,20 @@ def report_path(config: SynthConfig, name: str) -> Path:
     return config.output.out / ".state" / f"{name}.json"
 
 
-def finished_report(config: SynthConfig, shard: int) -> ShardReport | None:
-    """The report of a shard a previous (or killed) run completed, else None."""
+def finished_report(config: SynthConfig, shard: int, mirror: Mirror = Mirror()) -> ShardReport | None:
+    """The report of a shard a previous (or killed) run completed, else None. The report is saved
+    before the shard appears, so a shard that exists has one."""
     name = shard_file(config, shard)
-    if not (config.output.out / name).is_file():
+    if not mirror.exists(config.output.out / name) or not mirror.pull(report_path(config, name)):
         return None
     return ShardReport.from_dict(json.loads(report_path(config, name).read_text()))
+
+
+def publish_shard(config: SynthConfig, shard: int, mirror: Mirror) -> None:
+    """Push a shard made in local staging (`synth.staging`): its report first, as `make_shard` writes them."""
+    name = shard_file(config, shard)
+    mirror.push(report_path(config, name))
+    mirror.push(config.output.out / name)
 
 
 def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardReport:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
 from synth.cli import main  # noqa: E402
 from synth.corpus import CorpusSpec, ReadStats, read_documents, resolve_sources  # noqa: E402
 from synth.errors import SynthError  # noqa: E402
+from synth.staging import Mirror, staging_dir  # noqa: E402
 from test_pipeline import synth_args, write_corpus  # noqa: E402
 
 BEAM = ["--runner", "beam", "--beam-options", "--direct_num_workers=2 --direct_running_mode=multi_processing"]
@@ -75,8 +77,8 @@ def test_beam_runner_writes_the_local_runners_examples(inputs, tmp_path):
 
 
 class MirrorFileSystem(LocalFileSystem):
-    """The local disk under a URL scheme: inputs named by URL go through Beam's filesystem registry, as
-    gs:// or s3:// inputs do, without a network."""
+    """The local disk under a URL scheme: files named by URL go through Beam's filesystem registry, as
+    gs:// or s3:// files do, without a network."""
 
     PREFIX = "mirror://"
 
@@ -104,6 +106,15 @@ class MirrorFileSystem(LocalFileSystem):
     def _path_open(self, path, *args, **kwargs):
         return super()._path_open(self._local(path), *args, **kwargs)
 
+    def create(self, path, *args, **kwargs):
+        return super().create(self._local(path), *args, **kwargs)
+
+    def rename(self, sources, destinations):
+        return super().rename([self._local(p) for p in sources], [self._local(p) for p in destinations])
+
+    def delete(self, paths):
+        return super().delete([self._local(p) for p in paths])
+
 
 def test_inputs_named_by_url_are_read_through_beam_filesystems(inputs, tmp_path):
     """A folder URL, a glob URL and a Parquet file URL read as their local paths do; the Beam runner
@@ -124,9 +135,65 @@ def test_inputs_named_by_url_are_read_through_beam_filesystems(inputs, tmp_path)
 
     args = ["--corpus", str(corpus), "--num-shards", "2"]
     assert main(synth_args(meta, tmp_path / "local", *args)) == 0
-    assert main(synth_args(url, tmp_path / "beam", *args, "--runner", "beam",
-                           "--beam-options", "--direct_running_mode=in_memory --direct_num_workers=1")) == 0
+    assert main(synth_args(url, tmp_path / "beam", *args, *IN_PROCESS)) == 0
     assert _examples(tmp_path / "beam") == _examples(tmp_path / "local")
+
+
+IN_PROCESS = ["--runner", "beam", "--beam-options", "--direct_running_mode=in_memory --direct_num_workers=1"]
+
+
+def test_output_and_cache_at_a_url(inputs, tmp_path, capsys):
+    """--out as a URL: every stage works in local staging, pulls what it reads and pushes what it finishes.
+    The URL alone holds the run: with the local staging gone, a rerun pulls what it needs and redoes nothing."""
+    meta, corpus = inputs
+    args = ["--corpus", str(corpus), "--num-shards", "3", "--corpus-dedup", "0.8", "--index", "faiss-hnsw"]
+    assert main(synth_args(meta, tmp_path / "local", *args)) == 0
+    remote = tmp_path / "bucket" / "run"
+    url = MirrorFileSystem.PREFIX + str(remote)
+    assert main(synth_args(meta, url, *args, *IN_PROCESS)) == 0
+    assert f"output: {url}/manifest.json" in capsys.readouterr().out
+
+    assert _examples(remote) == _examples(tmp_path / "local")
+    counts = json.loads((remote / "manifest.json").read_text())["counts"]
+    assert counts == json.loads((tmp_path / "local" / "manifest.json").read_text())["counts"]
+    assert counts["index"]["recall_at_10"] > 0.5 and counts["corpus_near_duplicate_documents"] is not None
+    cache = remote / ".cache"
+    assert len(list(cache.glob("chunks-*/block-*/emb-*.npy"))) == 2 + 5  # 15 and 40 documents, 8 to a block
+    assert len(list(cache.glob("index-*/meta.json"))) == 1 and list(cache.glob("chunks-*/near-duplicates-*.npy"))
+    assert not [p for p in remote.rglob(".*.tmp")], "a partial upload was left behind"
+
+    finished = {p: p.stat().st_mtime_ns for p in remote.rglob("*")
+                if p.is_file() and p.name not in ("manifest.json", "summary.md")}
+    shutil.rmtree(staging_dir(url))
+    assert main(synth_args(meta, url, *args, *IN_PROCESS)) == 0
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished, "finished work was redone"
+    assert json.loads((remote / "manifest.json").read_text())["counts"] == counts
+
+    assert main(synth_args(meta, url, *args)) == 2  # the local runner writes local paths only
+    assert "--runner beam" in capsys.readouterr().err
+
+
+def test_a_directory_is_done_only_when_its_marker_is_at_the_url(tmp_path):
+    remote = tmp_path / "remote"
+    url = MirrorFileSystem.PREFIX + str(remote)
+    mirror = Mirror(((tmp_path / "staging", url),))
+    block = tmp_path / "staging" / "block-00000"
+    block.mkdir(parents=True)
+    (block / "tokens.npy").write_bytes(b"tokens")
+    with pytest.raises(SynthError, match="not complete"):
+        mirror.push_dir(block, "emb.npy")
+    mirror.push(block / "tokens.npy")  # as a push killed before its marker leaves it
+    assert (remote / "block-00000" / "tokens.npy").read_bytes() == b"tokens"
+    assert not mirror.pull_dir(block, "emb.npy")
+
+    (block / "emb.npy").write_bytes(b"vectors")
+    mirror.push_dir(block, "emb.npy")
+    shutil.rmtree(tmp_path / "staging")
+    assert mirror.pull_dir(block, "emb.npy") and (block / "emb.npy").read_bytes() == b"vectors"
+    leftover = tmp_path / "staging" / "report.json"
+    leftover.write_text("{}")
+    assert not mirror.pull(leftover), "a local file the URL lacks was taken for done"
+    assert Mirror().pull(leftover) and Mirror().url(leftover) is None  # unstaged: the local file is the file
 
 
 def test_jax_encoder_on_two_worker_processes_gives_the_local_embeddings(inputs, tmp_path):
