@@ -3,7 +3,11 @@
 1. Forward and forward+backward tokens/s of the Flax Llama vs transformers' torch LlamaForCausalLM,
    same config and weights (8 layers, d=512, seq 2048, fp32 by default).
 2. Achieved model FLOP/s of the train step as a fraction of the measured jnp.dot fp32 peak.
-3. Peak host memory of blockwise attention forward+backward at 8K, 32K, 64K tokens, one child
+3. Where the train step's gap to torch lies, part by part on the same shapes: every matmul of the
+   step in the three forms it takes (forward X.W, input gradient dY.W^T, weight gradient X^T.dY),
+   XLA:CPU vs torch GFLOP/s; and one layer's causal attention forward+backward, our blockwise
+   kernel vs torch's fused CPU kernel (sdpa).
+4. Peak host memory of blockwise attention forward+backward at 8K, 32K, 64K tokens, one child
    process per length: the resident high-water mark of the run itself (VmHWM reset after compiling),
    next to XLA's own temp-buffer figure.
 
@@ -111,8 +115,59 @@ def bench_models(args) -> dict:
         "jnp_dot_fp32_peak_gflops": peak / 1e9,
         "model_gflops": {"ours_forward": flops / ours_fwd / 1e9, "ours_train": 3 * flops / ours_train / 1e9,
                          "transformers_train": 3 * flops / hf_train / 1e9},
-        "mfu_vs_dot_peak": {"ours_train": 3 * flops / ours_train / peak, "transformers_train": 3 * flops / hf_train / peak},
+        "mfu_vs_dot_peak": {"ours_train": 3 * flops / ours_train / peak,
+                            "transformers_train": 3 * flops / hf_train / peak},
     }
+
+
+def _matmul_forms(m: int, k: int, n: int) -> dict[str, tuple[tuple[int, int], tuple[int, int], object]]:
+    """The three matmuls a [m,k] x [k,n] layer costs in training, as (a shape, b shape, product)."""
+    return {f"{m}x{k}x{n} X.W": ((m, k), (k, n), lambda a, b: a @ b),
+            f"{m}x{k}x{n} dY.W^T": ((m, n), (k, n), lambda a, b: a @ b.T),
+            f"{m}x{k}x{n} X^T.dY": ((m, k), (m, n), lambda a, b: a.T @ b)}
+
+
+def bench_parts(args) -> dict:
+    """The step's matmuls and one layer's attention, XLA:CPU vs torch, each pair timed alternately."""
+    import torch
+    import torch.nn.functional as F
+
+    from nextlong_jax.model.attention import Blocks, attention
+
+    rng = np.random.default_rng(0)
+    length, d, ff, vocab, heads = args.seq_len, 512, 1376, 32000, 8
+    loss_block = min(length, 1024)  # the blocked loss's vocabulary projection, per block of tokens
+    forms = {**_matmul_forms(length, d, d), **_matmul_forms(length, d, ff), **_matmul_forms(length, ff, d),
+             **_matmul_forms(loss_block, d, vocab)}
+    dots, ours_total, torch_total = {}, 0.0, 0.0
+    for name, (a_shape, b_shape, product) in forms.items():
+        a, b = (rng.standard_normal(shape, dtype=np.float32) for shape in (a_shape, b_shape))
+        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        ours = jax.jit(product)
+        t = best_times({"ours": lambda: ours(ja, jb).block_until_ready(), "torch": lambda: product(ta, tb)},
+                       args.repeats + 2)
+        m, k, n = (int(x) for x in name.split()[0].split("x"))
+        dots[name] = {"ours_gflops": 2 * m * k * n / t["ours"] / 1e9, "torch_gflops": 2 * m * k * n / t["torch"] / 1e9}
+        ours_total, torch_total = ours_total + t["ours"], torch_total + t["torch"]
+
+    shape = (1, length, heads, d // heads)
+    q, k, v, g = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+    blocks = Blocks(args.block)
+    ours = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, blocks=blocks) * g), argnums=(0, 1, 2)))
+    tq, tk, tv = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()).requires_grad_() for x in (q, k, v))
+    tg = torch.from_numpy(g.transpose(0, 2, 1, 3).copy())
+
+    def torch_attention():
+        for x in (tq, tk, tv):
+            x.grad = None
+        F.scaled_dot_product_attention(tq, tk, tv, is_causal=True).backward(tg)
+
+    t = best_times({"ours": lambda: jax.block_until_ready(ours(q, k, v)), "torch": torch_attention},
+                   args.repeats + 2)
+    return {"matmuls": dots,
+            "matmuls_time_ratio_torch_over_ours": torch_total / ours_total,
+            "attention_layer_fwd_bwd_seconds": {"ours_blockwise": t["ours"], "torch_sdpa": t["torch"],
+                                                "ratio": t["torch"] / t["ours"]}}
 
 
 def attention_memory_child(length: int, heads: int, head_dim: int, block: int) -> None:
@@ -173,6 +228,8 @@ def main() -> None:
         args.layers, args.seq_len, args.lengths, args.repeats = 2, 512, [2048, 8192], 1
     results = {"models": bench_models(args)}
     print(json.dumps(results["models"], indent=2), flush=True)
+    results["parts"] = bench_parts(args)
+    print(json.dumps(results["parts"], indent=2), flush=True)
     results["attention_memory"] = bench_attention_memory(args)
     print(json.dumps(results, indent=2))
 
