@@ -177,16 +177,6 @@ def _near_duplicates(corpus: StoreRef, config: SynthConfig, corpus_key: str) -> 
     return str(found)
 
 
-def _pull_inputs(inputs: ShardInputs, mirror: Mirror) -> None:
-    """What a worker making shards reads, from a staged cache (`synth.staging`)."""
-    for store in (inputs.meta, inputs.corpus):
-        mirror.pull_store(store.blocks, store.embedding_name)
-    if inputs.index_dir is not None and not mirror.pull_dir(inputs.index_dir, META):
-        raise SynthError(f"{mirror.url(inputs.index_dir)} is not complete; run the same command again")
-    if inputs.duplicates is not None and not mirror.pull(inputs.duplicates):
-        raise SynthError(f"{mirror.url(inputs.duplicates)} is missing; run the same command again")
-
-
 def _shard_inputs(index: str | None, meta: StoreRef, corpus: StoreRef, duplicates: str | None,
                   config: SynthConfig) -> ShardInputs | None:
     if not meta.blocks or not corpus.blocks:
@@ -207,7 +197,7 @@ class _MakeShard(beam.DoFn):
         report = finished_report(inputs.config, shard, mirror)
         if report is None:
             if self.inputs != inputs:
-                _pull_inputs(inputs, mirror)
+                inputs.pull(mirror)
                 self.inputs, self.opened = inputs, OpenInputs.open(inputs)
             report = make_shard(self.opened, shard, progress=False)
             publish_shard(inputs.config, shard, mirror)

@@ -24,7 +24,9 @@ from synth.assemble import Extension, Packer, concatenated_sequences, extended_s
 from synth.baselines import document_vectors, keyword_order, knn_walk
 from synth.config import SynthConfig
 from synth.files import temporary_sibling
+from synth.errors import SynthError
 from synth.index import ChunkIndex, load_index
+from synth.index.base import META
 from synth.negatives import IndexCandidates, NegativeFilter, RandomCandidates
 from synth.overlap import MetaOverlap
 from synth.report import ShardReport
@@ -43,6 +45,15 @@ class ShardInputs:
     corpus: StoreRef
     index_dir: Path | None  # None for layouts that need no retrieval
     duplicates: Path | None  # the corpus's near-duplicate documents (`synth.dedup`); None: not deduplicated
+
+    def pull(self, mirror: Mirror) -> None:
+        """Stage everything a shard is made from, for a worker whose disk holds none of it (`synth.staging`)."""
+        for store in (self.meta, self.corpus):
+            mirror.pull_store(store.blocks, store.embedding_name)
+        if self.index_dir is not None and not mirror.pull_dir(self.index_dir, META):
+            raise SynthError(f"{mirror.url(self.index_dir)} is not complete; run the same command again")
+        if self.duplicates is not None and not mirror.pull(self.duplicates):
+            raise SynthError(f"{mirror.url(self.duplicates)} is missing; run the same command again")
 
 
 @dataclass
@@ -135,6 +146,7 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
             yield to_example(sequence)
 
     name = shard_file(config, shard)
+    report_path(config, name).parent.mkdir(parents=True, exist_ok=True)  # a worker's fresh disk may lack both
     tmp = temporary_sibling(out.out / name)
     count, sha256 = write_shard(tmp, examples(), out.compression)
     bar.close()

@@ -22,8 +22,11 @@ from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
 
 from synth.cli import main  # noqa: E402
 from synth.corpus import CorpusSpec, ReadStats, read_documents, resolve_sources  # noqa: E402
+from synth.config import build_config  # noqa: E402
 from synth.errors import SynthError  # noqa: E402
+from synth.shards import OpenInputs, ShardInputs, make_shard  # noqa: E402
 from synth.staging import Mirror, staging_dir  # noqa: E402
+from synth.store import StoreRef  # noqa: E402
 from test_pipeline import synth_args, write_corpus  # noqa: E402
 
 BEAM = ["--runner", "beam", "--beam-options", "--direct_num_workers=2 --direct_running_mode=multi_processing"]
@@ -162,15 +165,43 @@ def test_output_and_cache_at_a_url(inputs, tmp_path, capsys):
     assert len(list(cache.glob("index-*/meta.json"))) == 1 and list(cache.glob("chunks-*/near-duplicates-*.npy"))
     assert not [p for p in remote.rglob(".*.tmp")], "a partial upload was left behind"
 
+    # A fresh machine (no staging) and one shard lost at the URL: the worker that remakes it pulls both
+    # stores, the index and the near-duplicate marks; nothing else is redone.
+    lost = sorted(remote.glob("*.tfrecord"))[1]
+    lost_bytes = lost.read_bytes()
+    lost.unlink()
     finished = {p: p.stat().st_mtime_ns for p in remote.rglob("*")
-                if p.is_file() and p.name not in ("manifest.json", "summary.md")}
+                if p.is_file() and p.name not in ("manifest.json", "summary.md") and lost.name not in p.name}
     shutil.rmtree(staging_dir(url))
     assert main(synth_args(meta, url, *args, *IN_PROCESS)) == 0
     assert {p: p.stat().st_mtime_ns for p in finished} == finished, "finished work was redone"
+    assert lost.read_bytes() == lost_bytes
     assert json.loads((remote / "manifest.json").read_text())["counts"] == counts
+
+    # A worker on a machine of its own, with nothing staged, pulls what a shard is made from.
+    config = build_config({"meta": str(meta), "corpus": str(corpus), "out": url, "tokenizer": "llama3",
+                           "embedder": "hashing", "index": "faiss-hnsw", "seq-len": 1024, "chunk-tokens": 64,
+                           "num-shards": 3, "docs-per-block": 8, "corpus-dedup": 0.8})
+    staged = staging_dir(url) / ".cache"
+    shutil.rmtree(staging_dir(url))
+
+    def store(chunks: Path) -> StoreRef:
+        blocks = sorted(chunks.glob("block-*"))
+        embeddings = next(blocks[0].glob("emb-*.npy"))
+        return StoreRef(tuple(staged / b.relative_to(cache) for b in blocks), embeddings.name,
+                        np.load(embeddings).shape[1])
+
+    corpus_chunks = next(cache.glob("chunks-*/near-duplicates-*.npy"))
+    meta_chunks = next(c for c in cache.glob("chunks-*") if c != corpus_chunks.parent)
+    inputs = ShardInputs(config, store(meta_chunks), store(corpus_chunks.parent),
+                         staged / next(cache.glob("index-*")).name, staged / corpus_chunks.relative_to(cache))
+    inputs.pull(Mirror.of(config.output))
+    make_shard(OpenInputs.open(inputs), 1, progress=False)
+    assert (staging_dir(url) / lost.name).read_bytes() == lost_bytes
 
     assert main(synth_args(meta, url, *args)) == 2  # the local runner writes local paths only
     assert "--runner beam" in capsys.readouterr().err
+    shutil.rmtree(staging_dir(url))
 
 
 def test_a_directory_is_done_only_when_its_marker_is_at_the_url(tmp_path):
