@@ -26,7 +26,7 @@ from synth.corpus import CorpusSpec, ReadStats, corpus_fingerprint, read_documen
 from synth.dedup import near_duplicates_path, write_near_duplicates
 from synth.embed import load_embedder
 from synth.errors import SynthError
-from synth.index import ChunkIndex, build_saved, exact_search, load_index, recall_at_k
+from synth.index import ChunkIndex, build_saved, exact_search_blocks, load_index, recall_at_k
 from synth.index.base import META
 from synth.report import RunFigures, render_summary, summarize
 from synth.shards import OpenInputs, ShardInputs, make_shards
@@ -112,16 +112,18 @@ def corpus_index(config: SynthConfig, corpus_key: str, corpus: StoreRef,
 
 
 def index_recall(config: SynthConfig, index: ChunkIndex, corpus: StoreRef, queries: StoreRef) -> float:
-    """recall@10 of the index against exact search, on a seeded sample of the `queries` chunks."""
+    """recall@10 of the index against exact search, on a seeded sample of the `queries` chunks; the
+    stores are read block by block, so this holds at any corpus size."""
     if config.index.kind == "faiss-flat":
         return 1.0
-    embeddings = np.concatenate(queries.block_embeddings())
+    blocks = queries.block_embeddings()
+    starts = np.cumsum([0] + [len(block) for block in blocks])
     rng = np.random.default_rng(config.mining.seed)
-    sample = rng.choice(len(embeddings), size=min(RECALL_QUERIES, len(embeddings)), replace=False)
-    sampled = np.asarray(embeddings[np.sort(sample)])
-    vectors = np.concatenate(corpus.block_embeddings())
-    k = min(RECALL_K, len(vectors))
-    _, exact = exact_search(vectors, sampled, k)
+    sample = np.sort(rng.choice(starts[-1], size=min(RECALL_QUERIES, starts[-1]), replace=False))
+    sampled = np.concatenate([block[sample[(sample >= start) & (sample < end)] - start]
+                              for block, start, end in zip(blocks, starts, starts[1:])])
+    k = min(RECALL_K, index.ntotal)
+    _, exact = exact_search_blocks(corpus.block_embeddings(), sampled, k)
     _, approx = index.search(sampled, k)
     return recall_at_k(approx, exact, k)
 

@@ -8,7 +8,7 @@ import pytest
 
 from synth.errors import SynthError
 from synth.index import (
-    INDEX_KINDS, IndexConfig, build_index, exact_search, load_index, recall_at_k)
+    INDEX_KINDS, IndexConfig, build_index, exact_search, exact_search_blocks, load_index, recall_at_k)
 
 N, DIM, QUERIES, K = 3000, 64, 200, 10
 APPROX_KINDS = ("faiss-ivfpq", "faiss-hnsw", "scann")
@@ -236,6 +236,19 @@ def test_load_missing_or_corrupt_index_raises(indexes, tmp_path):
         (tmp_path / "flat" / "meta.json").write_text(text)
         with pytest.raises(SynthError, match="cannot load"):
             load_index(tmp_path / "flat")
+
+
+def test_exact_search_block_by_block_equals_one_search(data):
+    """Blocks of uneven sizes (one empty, one smaller than k) give the one-array search's neighbours."""
+    base, queries = data
+    bounds = [0, 7, 7, 1200, 1203, N]
+    blocks = [base[a:b] for a, b in zip(bounds, bounds[1:])]
+    want_scores, want_ids = exact_search(base, queries, K)
+    scores, ids = exact_search_blocks(blocks, queries, K)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
+    _, few = exact_search_blocks(blocks[:2], queries, K)
+    assert few.shape == (QUERIES, K) and (few[:, 7:] == -1).all()  # 7 rows in all: the rest padded
 
 
 def test_recall_at_k_hand_example():

@@ -29,7 +29,7 @@ from synth.index.base import (FLAT, FORMAT, HNSW, INDEX_KINDS, IVFPQ, META, MIN_
                               SCANN, Backend, ChunkIndex, IndexConfig, check_matrix)
 
 __all__ = ["INDEX_KINDS", "BACKENDS", "ChunkIndex", "IndexConfig", "build_index", "build_saved", "load_index",
-           "exact_search", "recall_at_k"]
+           "exact_search", "exact_search_blocks", "recall_at_k"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,24 @@ def exact_search(embeddings: np.ndarray, queries: np.ndarray,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product search: the ground truth that recall is measured against."""
     return flat.build(check_matrix(embeddings, "embeddings"), IndexConfig()).search(queries, k)
+
+
+def exact_search_blocks(blocks: Sequence[np.ndarray], queries: np.ndarray,
+                        k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`exact_search` over the rows of `blocks` stacked, one block in memory at a time (a corpus-sized
+    store need not fit); ids count rows across blocks, ties go to the lower id."""
+    scores = np.full((len(queries), 0), -np.inf, np.float32)
+    ids = np.zeros((len(queries), 0), np.int64)
+    start = 0
+    for block in blocks:
+        if len(block):
+            found_scores, found = exact_search(np.asarray(block, np.float32), queries, k)
+            scores = np.concatenate([scores, found_scores], axis=1)
+            ids = np.concatenate([ids, np.where(found >= 0, found + start, -1)], axis=1)
+            best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores, ids = np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
+        start += len(block)
+    return scores, ids
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
