@@ -49,7 +49,8 @@ from synth.pipeline import (SUMMARY, Collection, check_collections, collection_d
 from synth.report import RunFigures
 from synth.shards import OpenInputs, ShardInputs, finished_report, make_shard, publish_shard
 from synth.staging import Mirror
-from synth.store import BuildStats, StoreRef, block_path, build_block, embedding_name
+from synth.store import (BuildStats, StoreRef, block_path, build_block, count_reused, counted_files,
+                         embedding_name)
 from synth.tokenizer import load_tokenizer
 
 NAMESPACE = "nextlong-synth"
@@ -107,9 +108,12 @@ class _BuildBlock(beam.DoFn):
         documents: list[Document] = [document for _, document in sorted(placed, key=lambda p: p[0])]
         stats = BuildStats()
         block, marker = block_path(self.directory, number), embedding_name(self.embedder)
-        done = self.mirror.pull_dir(block, marker)
-        build_block(block, documents, self.tokenizer, self.config.chunking, self.embedder, stats)
-        if not done:
+        if self.mirror.exists(block / marker):  # finished, here or at the URL: count it, fetch no vectors
+            for path in counted_files(block, marker):
+                self.mirror.pull(path)
+            count_reused(block, marker, stats)
+        else:
+            build_block(block, documents, self.tokenizer, self.config.chunking, self.embedder, stats)
             self.mirror.push_dir(block, marker)
         _count(f"{self.label}.accepted", len(documents))
         for name in ("blocks_built", "blocks_reused", "chunks", "chunks_embedded", "chunks_over_window"):

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from synth.assemble import Extension, Packer, concatenated_sequences, extended_sequences
 from synth.baselines import document_vectors, keyword_order, knn_walk
 from synth.config import SynthConfig
-from synth.files import temporary_sibling
 from synth.errors import SynthError
+from synth.files import temporary_sibling
 from synth.index import ChunkIndex, load_index
 from synth.index.base import META
 from synth.negatives import IndexCandidates, NegativeFilter, RandomCandidates

@@ -149,6 +149,18 @@ def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def count_reused(block: Path, embedding_name: str, stats: BuildStats) -> None:
+    """Count a finished block as reused; reads only its small files (`counted_files`)."""
+    stats.blocks_reused += 1
+    stats.chunks += int(np.load(block / _DOC_OFFSETS)[-1])
+    stats.chunks_over_window += _over_window(block, embedding_name)
+
+
+def counted_files(block: Path, embedding_name: str) -> tuple[Path, Path]:
+    """The files `count_reused` reads: what a worker fetches to count a block it need not rebuild."""
+    return block / _DOC_OFFSETS, _window_file(block, embedding_name)
+
+
 def embedding_name(embedder: Embedder | None) -> str:
     return f"emb-{embedder.fingerprint if embedder else 'none'}.npy"
 
@@ -159,9 +171,7 @@ def build_block(block: Path, docs: list[Document], tokenizer: TextTokenizer, chu
     complete one is there. Every runner (local, Beam) builds blocks with this, so they agree."""
     name = embedding_name(embedder)
     if (block / name).is_file():
-        stats.blocks_reused += 1
-        stats.chunks += int(np.load(block / _DOC_OFFSETS)[-1])
-        stats.chunks_over_window += _over_window(block, name)
+        count_reused(block, name, stats)
         return
     started = time.perf_counter()
     per_doc = chunk_documents([d.text for d in docs], chunking.size, chunking.unit, tokenizer)
