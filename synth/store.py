@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -78,10 +79,17 @@ class ChunkStore:
 
     doc_ids: list[str]
     doc_chunk_offsets: np.ndarray  # [num_docs + 1] first chunk of each document
-    embeddings: np.ndarray  # [num_chunks, dim] float32, unit rows
+    dim: int
+    _block_embeddings: list[np.ndarray] = field(repr=False)  # memory-mapped per block
     _block_tokens: list[np.ndarray] = field(repr=False)  # memory-mapped per block
     _block_token_offsets: list[np.ndarray] = field(repr=False)
     _block_first_chunk: np.ndarray = field(repr=False)  # [num_blocks + 1]
+
+    @cached_property
+    def embeddings(self) -> np.ndarray:
+        """[num_chunks, dim] float32, unit rows, read into memory on first use. Mining reads only the
+        meta-chunks' (the index holds what search needs), so a corpus store's vectors stay on disk."""
+        return np.concatenate(self._block_embeddings) if self._block_embeddings else np.zeros((0, self.dim), np.float32)
 
     @property
     def num_docs(self) -> int:
@@ -222,14 +230,15 @@ def load_store(ref: StoreRef) -> ChunkStore:
         offsets = np.load(block / _DOC_OFFSETS)
         doc_offsets.append(offsets[1:] + first_chunk[-1])
         doc_ids.extend(ids)
-        embeddings.append(np.load(block / ref.embedding_name))
+        embeddings.append(np.load(block / ref.embedding_name, mmap_mode="r"))
         tokens.append(np.load(block / _TOKENS, mmap_mode="r"))
         token_offsets.append(np.load(block / _TOKEN_OFFSETS))
         first_chunk.append(first_chunk[-1] + int(offsets[-1]))
     return ChunkStore(
         doc_ids=doc_ids,
         doc_chunk_offsets=np.concatenate(doc_offsets),
-        embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, ref.dim), np.float32),
+        dim=ref.dim,
+        _block_embeddings=embeddings,
         _block_tokens=tokens,
         _block_token_offsets=token_offsets,
         _block_first_chunk=np.asarray(first_chunk, np.int64),

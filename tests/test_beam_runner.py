@@ -196,8 +196,11 @@ def test_output_and_cache_at_a_url(inputs, tmp_path, capsys):
     inputs = ShardInputs(config, store(meta_chunks), store(corpus_chunks.parent),
                          staged / next(cache.glob("index-*")).name, staged / corpus_chunks.relative_to(cache))
     inputs.pull(Mirror.of(config.output))
-    make_shard(OpenInputs.open(inputs), 1, progress=False)
+    opened = OpenInputs.open(inputs)
+    make_shard(opened, 1, progress=False)
     assert (staging_dir(url) / lost.name).read_bytes() == lost_bytes
+    # Mining searches the index with the meta-chunks' vectors: the corpus's were never read into memory.
+    assert "embeddings" in vars(opened.extension.meta) and "embeddings" not in vars(opened.extension.corpus)
 
     assert main(synth_args(meta, url, *args)) == 2  # the local runner writes local paths only
     assert "--runner beam" in capsys.readouterr().err
