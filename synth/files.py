@@ -19,10 +19,15 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 Location = Path | str  # a local path, or a URL
 
 
+def temporary_name(name: str) -> str:
+    """A name for a file being written that no other writer uses: two workers may make the same output
+    at once (a retried or duplicated Beam task, a rerun beside a lingering worker), and each renames
+    its own. Hidden, so listings of finished files skip it."""
+    return f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
 def temporary_sibling(path: Path) -> Path:
-    """A name beside `path` that no other writer uses: two workers may make the same output at once
-    (a retried or duplicated Beam task, a rerun beside a lingering worker), and each renames its own."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    return path.with_name(temporary_name(path.name))
 
 
 def is_url(path: str) -> bool:

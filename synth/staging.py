@@ -17,12 +17,15 @@ import hashlib
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from synth.errors import SynthError
-from synth.files import beam_filesystems, is_url, match_urls, open_binary, temporary_sibling
+from synth.files import beam_filesystems, is_url, match_urls, open_binary, temporary_name, temporary_sibling
+
+if TYPE_CHECKING:
+    from synth.config import OutputConfig
 
 STAGING_ROOT = Path(tempfile.gettempdir()) / "nextlong-synth-staging"
 
@@ -54,7 +57,7 @@ class Mirror:
     roots: tuple[tuple[Path, str], ...] = ()  # (staging directory, its URL), the deepest first
 
     @classmethod
-    def of(cls, output) -> "Mirror":
+    def of(cls, output: OutputConfig) -> "Mirror":
         """The staged directories of an `OutputConfig`: its output and its cache, where they are URLs."""
         roots = [(output.cache, output.cache_url)] if output.cache_url else []
         if output.out_url:
@@ -94,7 +97,7 @@ class Mirror:
             relative = found.path[len(url) + 1:]
             local = directory / relative
             if local.name.startswith("."):
-                continue  # another writer's temporary file
+                continue  # another writer's temporary file (`files.temporary_name`)
             if not (local.is_file() and local.stat().st_size == found.size_in_bytes):
                 self._download(found.path, local)
         return True
@@ -105,7 +108,7 @@ class Mirror:
         if url is None:
             return
         parent, _, name = url.rpartition("/")
-        partial = f"{parent}/.{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        partial = f"{parent}/{temporary_name(name)}"
         filesystems = beam_filesystems()
         with open(path, "rb") as source, filesystems.create(partial, compression_type=_uncompressed()) as target:
             shutil.copyfileobj(source, target, 1 << 24)
