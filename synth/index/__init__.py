@@ -26,7 +26,7 @@ import numpy as np
 from synth.errors import SynthError
 from synth.index import flat, hnsw, ivfpq, scann
 from synth.index.base import (FLAT, FORMAT, HNSW, INDEX_KINDS, IVFPQ, META, MIN_TRAIN_POINTS, POINTS_PER_CENTROID,
-                              SCANN, Backend, ChunkIndex, IndexConfig, check_matrix)
+                              SCANN, Backend, ChunkIndex, IndexConfig, best_k, check_matrix)
 
 __all__ = ["INDEX_KINDS", "BACKENDS", "ChunkIndex", "IndexConfig", "build_index", "build_saved", "load_index",
            "exact_search", "exact_search_blocks", "recall_at_k"]
@@ -114,10 +114,8 @@ def exact_search_blocks(blocks: Sequence[np.ndarray], queries: np.ndarray,
     for block in blocks:
         if len(block):
             found_scores, found = exact_search(np.asarray(block, np.float32), queries, k)
-            scores = np.concatenate([scores, found_scores], axis=1)
-            ids = np.concatenate([ids, np.where(found >= 0, found + start, -1)], axis=1)
-            best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            scores, ids = np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
+            scores, ids = best_k(np.concatenate([scores, found_scores], axis=1),
+                                 np.concatenate([ids, np.where(found >= 0, found + start, -1)], axis=1), k)
         start += len(block)
     return scores, ids
 

@@ -137,6 +137,13 @@ def padded(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return scores, ids
 
 
+def best_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k highest-scoring of each row's candidates (candidate lists side by side, e.g. one per part
+    or block, scores comparable across them); ties go to the earlier column."""
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
+
+
 def rerank_depth(k: int) -> int:
     """Candidates fetched per query before exact re-scoring: enough to absorb quantisation noise."""
     return max(4 * k, k + 32)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from synth.errors import SynthError
-from synth.index.base import (POINTS_PER_CENTROID, SCANN, Backend, IndexConfig, check_k, check_queries,
+from synth.index.base import (POINTS_PER_CENTROID, SCANN, Backend, IndexConfig, best_k, check_k, check_queries,
                               empty, meta_of, padded, rerank_depth, write_atomically)
 
 _SCANN_DIR = "scann"
@@ -64,10 +64,8 @@ class ScannIndex:
             missing = np.isnan(scores)
             found_ids.append(np.where(missing, -1, ids.astype(np.int64) + first))
             found_scores.append(np.where(missing, -np.inf, scores))
-        scores, ids = np.concatenate(found_scores, axis=1), np.concatenate(found_ids, axis=1)
         # Scores are exact inner products (re-scored), so parts merge by them directly.
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return padded(np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1), k)
+        return padded(*best_k(np.concatenate(found_scores, axis=1), np.concatenate(found_ids, axis=1), k), k)
 
     def save(self, directory: Path) -> None:
         def write_files(tmp: Path) -> None:
