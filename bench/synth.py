@@ -11,6 +11,12 @@
    near-dedup (MiniLM, the bundled Python docs as meta-documents AND corpus, so shared boilerplate
    can leak): cosine of placed negatives, rejections by reason, and how much of the negatives'
    text repeats their own meta-document (share of 8-grams; meta-chunks copied whole).
+6. Layout on the bundled corpus at 8K (256-token chunks) and 128K (2048-character chunks, the
+   paper's unit), MiniLM: the share of tokens that are meta-chunk text, the share of the used
+   meta-documents' tokens that reach a sequence (the rest is cut where a sequence ends), segments
+   whose meta-document is one chunk (no dependency to bridge), meta-documents skipped as too short,
+   and the cosine of placed negatives; at 128K for headroom 1.0 and 1.5. Computed from the shards
+   themselves (re-chunking each listed meta-document), so any version of the pipeline can be compared.
 
     python bench/synth.py [--quick]
 """
@@ -219,11 +225,61 @@ def bench_leaks(work: Path, limit: int) -> None:
                   f"{copies}; {seconds:.0f} s", flush=True)
 
 
+LAYOUTS = (  # (name, flags)
+    ("8K, 256-token chunks", ["--seq-len", "8192", "--chunk-tokens", "256"]),
+    ("128K, 2048-char chunks", ["--seq-len", "131072", "--chunk-chars", "2048", "--max-sequences", "16"]),
+)
+
+
+def _layout_figures(out: Path, texts: dict[str, str], unit: str, size: int) -> dict:
+    from synth.chunking import chunk_document
+    from synth.tfrecord import read_dataset
+
+    tokenizer = load_tokenizer()
+    summary = json.loads((out / "manifest.json").read_text())["counts"]
+    listed: list[str] = []
+    roles = np.zeros(3, np.int64)
+    segments = 0
+    for ex in read_dataset(out, with_provenance=True).as_numpy_iterator():
+        listed += [m.decode() for m in ex["meta_doc_ids"]]
+        roles += np.bincount(ex["token_roles"], minlength=3)
+        segments += len(np.unique(ex["segment_ids"][ex["segment_ids"] > 0]))
+    chunks = {doc: [len(c.ids) for c in chunk_document(texts[doc], size, unit, tokenizer)] for doc in set(listed)}
+    offered = sum(sum(chunks[doc]) for doc in listed)
+    # Meta-role tokens are the chunks' own tokens plus one BOS per segment and any joiner tokens.
+    joiners = summary.get("joiner_tokens", {}).get("meta", 0)
+    kept = int(roles[1]) - segments - joiners
+    return {"meta_share": roles[1] / max(roles[1:].sum(), 1), "kept": kept / max(offered, 1),
+            "one_chunk": sum(len(chunks[doc]) == 1 for doc in listed), "segments": segments,
+            "skipped": summary.get("meta_documents_skipped"), "cosine": summary["negatives"]["similarity_mean"],
+            "sequences": summary["sequences"]}
+
+
+def bench_layout(work: Path, limit: int, headrooms: tuple[float, ...]) -> None:
+    print(f"\n[6] layout: {limit} Python-docs sections extended with Jargon File negatives; MiniLM, exact search")
+    texts = {d.id: d.text for d in documents("sample:pydocs", limit)}
+    for name, flags in LAYOUTS:
+        unit, size = ("chars", int(flags[flags.index("--chunk-chars") + 1])) if "--chunk-chars" in flags else \
+            ("tokens", int(flags[flags.index("--chunk-tokens") + 1]))
+        for headroom in headrooms:
+            out = work / f"layout-{unit}-{size}-{headroom}"
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                run_synth("--meta", "sample:pydocs", "--max-meta-docs", str(limit), "--corpus", "sample:jargon",
+                          "--embedder", "minilm", "--index", "faiss-flat", "--num-shards", "2",
+                          "--headroom", str(headroom), "--cache-dir", str(work / "layout-cache"), "--out", str(out),
+                          *flags)
+            f = _layout_figures(out, texts, unit, size)
+            print(f"    {name}, headroom {headroom}: {f['sequences']} sequences, {f['segments']} segments; meta share "
+                  f"{100 * f['meta_share']:.1f}%, meta tokens kept {100 * f['kept']:.1f}%, one-chunk meta-documents "
+                  f"{f['one_chunk']} of {f['segments']} segments, skipped as too short {f['skipped']}, negative "
+                  f"cosine {f['cosine']}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small slices, for a smoke run")
-    parser.add_argument("--parts", default="12345", help="which measurements to run (default 12345)")
+    parser.add_argument("--parts", default="123456", help="which measurements to run (default 123456)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -238,6 +294,8 @@ def main() -> None:
             bench_indexes(minilm_embeddings(work, 150 if args.quick else 1500))
         if "5" in args.parts:
             bench_leaks(work, 60 if args.quick else 300)
+        if "6" in args.parts:
+            bench_layout(work, 60 if args.quick else 300, (1.0, 1.5))
 
 
 if __name__ == "__main__":

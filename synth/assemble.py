@@ -5,9 +5,15 @@ A training sequence is exactly `seq_len` tokens made of segments. In `nextlong` 
 `[bos, m_1, n_11..n_1k, m_2, n_21..n_2k, ...]` (meta-chunk first); when one meta-document is
 shorter than the target, further extended meta-documents follow as new segments (document
 masking keeps them apart), and the segment that overflows is cut at the last token that fits.
-The `*-concat` baselines fill each sequence with whole meta-documents in one segment, in the order
-`synth.baselines` gives. `--meta-position tail|random` moves each meta-chunk within its group
-of negatives (the paper's position ablation).
+The `*-concat` baselines fill each sequence with whole meta-documents in one segment, BOS between
+them, in the order `synth.baselines` gives. `--meta-position tail|random` moves each meta-chunk
+within its group of negatives (the paper's position ablation).
+
+Only meta-documents of at least `min_meta_chunks` chunks are extended (`synth.meta_groups`): one
+chunk followed by negatives has no dependency to bridge. Between two texts that do not continue
+each other (a chunk and one from another document) goes a `Joiner`, so that no word runs across
+documents. Every meta token is accounted for: placed, or dropped where a segment is cut
+(`PackStats`).
 
 Loss convention: `loss_weights[t]` weighs the prediction of `input_ids[t]` from the tokens before
 it; the first token of every segment gets weight 0 (`nextlong_jax.schema.segment_starts`).
@@ -18,16 +24,19 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from functools import lru_cache
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE, segment_starts
+from synth.meta_groups import MetaGroups, meta_groups
 from synth.negatives import CandidateSource, MetaDocument, NegativeFilter, mine
 
 if TYPE_CHECKING:
     from synth.config import MiningConfig
     from synth.store import ChunkStore
+    from synth.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -46,8 +55,48 @@ class PackStats:
     sequences: int = 0
     tokens_by_role: Counter = field(default_factory=Counter)
     segments: int = 0
-    truncated_tokens: int = 0  # tokens of the piece cut where a sequence ends
+    truncated_tokens: int = 0  # tokens of the chunk cut where a segment ends
     documents_used: int = 0
+    joiner_tokens: Counter = field(default_factory=Counter)  # by the role of the text they precede
+    # Of the used meta-documents' chunk tokens: offered = placed + dropped (cut off, or in meta-chunks
+    # after the cut that never appear).
+    meta_tokens_offered: int = 0
+    meta_tokens_placed: int = 0
+    meta_chunks_dropped: int = 0
+    meta_documents_skipped: int = 0  # below min_meta_chunks (`synth.meta_groups`)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where a chunk comes from: enough to tell whether it continues the text placed before it."""
+
+    store: str  # "meta" or "corpus"
+    doc: int
+    chunk: int  # index in its store
+
+    def continues(self, previous: "Piece | None") -> bool:
+        return previous is not None and (previous.store, previous.doc, previous.chunk + 1) == (
+            self.store, self.doc, self.chunk)
+
+
+@dataclass(frozen=True)
+class Joiner:
+    """Tokens between two texts that do not continue each other, unless the first ends in whitespace.
+    Without them a word runs across documents ("...ignored.bug-for-bug")."""
+
+    tokens: np.ndarray
+    ends_in_space: Callable[[int], bool]  # of a token id
+
+    @classmethod
+    def build(cls, kind: str, tokenizer: "TextTokenizer") -> "Joiner | None":
+        if kind == "none":
+            return None
+
+        @lru_cache(maxsize=None)
+        def ends_in_space(token: int) -> bool:
+            return tokenizer.decode([token])[-1:].isspace()
+
+        return cls(np.asarray(tokenizer.encode("\n"), np.int64), ends_in_space)
 
 
 class Packer:
@@ -58,8 +107,8 @@ class Packer:
     """
 
     def __init__(self, seq_len: int, negative_weight: float, bos_id: int | None, pad_id: int,
-                 doc_len: int | None = None):
-        self.seq_len, self.bos_id, self.pad_id = seq_len, bos_id, pad_id
+                 doc_len: int | None = None, joiner: Joiner | None = None):
+        self.seq_len, self.bos_id, self.pad_id, self.joiner = seq_len, bos_id, pad_id, joiner
         self.doc_len = doc_len or seq_len
         self.weight = {ROLE_META: 1.0, ROLE_NEGATIVE: negative_weight}
         self.stats = PackStats()
@@ -74,6 +123,7 @@ class Packer:
         self.fill = 0
         self.segment = 0
         self.segment_start = 0
+        self.last: Piece | None = None  # the chunk placed last in the current segment
         self.meta_doc_ids: list[str] = []
         self.negative_chunk_ids: list[str] = []
         self.negatives_in_sample: set[int] = set()  # no hard negative twice in one sequence
@@ -100,22 +150,44 @@ class Packer:
     def full(self) -> bool:
         return self.fill == self.seq_len
 
-    def begin_segment(self, meta_doc_id: str | None = None) -> None:
+    def begin_segment(self, meta_doc_ids: tuple[str, ...] = ()) -> None:
         self.segment += 1
         self.segment_start = self.fill
+        self.last = None
         self.stats.segments += 1
-        if meta_doc_id is not None:
-            self.meta_doc_ids.append(meta_doc_id)
+        self.meta_doc_ids.extend(meta_doc_ids)
         self.add_bos()
 
     def add_bos(self) -> None:
         """A document separator: part of the input, never a prediction target."""
+        self.last = None
         if self.bos_id is not None and self.room:
-            self.add(np.asarray([self.bos_id]), ROLE_META)
+            self._write(np.asarray([self.bos_id]), ROLE_META)
             self.weights[self.fill - 1] = 0.0
 
-    def add(self, tokens: np.ndarray, role: int, chunk_id: str | None = None) -> int:
-        """Append what fits of `tokens`; returns how many tokens were cut off."""
+    def add(self, tokens: np.ndarray, role: int, piece: Piece, chunk_id: str | None = None) -> int:
+        """Append what fits of chunk `tokens`, after the joiner it needs; returns how many were cut off."""
+        joiner = self._joiner_before(piece)
+        self.last = piece
+        take = self._write(np.concatenate([joiner, tokens]) if len(joiner) else tokens, role)
+        placed = max(0, take - len(joiner))
+        self.stats.joiner_tokens[ROLE_NAMES[role]] += take - placed
+        if role == ROLE_META:
+            self.stats.meta_tokens_placed += placed
+        if chunk_id is not None and placed:
+            self.negative_chunk_ids.append(chunk_id)
+        cut = len(tokens) - placed
+        self.stats.truncated_tokens += cut
+        return cut
+
+    def _joiner_before(self, piece: Piece) -> np.ndarray:
+        if (self.joiner is None or self.last is None or piece.continues(self.last)
+                or self.joiner.ends_in_space(int(self.ids[self.fill - 1]))):
+            return np.zeros(0, np.int64)
+        return self.joiner.tokens
+
+    def _write(self, tokens: np.ndarray, role: int) -> int:
+        """Append what fits of `tokens` to the current segment; returns how many were written."""
         take = min(len(tokens), self.room)
         span = slice(self.fill, self.fill + take)
         self.ids[span] = tokens[:take]
@@ -124,12 +196,8 @@ class Packer:
         self.segments[span] = self.segment
         self.positions[span] = np.arange(self.fill - self.segment_start,
                                          self.fill - self.segment_start + take)
-        if chunk_id is not None and take:
-            self.negative_chunk_ids.append(chunk_id)
         self.fill += take
-        cut = len(tokens) - take
-        self.stats.truncated_tokens += cut
-        return cut
+        return take
 
     def take(self) -> Sequence:
         """The current sequence, padded to `seq_len`; starts a new one."""
@@ -175,6 +243,7 @@ class Extension:
     meta_position: str
     seed: int
     mean_negative: float
+    groups: MetaGroups  # the meta-documents extended, as groups of meta-store documents
     prefetch_docs: int = 64
 
     @classmethod
@@ -193,7 +262,8 @@ class Extension:
                    corpus_doc_index={doc_id: i for i, doc_id in enumerate(corpus.doc_ids)},
                    fixed_k=mining.k, max_k=max_k, headroom=mining.headroom,
                    min_segment=mining.min_segment_tokens, meta_position=mining.meta_position, seed=mining.seed,
-                   mean_negative=mean_negative)
+                   mean_negative=mean_negative,
+                   groups=meta_groups(meta, mining.min_meta_chunks, merge=mining.short_meta == "merge"))
 
 
 def _search_depth(ctx: Extension) -> int:
@@ -201,70 +271,80 @@ def _search_depth(ctx: Extension) -> int:
     return min(ctx.corpus.num_chunks, 2 * k_cap + 32)
 
 
+def _group_chunks(ctx: Extension, group: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(meta-store document, chunk) of every chunk of a group, in order."""
+    return [(doc, chunk) for doc in group for chunk in ctx.meta.doc_chunks(doc)]
+
+
 def _prefetched(ctx: Extension, source: CandidateSource,
-                docs: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(doc, scores, ids) per meta-document, searching the meta-chunks of many docs at once."""
+                groups: list[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
+    """(group, scores, ids) per meta-document group, searching the meta-chunks of many at once."""
     depth = _search_depth(ctx)
-    for start in range(0, len(docs), ctx.prefetch_docs):
-        batch = docs[start:start + ctx.prefetch_docs]
-        rows = np.concatenate([np.arange(ctx.meta.doc_chunks(d).start, ctx.meta.doc_chunks(d).stop)
-                               for d in batch])
+    for start in range(0, len(groups), ctx.prefetch_docs):
+        batch = groups[start:start + ctx.prefetch_docs]
+        rows = np.asarray([chunk for group in batch for _, chunk in _group_chunks(ctx, group)], np.int64)
         if depth > 0 and len(rows):
             scores, ids = source.candidates(ctx.meta.embeddings[rows], depth)
         else:
             scores = np.zeros((len(rows), 0), np.float32)
             ids = np.zeros((len(rows), 0), np.int64)
         offset = 0
-        for d in batch:
-            n = len(ctx.meta.doc_chunks(d))
-            yield d, scores[offset:offset + n], ids[offset:offset + n]
+        for group in batch:
+            n = len(_group_chunks(ctx, group))
+            yield group, scores[offset:offset + n], ids[offset:offset + n]
             offset += n
 
 
 def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeFilter,
-                       docs: list[int], packer: Packer,
+                       groups: list[tuple[int, ...]], packer: Packer,
                        max_sequences: int | None) -> Iterator[Sequence]:
-    """Sequences of extended meta-documents (`docs` are meta-store document indexes, in order)."""
-    for doc, scores, ids in _prefetched(ctx, source, docs):
+    """Sequences of extended meta-documents (`groups` of meta-store documents, each extended as one)."""
+    for group, scores, ids in _prefetched(ctx, source, groups):
         if max_sequences is not None and packer.stats.sequences >= max_sequences:
             return
-        chunks = ctx.meta.doc_chunks(doc)
-        if not len(chunks):
-            continue
         if packer.fill and packer.remaining < min(ctx.min_segment, packer.doc_len):
             # Too little room for a dependency across negatives: pad rather than start a fragment.
             yield packer.take()
             if max_sequences is not None and packer.stats.sequences >= max_sequences:
                 return
-        meta_tokens = [ctx.meta.tokens(c) for c in chunks]
-        doc_id = ctx.meta.doc_ids[doc]
-        own = MetaDocument(ctx.corpus_doc_index.get(doc_id), rules.overlap.document(meta_tokens))
+        chunks = _group_chunks(ctx, group)
+        meta_tokens = [ctx.meta.tokens(chunk) for _, chunk in chunks]
+        doc_ids = tuple(ctx.meta.doc_ids[doc] for doc in group)
+        own = MetaDocument(frozenset(i for d in doc_ids if (i := ctx.corpus_doc_index.get(d)) is not None),
+                           rules.overlap.document(meta_tokens))
         k = choose_k(packer.next_segment_room - 1, sum(len(t) for t in meta_tokens), len(chunks),
                      ctx.mean_negative, ctx.fixed_k, ctx.max_k, ctx.headroom)
-        packer.begin_segment(doc_id)
-        packer.stats.documents_used += 1
-        for i, (chunk, tokens) in enumerate(zip(chunks, meta_tokens)):
+        packer.begin_segment(doc_ids)
+        packer.stats.documents_used += len(group)
+        packer.stats.meta_tokens_offered += sum(len(t) for t in meta_tokens)
+        started = 0  # meta-chunks handed to the packer; the rest never appear
+        for i, ((doc, chunk), tokens) in enumerate(zip(chunks, meta_tokens)):
+            meta = Piece("meta", doc, chunk)
             if ctx.meta_position == "head":  # placed before mining: a full segment then needs none
-                packer.add(tokens, ROLE_META)
+                packer.add(tokens, ROLE_META, meta)
+                started += 1
                 if packer.segment_full:
                     break
             negatives = mine(source, rules, ctx.meta.embeddings[chunk], k, (scores[i], ids[i]), own,
                              packer.negatives_in_sample, ctx.corpus.num_chunks)
-            group: list[tuple[int, float] | None] = list(negatives)
+            group_pieces: list[tuple[int, float] | None] = list(negatives)
             if ctx.meta_position != "head":
-                group.insert(_meta_slot(ctx, len(group), doc, i), None)  # None: the meta-chunk itself
-            for piece in group:
+                group_pieces.insert(_meta_slot(ctx, len(group_pieces), doc, i), None)  # None: the meta-chunk
+            for piece in group_pieces:
                 if packer.segment_full:
                     break
                 if piece is None:
-                    packer.add(tokens, ROLE_META)
+                    packer.add(tokens, ROLE_META, meta)
+                    started += 1
                     continue
                 negative, score = piece
                 rules.place(negative, score)
                 chunk_id = ctx.corpus.chunk_id(negative, ctx.corpus_chunk_doc)
-                packer.add(ctx.corpus.tokens(negative), ROLE_NEGATIVE, chunk_id)
+                packer.add(ctx.corpus.tokens(negative), ROLE_NEGATIVE,
+                           Piece("corpus", int(ctx.corpus_chunk_doc[negative]), negative), chunk_id)
             if packer.segment_full:
                 break
+        packer.stats.meta_chunks_dropped += len(chunks) - started
         if packer.full:
             yield packer.take()
     if packer.fill and (max_sequences is None or packer.stats.sequences < max_sequences):
@@ -281,7 +361,8 @@ def _meta_slot(ctx: Extension, negatives: int, doc: int, chunk: int) -> int:
 
 def concatenated_sequences(corpus: ChunkStore, docs: list[int], packer: Packer,
                            max_sequences: int | None) -> Iterator[Sequence]:
-    """Whole documents of `corpus` in the order of `docs`, back to back, one segment per sequence."""
+    """Whole documents of `corpus` in the order of `docs`, back to back, one segment per sequence,
+    BOS between documents; the document that overruns a sequence is cut at its end."""
     for doc in docs:
         if max_sequences is not None and packer.stats.sequences >= max_sequences:
             return
@@ -291,9 +372,12 @@ def concatenated_sequences(corpus: ChunkStore, docs: list[int], packer: Packer,
             packer.add_bos()
         packer.meta_doc_ids.append(corpus.doc_ids[doc])
         packer.stats.documents_used += 1
-        for chunk in corpus.doc_chunks(doc):
-            packer.add(corpus.tokens(chunk), ROLE_META)
+        chunks = corpus.doc_chunks(doc)
+        packer.stats.meta_tokens_offered += sum(len(corpus.tokens(c)) for c in chunks)
+        for placed, chunk in enumerate(chunks, start=1):
+            packer.add(corpus.tokens(chunk), ROLE_META, Piece("meta", doc, chunk))
             if packer.full:
+                packer.stats.meta_chunks_dropped += len(chunks) - placed
                 yield packer.take()
                 break
     if packer.fill and (max_sequences is None or packer.stats.sequences < max_sequences):

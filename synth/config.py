@@ -23,6 +23,8 @@ from synth.staging import local_or_staged
 STRATEGIES = ("nextlong", "random-negatives", "plain-concat", "knn-concat", "keyword-concat")
 META_POSITIONS = ("head", "tail", "random")
 REUSE_SCOPES = ("run", "shard")
+SHORT_META = ("skip", "merge")
+JOINERS = ("auto", "none")
 COMPRESSIONS = ("none", "gzip")
 
 
@@ -43,6 +45,11 @@ class MiningConfig:
     max_reuse: int = 8  # uses of one corpus chunk as a placed negative, over the run or per shard
     reuse_scope: str = "run"
     meta_position: str = "head"  # where m_i goes among its negatives; head is the method
+    # A meta-document of one chunk has nothing to bridge: it is skipped, or merged with the next short
+    # ones of its source file until the group has this many chunks.
+    min_meta_chunks: int = 2
+    short_meta: str = "skip"
+    joiner: str = "auto"  # between texts that do not continue each other: auto (a newline where needed), none
     overlap_threshold: float = 0.5  # reject a negative this share of whose token n-grams is in its meta-document
     shingle_tokens: int = 8  # n of those n-grams
     corpus_dedup: float | None = None  # Jaccard above which a corpus document repeats an earlier one; None: off
@@ -200,6 +207,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("headroom", LAYOUT, "the paper's w: the automatic k = (seq_len*w - meta tokens) / (meta chunks * "
                                "mean negative tokens), the extended document then cut at its length",
            (MiningConfig, "headroom"), _float()),
+    Option("min-meta-chunks", LAYOUT, "meta-documents with fewer chunks have no dependency to bridge: they are "
+                                      "skipped (counted) or merged, as --short-meta says; 1 keeps them all",
+           (MiningConfig, "min_meta_chunks"), _int()),
+    Option("short-meta", LAYOUT, "what happens to a meta-document below --min-meta-chunks: skip, or merge it with "
+                                 "the next short documents of the same input file into one meta-document",
+           (MiningConfig, "short_meta"), {"choices": SHORT_META}),
+    Option("joiner", LAYOUT, "what separates two texts that do not continue each other (a chunk and the next "
+                             "one from another document): auto, a newline unless the first already ends in "
+                             "whitespace, counted in the length and weighted as the text it precedes; none "
+                             "glues them", (MiningConfig, "joiner"), {"choices": JOINERS}),
     Option("min-segment-tokens", LAYOUT, "pad the end of a sequence rather than start a meta-document there "
                                          "with less room than this", (MiningConfig, "min_segment_tokens"), _int()),
     Option("negative-weight", LAYOUT, "loss weight of negative tokens, 0..1 (1.0 = the paper)",
@@ -311,6 +328,8 @@ def build_config(flat: dict) -> SynthConfig:
         raise SynthError("--num-shards, --max-reuse and --max-k must be at least 1")
     if float(flat["headroom"]) <= 0 or int(flat["min-segment-tokens"]) < 0:
         raise SynthError("--headroom must be positive and --min-segment-tokens at least 0")
+    if int(flat["min-meta-chunks"]) < 1:
+        raise SynthError("--min-meta-chunks must be at least 1")
     corpus = flat["corpus"]
     out, out_url = local_or_staged(str(flat["out"]))
     cache_dir, cache_url = (None, None) if flat["cache-dir"] is None else local_or_staged(str(flat["cache-dir"]))
@@ -333,6 +352,8 @@ def build_config(flat: dict) -> SynthConfig:
             dedup_threshold=float(flat["dedup-threshold"]), max_reuse=int(flat["max-reuse"]),
             reuse_scope=_choice(flat, "reuse-scope", REUSE_SCOPES),
             meta_position=_choice(flat, "meta-position", META_POSITIONS),
+            min_meta_chunks=int(flat["min-meta-chunks"]), short_meta=_choice(flat, "short-meta", SHORT_META),
+            joiner=_choice(flat, "joiner", JOINERS),
             overlap_threshold=float(flat["overlap-threshold"]), shingle_tokens=int(flat["shingle-tokens"]),
             corpus_dedup=None if flat["corpus-dedup"] is None else float(flat["corpus-dedup"]),
             seed=int(flat["seed"])),

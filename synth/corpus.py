@@ -52,6 +52,7 @@ _POSITION_UNIT = {"jsonl": "line", "parquet": "row", "tfds": "example"}
 class Document:
     id: str
     text: str
+    source: str = ""  # the input file it was read from (its name under the corpus root)
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ def _as_str(value: object, allow_int: bool) -> str:
     raise _Skip("missing_field")
 
 
-def _document(raw: _Raw, spec: CorpusSpec) -> Document:
+def _document(raw: _Raw, spec: CorpusSpec, source: str) -> Document:
     """The record as a document, or `_Skip` with the reason it is unusable."""
     if raw.problem is not None:
         raise _Skip(raw.problem)
@@ -317,7 +318,7 @@ def _document(raw: _Raw, spec: CorpusSpec) -> Document:
         raise _Skip("empty_text")
     if len(text) > spec.max_doc_chars:
         raise _Skip("too_long")
-    return Document(doc_id, text)
+    return Document(doc_id, text, source)
 
 
 def content_id(text: str) -> str:
@@ -356,7 +357,7 @@ def checked_records(source: Source, spec: CorpusSpec, strict: bool) -> Iterator[
     grouping by id in the Beam runner)."""
     for raw in _READERS[source.format](source, spec):
         try:
-            yield raw.position, _document(raw, spec)
+            yield raw.position, _document(raw, spec, source.name)
         except _Skip as skip:
             yield raw.position, _skip(source, raw.position, skip.reason, spec, strict)
 

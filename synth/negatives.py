@@ -72,10 +72,11 @@ class MiningStats:
 
 @dataclass(frozen=True)
 class MetaDocument:
-    """What a negative must not repeat: the corpus index of the meta-document's own source document
-    (None when the corpus does not hold it) and the shingles of all its text."""
+    """What a negative must not repeat: the corpus indexes of the meta-document's own source documents
+    (several when short ones were merged; none that the corpus does not hold) and the shingles of all
+    its text."""
 
-    corpus_doc: int | None
+    corpus_docs: frozenset[int]
     shingles: np.ndarray
 
 
@@ -127,7 +128,7 @@ class NegativeFilter:
                    in_sample: set[int]) -> str | None:
         if chunk < 0:
             return "index_padding"
-        if own.corpus_doc is not None and self.chunk_doc[chunk] == own.corpus_doc:
+        if int(self.chunk_doc[chunk]) in own.corpus_docs:
             return "same_document"
         if self.duplicate_doc is not None and self.duplicate_doc[self.chunk_doc[chunk]]:
             return "corpus_near_duplicate"

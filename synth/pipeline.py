@@ -195,6 +195,7 @@ def run(config: SynthConfig, workers: int = 1) -> dict:
     inputs = ShardInputs(config, meta.ref, corpus.ref, index_dir, duplicates)
     extension = Extension.build(meta_store, corpus_store, config.mining,
                                 config.output.doc_len or config.output.seq_len, marks)
+    check_meta_groups(config, extension)
     reports = make_shards(inputs, OpenInputs(config, extension, index, tokenizer), workers)
     return finish(config, tokenizer, meta, corpus, RunFigures(
         recall, None if marks is None else int(marks.sum()), embedder.window if embedder else None), reports,
@@ -213,6 +214,14 @@ def near_duplicates(config: SynthConfig, corpus_key: str, corpus: Callable[[], C
         write_near_duplicates(corpus(), path, mining.corpus_dedup, mining.shingle_tokens)
         mirror.push(path)
     return path
+
+
+def check_meta_groups(config: SynthConfig, extension: Extension) -> None:
+    mining = config.mining
+    if not mining.strategy.endswith("-concat") and not extension.groups.groups:
+        raise SynthError(f"no meta-document has --min-meta-chunks={mining.min_meta_chunks} chunks "
+                         f"({len(extension.groups.skipped)} skipped): chunk smaller, merge short documents with "
+                         "--short-meta merge, or allow single chunks with --min-meta-chunks 1")
 
 
 def check_collections(meta: Collection, corpus: Collection) -> None:

@@ -21,6 +21,11 @@ class ShardReport:
     segments: int = 0
     truncated_tokens: int = 0
     documents_used: int = 0
+    joiner_tokens: dict[str, int] = field(default_factory=dict)
+    meta_tokens_offered: int = 0
+    meta_tokens_placed: int = 0
+    meta_chunks_dropped: int = 0
+    meta_documents_skipped: int = 0
     negatives: int = 0
     filtered: dict[str, int] = field(default_factory=dict)
     short_of_k: int = 0
@@ -33,7 +38,10 @@ class ShardReport:
         return cls(file=file, sequences=sequences, sha256=sha256, bytes=size,
                    tokens_by_role=dict(sorted(pack.tokens_by_role.items())),
                    segments=pack.segments, truncated_tokens=pack.truncated_tokens,
-                   documents_used=pack.documents_used, negatives=mining.chosen,
+                   documents_used=pack.documents_used, joiner_tokens=dict(sorted(pack.joiner_tokens.items())),
+                   meta_tokens_offered=pack.meta_tokens_offered, meta_tokens_placed=pack.meta_tokens_placed,
+                   meta_chunks_dropped=pack.meta_chunks_dropped, meta_documents_skipped=pack.meta_documents_skipped,
+                   negatives=mining.chosen,
                    filtered=dict(sorted(mining.filtered.items())), short_of_k=mining.short_of_k,
                    similarity_hist=mining.similarity_hist.tolist(),
                    similarity_sum=round(mining.similarity_sum, 6))
@@ -67,9 +75,11 @@ class RunFigures:
 def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport], figures: RunFigures) -> dict:
     roles: Counter = Counter()
     filtered: Counter = Counter()
+    joiners: Counter = Counter()
     for report in reports:
         roles.update(report.tokens_by_role)
         filtered.update(report.filtered)
+        joiners.update(report.joiner_tokens)
     hist = np.sum([r.similarity_hist for r in reports], axis=0) if reports else np.zeros(40)
     negatives = sum(r.negatives for r in reports)
     collections = {"meta": meta} if corpus is meta else {"meta": meta, "corpus": corpus}
@@ -86,8 +96,13 @@ def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport], figur
         "sequences": sum(r.sequences for r in reports),
         "segments": sum(r.segments for r in reports),
         "meta_documents_used": sum(r.documents_used for r in reports),
+        "meta_documents_skipped": sum(r.meta_documents_skipped for r in reports),
         "tokens_by_role": dict(sorted(roles.items())),
+        "joiner_tokens": dict(sorted(joiners.items())),
         "truncated_tokens": sum(r.truncated_tokens for r in reports),
+        "meta_tokens": {"offered": sum(r.meta_tokens_offered for r in reports),
+                        "placed": sum(r.meta_tokens_placed for r in reports),
+                        "chunks_dropped": sum(r.meta_chunks_dropped for r in reports)},
         "negatives": {
             "chosen": negatives,
             "filtered": dict(sorted(filtered.items())),
@@ -118,11 +133,18 @@ def render_summary(summary: dict) -> str:
     total = sum(summary["tokens_by_role"].values()) or 1
     roles = ", ".join(f"{k} {v} ({100 * v / total:.1f}%)"
                       for k, v in summary["tokens_by_role"].items())
+    meta = summary["meta_tokens"]
+    dropped = meta["offered"] - meta["placed"]
+    joiners = ", ".join(f"{k} {v}" for k, v in summary["joiner_tokens"].items()) or "none"
     lines += [
         f"- sequences: {summary['sequences']} ({summary['segments']} segments from "
-        f"{summary['meta_documents_used']} documents)",
-        f"- tokens by role: {roles}",
-        f"- tokens cut at sequence ends: {summary['truncated_tokens']}",
+        f"{summary['meta_documents_used']} documents; {summary['meta_documents_skipped']} skipped as shorter than "
+        f"--min-meta-chunks)",
+        f"- tokens by role: {roles}; joiner tokens among them: {joiners}",
+        f"- meta tokens kept: {meta['placed']} of {meta['offered']} "
+        f"({100 * meta['placed'] / max(meta['offered'], 1):.1f}%); dropped where segments are cut: {dropped}, "
+        f"{meta['chunks_dropped']} meta-chunks of them entirely",
+        f"- chunk tokens cut at segment ends (meta and negative): {summary['truncated_tokens']}",
     ]
     neg = summary["negatives"]
     if neg["chosen"]:

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from synth.assemble import Extension, Packer, concatenated_sequences, extended_sequences
+from synth.assemble import Extension, Joiner, Packer, concatenated_sequences, extended_sequences
 from synth.baselines import document_vectors, keyword_order, knn_walk
 from synth.config import SynthConfig
 from synth.errors import SynthError
@@ -76,9 +76,10 @@ class OpenInputs:
                    tokenizer=load_tokenizer(inputs.config.tokenizer))
 
 
-def _shard_docs(num_docs: int, shard: int, num_shards: int, seed: int) -> list[int]:
-    docs = np.arange(shard, num_docs, num_shards)
-    return np.random.default_rng([seed, shard]).permutation(docs).tolist()
+def _shard_order(count: int, shard: int, num_shards: int, seed: int) -> list[int]:
+    """This shard's share of `count` items (documents, or groups of them), in its seeded order."""
+    items = np.arange(shard, count, num_shards)
+    return np.random.default_rng([seed, shard]).permutation(items).tolist()
 
 
 def _shard_cap(max_sequences: int | None, shard: int, num_shards: int) -> int | None:
@@ -116,14 +117,14 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
     config, ext = opened.config, opened.extension
     out, mining = config.output, config.mining
     packer = Packer(out.seq_len, out.negative_weight, opened.tokenizer.bos_id, opened.tokenizer.pad_id,
-                    out.doc_len)
+                    out.doc_len, Joiner.build(mining.joiner, opened.tokenizer))
     cap = _shard_cap(out.max_sequences, shard, out.num_shards)
     overlap = MetaOverlap(ext.corpus.tokens, mining.shingle_tokens, mining.overlap_threshold)
     rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse, overlap,
                            shard=shard, num_shards=out.num_shards, reuse_scope=mining.reuse_scope,
                            duplicate_doc=ext.corpus_duplicates)
     if mining.strategy.endswith("-concat"):
-        docs = _shard_docs(ext.meta.num_docs, shard, out.num_shards, mining.seed)
+        docs = _shard_order(ext.meta.num_docs, shard, out.num_shards, mining.seed)
         if mining.strategy == "knn-concat":
             vectors = document_vectors(ext.meta.embeddings, ext.meta.doc_chunk_offsets, docs)
             docs = [docs[i] for i in knn_walk(vectors, list(range(len(docs))))]
@@ -135,8 +136,10 @@ def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardRe
     else:
         source = IndexCandidates(opened.index) if mining.strategy == "nextlong" else \
             RandomCandidates(ext.corpus.embeddings, np.random.default_rng([mining.seed, shard, 1]))
-        docs = _shard_docs(ext.meta.num_docs, shard, out.num_shards, mining.seed)
-        sequences = extended_sequences(ext, source, rules, docs, packer, cap)
+        groups = ext.groups.groups
+        order = _shard_order(len(groups), shard, out.num_shards, mining.seed)
+        packer.stats.meta_documents_skipped = ext.groups.skipped_in_shard(shard, out.num_shards)
+        sequences = extended_sequences(ext, source, rules, [groups[g] for g in order], packer, cap)
     bar = tqdm(desc=f"shard {shard + 1}/{out.num_shards}", unit="seq", leave=False,
                dynamic_ncols=True, disable=not progress)
 

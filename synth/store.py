@@ -29,14 +29,15 @@ from synth.embed import Embedder
 from synth.files import temporary_sibling
 from synth.tokenizer import TextTokenizer
 
-_TOKENS, _TOKEN_OFFSETS, _DOC_OFFSETS, _DOC_IDS = (
-    "tokens.npy", "token_offsets.npy", "doc_chunk_offsets.npy", "doc_ids.json")
+_TOKENS, _TOKEN_OFFSETS, _DOC_OFFSETS, _DOC_IDS, _DOC_SOURCES = (
+    "tokens.npy", "token_offsets.npy", "doc_chunk_offsets.npy", "doc_ids.json", "doc_sources.json")
+_FORMAT = 2  # in every store key: blocks of an older layout are rebuilt, not misread
 
 
 def store_key(corpus_fingerprint: str, tokenizer: TextTokenizer, chunking: ChunkingConfig,
               docs_per_block: int) -> str:
     vocab = hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()[:12]
-    text = f"{corpus_fingerprint}|{vocab}|{chunking.unit}:{chunking.size}|{docs_per_block}"
+    text = f"{corpus_fingerprint}|{vocab}|{chunking.unit}:{chunking.size}|{docs_per_block}|{_FORMAT}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -78,6 +79,7 @@ class ChunkStore:
     """All chunks of a collection: ids per document, token ids per chunk, embeddings."""
 
     doc_ids: list[str]
+    doc_sources: list[str]  # the input file of each document
     doc_chunk_offsets: np.ndarray  # [num_docs + 1] first chunk of each document
     dim: int
     _block_embeddings: list[np.ndarray] = field(repr=False)  # memory-mapped per block
@@ -143,6 +145,7 @@ def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings
     np.save(tmp / _DOC_OFFSETS, np.concatenate(
         [[0], np.cumsum([len(c) for c in texts_chunks], dtype=np.int64)]))
     (tmp / _DOC_IDS).write_text(json.dumps([d.id for d in docs], ensure_ascii=False))
+    (tmp / _DOC_SOURCES).write_text(json.dumps([d.source for d in docs], ensure_ascii=False))
     np.save(tmp / embedding_name, embeddings)
     _window_file(tmp, embedding_name).write_text(json.dumps({"chunks_over_window": over_window}))
     if not (directory / embedding_name).is_file():
@@ -223,6 +226,7 @@ def build_store(documents: Iterable[Document], directory: Path, tokenizer: TextT
 
 def load_store(ref: StoreRef) -> ChunkStore:
     doc_ids: list[str] = []
+    doc_sources: list[str] = []
     doc_offsets = [np.zeros(1, np.int64)]
     embeddings, tokens, token_offsets, first_chunk = [], [], [], [0]
     for block in ref.blocks:
@@ -230,12 +234,14 @@ def load_store(ref: StoreRef) -> ChunkStore:
         offsets = np.load(block / _DOC_OFFSETS)
         doc_offsets.append(offsets[1:] + first_chunk[-1])
         doc_ids.extend(ids)
+        doc_sources.extend(json.loads((block / _DOC_SOURCES).read_text()))
         embeddings.append(np.load(block / ref.embedding_name, mmap_mode="r"))
         tokens.append(np.load(block / _TOKENS, mmap_mode="r"))
         token_offsets.append(np.load(block / _TOKEN_OFFSETS))
         first_chunk.append(first_chunk[-1] + int(offsets[-1]))
     return ChunkStore(
         doc_ids=doc_ids,
+        doc_sources=doc_sources,
         doc_chunk_offsets=np.concatenate(doc_offsets),
         dim=ref.dim,
         _block_embeddings=embeddings,

@@ -2,18 +2,26 @@ import numpy as np
 import pytest
 
 from nextlong_jax.schema import ROLE_META, ROLE_NEGATIVE, ROLE_PAD
-from synth.assemble import Packer, choose_k
+from synth.assemble import Joiner, Packer, Piece, choose_k
 from synth.negatives import MetaDocument, NegativeFilter, RandomCandidates, mine
 from synth.overlap import MetaOverlap
 
 
+def _meta(chunk: int, doc: int = 0) -> Piece:
+    return Piece("meta", doc, chunk)
+
+
+def _negative(chunk: int) -> Piece:
+    return Piece("corpus", chunk, chunk)  # each its own document
+
+
 def test_packer_roles_weights_segments_positions():
     packer = Packer(seq_len=12, negative_weight=0.25, bos_id=100, pad_id=0)
-    packer.begin_segment("doc-a")
-    packer.add(np.array([1, 2]), ROLE_META)
-    packer.add(np.array([3, 4, 5]), ROLE_NEGATIVE, "c#0")
-    packer.begin_segment("doc-b")
-    packer.add(np.array([6]), ROLE_META)
+    packer.begin_segment(("doc-a",))
+    packer.add(np.array([1, 2]), ROLE_META, _meta(0))
+    packer.add(np.array([3, 4, 5]), ROLE_NEGATIVE, _negative(0), "c#0")
+    packer.begin_segment(("doc-b",))
+    packer.add(np.array([6]), ROLE_META, _meta(1, doc=1))
     seq = packer.take()
     assert seq.input_ids.tolist() == [100, 1, 2, 3, 4, 5, 100, 6, 0, 0, 0, 0]
     assert seq.token_roles.tolist() == [1, 1, 1, 2, 2, 2, 1, 1, 0, 0, 0, 0]
@@ -27,9 +35,9 @@ def test_packer_roles_weights_segments_positions():
 
 def test_packer_truncates_at_exact_length_and_without_bos_first_token_is_unweighted():
     packer = Packer(seq_len=5, negative_weight=1.0, bos_id=None, pad_id=9)
-    packer.begin_segment("d")
-    assert packer.add(np.array([1, 2, 3]), ROLE_META) == 0
-    assert packer.add(np.array([4, 5, 6, 7]), ROLE_NEGATIVE) == 2
+    packer.begin_segment(("d",))
+    assert packer.add(np.array([1, 2, 3]), ROLE_META, _meta(0)) == 0
+    assert packer.add(np.array([4, 5, 6, 7]), ROLE_NEGATIVE, _negative(0)) == 2
     assert packer.full
     seq = packer.take()
     assert seq.input_ids.tolist() == [1, 2, 3, 4, 5]
@@ -42,10 +50,10 @@ def test_weights_are_consistent_with_roles():
     packer = Packer(seq_len=64, negative_weight=0.0, bos_id=7, pad_id=0)
     rng = np.random.default_rng(0)
     for doc in range(3):
-        packer.begin_segment(str(doc))
-        for _ in range(3):
-            packer.add(rng.integers(10, 99, 3), ROLE_META)
-            packer.add(rng.integers(10, 99, 4), ROLE_NEGATIVE)
+        packer.begin_segment((str(doc),))
+        for chunk in range(3):
+            packer.add(rng.integers(10, 99, 3), ROLE_META, _meta(chunk, doc))
+            packer.add(rng.integers(10, 99, 4), ROLE_NEGATIVE, _negative(chunk))
     seq = packer.take()
     first = np.r_[True, seq.segment_ids[1:] != seq.segment_ids[:-1]] & (seq.segment_ids > 0)
     assert np.all(seq.loss_weights[seq.token_roles == ROLE_NEGATIVE] == 0.0)
@@ -53,6 +61,56 @@ def test_weights_are_consistent_with_roles():
     assert np.all(seq.loss_weights[first] == 0.0)
     assert np.all(seq.loss_weights[seq.token_roles == ROLE_PAD] == 0.0)
     assert np.all((seq.segment_ids == 0) == (seq.token_roles == ROLE_PAD))
+
+
+def test_joiner_goes_between_texts_that_do_not_continue_each_other_and_counts_in_the_length():
+    """Token 5 stands for a newline; tokens >= 50 end in whitespace. A joiner is put before a chunk of
+    another document, or of the same one that does not follow on, unless the text before ends in
+    whitespace; it takes the role and weight of the chunk it precedes, and the length stays exact."""
+    joiner = Joiner(np.array([5]), lambda token: token >= 50)
+    packer = Packer(seq_len=15, negative_weight=0.5, bos_id=100, pad_id=0, joiner=joiner)
+    packer.begin_segment(("d",))
+    packer.add(np.array([1, 2]), ROLE_META, _meta(0))       # after BOS: no joiner
+    packer.add(np.array([3]), ROLE_META, _meta(1))          # continues chunk 0: none
+    packer.add(np.array([7, 60]), ROLE_NEGATIVE, _negative(7))  # another document: joiner, negative
+    packer.add(np.array([8]), ROLE_META, _meta(2))          # after whitespace (60): none
+    packer.add(np.array([9]), ROLE_META, _meta(4))          # same document, not the next chunk: joiner
+    assert packer.add(np.array([10, 11, 12, 13, 14, 15]), ROLE_NEGATIVE, _negative(3)) == 2
+    assert packer.full
+    seq = packer.take()
+    assert seq.input_ids.tolist() == [100, 1, 2, 3, 5, 7, 60, 8, 5, 9, 5, 10, 11, 12, 13]
+    assert seq.token_roles.tolist() == [1, 1, 1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2, 2, 2]
+    assert seq.loss_weights.tolist() == [0, 1, 1, 1, .5, .5, .5, 1, 1, 1, .5, .5, .5, .5, .5]
+    assert packer.stats.joiner_tokens == {"negative": 2, "meta": 1}
+    assert packer.stats.meta_tokens_placed == 5 and packer.stats.truncated_tokens == 2
+
+
+def test_a_joiner_that_fills_the_segment_cuts_the_whole_chunk():
+    packer = Packer(seq_len=4, negative_weight=1.0, bos_id=None, pad_id=0,
+                    joiner=Joiner(np.array([5]), lambda token: False))
+    packer.begin_segment(("d",))
+    packer.add(np.array([1, 2, 3]), ROLE_META, _meta(0))
+    assert packer.add(np.array([8, 9]), ROLE_META, _meta(5)) == 2
+    assert packer.take().input_ids.tolist() == [1, 2, 3, 5]
+    assert packer.stats.meta_tokens_placed == 3 and packer.stats.joiner_tokens == {"meta": 1}
+
+
+def test_meta_groups_skip_or_merge_short_documents_within_their_file():
+    from types import SimpleNamespace
+
+    from synth.meta_groups import meta_groups
+
+    chunks = [1, 3, 1, 1, 2, 1, 1, 0, 1]
+    sources = ["a", "a", "a", "a", "a", "b", "b", "b", "b"]
+    store = SimpleNamespace(doc_chunk_offsets=np.cumsum([0, *chunks]), doc_sources=sources)
+    skip = meta_groups(store, 2, merge=False)
+    assert skip.groups == ((1,), (4,)) and skip.skipped.tolist() == [0, 2, 3, 5, 6, 7, 8]
+    assert skip.skipped_in_shard(0, 2) == 4 and skip.skipped_in_shard(1, 2) == 3
+    merged = meta_groups(store, 2, merge=True)
+    # 0 waits past the long document 1 for 2; 3 is alone when file a ends, 8 when the input ends;
+    # 7 has no chunk at all.
+    assert merged.groups == ((1,), (0, 2), (4,), (5, 6)) and merged.skipped.tolist() == [3, 7, 8]
+    assert meta_groups(store, 1, merge=False).skipped.tolist() == [7]
 
 
 @pytest.mark.parametrize("remaining,meta,chunks,mean,fixed,headroom,expected", [
@@ -79,7 +137,7 @@ def test_filter_excludes_own_document_near_duplicates_sample_repeats_and_reuse()
     scores = np.array([0.99, 0.9, 0.97, 0.8, 0.7, 0.6], np.float32)
     ids = np.array([2, 0, 3, 4, 5, -1])
     in_sample = {5}
-    chosen = rules.select(scores, ids, k=3, own=MetaDocument(0, NOTHING), in_sample=in_sample)
+    chosen = rules.select(scores, ids, k=3, own=MetaDocument(frozenset({0}), NOTHING), in_sample=in_sample)
     # 2: near-duplicate (0.99 > 0.95); 0: same document; 3 (0.97) near-dup; 4 ok; 5 in sample.
     assert chosen == [(4, pytest.approx(0.8))]
     assert rules.stats.filtered == {"near_duplicate": 2, "same_document": 1,
@@ -89,7 +147,7 @@ def test_filter_excludes_own_document_near_duplicates_sample_repeats_and_reuse()
     rules.place(4, 0.8)
     assert rules.stats.chosen == 1 and rules.reuse[4] == 1
     # Chunk 4 has now been placed max_reuse=1 times.
-    again = rules.select(np.array([0.5], np.float32), np.array([4]), 1, MetaDocument(None, NOTHING), set())
+    again = rules.select(np.array([0.5], np.float32), np.array([4]), 1, MetaDocument(frozenset(), NOTHING), set())
     assert again == [] and rules.stats.filtered["reuse_cap"] == 1
 
 
@@ -103,7 +161,7 @@ def test_filter_rejects_a_candidate_repeating_any_chunk_of_the_meta_document():
     tokens = [rng.integers(0, 5000, 40), meta[1].copy(), np.concatenate([boiler, rng.integers(0, 5000, 10)]),
               np.concatenate([meta[0][:6], rng.integers(0, 5000, 34)])]
     rules = _rules([0, 1, 2, 3], tokens)
-    own = MetaDocument(None, rules.overlap.document([meta[0], np.concatenate([meta[1], boiler])]))
+    own = MetaDocument(frozenset(), rules.overlap.document([meta[0], np.concatenate([meta[1], boiler])]))
     chosen = rules.select(np.full(4, 0.5, np.float32), np.arange(4), k=4, own=own, in_sample=set())
     assert [c for c, _ in chosen] == [0, 3]
     assert rules.stats.filtered == {"repeats_meta_document": 2}
@@ -118,12 +176,12 @@ def test_mine_widens_the_search_when_filters_exhaust_the_first_pass():
     source = RandomCandidates(emb, np.random.default_rng(1))
     rules = _rules(chunk_doc, dedup=1.01, max_reuse=5)
     first = source.candidates(emb[:1], 4)
-    chosen = mine(source, rules, emb[0], 12, (first[0][0], first[1][0]), MetaDocument(0, NOTHING), set(), 50)
+    chosen = mine(source, rules, emb[0], 12, (first[0][0], first[1][0]), MetaDocument(frozenset({0}), NOTHING), set(), 50)
     chosen = [c for c, _ in chosen]
     assert len(chosen) == 12 and len(set(chosen)) == 12
     assert all(chunk_doc[c] != 0 for c in chosen)
     short = mine(source, _rules(chunk_doc, dedup=1.01), emb[0], 45,
-                 (first[0][0], first[1][0]), MetaDocument(0, NOTHING), set(), 50)
+                 (first[0][0], first[1][0]), MetaDocument(frozenset({0}), NOTHING), set(), 50)
     assert len(short) == 40  # only 40 chunks are outside document 0
 
 

@@ -65,33 +65,75 @@ def _segments(example):
         yield np.flatnonzero(seg == s)
 
 
+def _strip_joiners(ids: np.ndarray, roles: np.ndarray, tok) -> np.ndarray:
+    """Where the role changes (meta-chunk to negative or back: always two documents), the text before
+    ends in whitespace or the joiner (a newline) follows. Returns which tokens are joiners."""
+    newline = tok.encode("\n")
+    joiner = np.zeros(len(ids), bool)
+    for j in np.flatnonzero(roles[1:] != roles[:-1]) + 1:
+        if j > 1 and roles[j] and not tok.decode([int(ids[j - 1])])[-1:].isspace():
+            assert ids[j:j + len(newline)].tolist() == newline, "two documents glued without a joiner"
+            joiner[j:j + len(newline)] = True
+    return joiner
+
+
 def test_sequences_have_exact_length_and_nextlong_layout(run_out, corpus):
     docs = {json.loads(l)["id"]: json.loads(l)["text"] for l in open(corpus)}
     tok = load_tokenizer("llama3")
     manifest = json.loads((run_out / "manifest.json").read_text())
     examples = list(read_dataset(run_out, with_provenance=True).as_numpy_iterator())
     assert len(examples) == manifest["counts"]["sequences"] > 0
+    placed = offered = meta_joiners = 0
     for ex in examples:
         assert ex["input_ids"].shape == (1024,)
         metas = [m.decode() for m in ex["meta_doc_ids"]]
         negs = [n.decode() for n in ex["negative_chunk_ids"]]
         assert len(negs) == len(set(negs)), "a negative is used twice in one sample"
         for number, idx in enumerate(_segments(ex)):
-            roles = ex["token_roles"][idx]
-            assert ex["input_ids"][idx[0]] == tok.bos_id and ex["loss_weights"][idx[0]] == 0
+            ids, roles = ex["input_ids"][idx], ex["token_roles"][idx]
+            assert ids[0] == tok.bos_id and ex["loss_weights"][idx[0]] == 0
             assert roles[1] == 1, "meta-chunk first"
             np.testing.assert_array_equal(ex["positions"][idx], np.arange(len(idx)))
-            # The meta tokens of a segment are its meta-document, in order (maybe cut at the end).
-            meta_tokens = ex["input_ids"][idx][1:][roles[1:] == 1]
-            full = np.concatenate([c.ids for c in chunk_document(docs[metas[number]], 64,
-                                                                 "tokens", tok)])
+            # The meta tokens of a segment are its meta-document, in order, joiners aside; the rest
+            # of it was cut where the segment ends.
+            joiner = _strip_joiners(ids, roles, tok)
+            meta_joiners += int((joiner & (roles == 1)).sum())
+            meta_tokens = ids[1:][(roles[1:] == 1) & ~joiner[1:]]
+            full = np.concatenate([c.ids for c in chunk_document(docs[metas[number]], 64, "tokens", tok)])
             np.testing.assert_array_equal(meta_tokens, full[:len(meta_tokens)])
+            placed, offered = placed + len(meta_tokens), offered + len(full)
         # Negatives never come from a meta-document of the same sample's segments.
         if len(metas) == 1:
             assert not [n for n in negs if n.split("#")[0] == metas[0]]
+    # Every meta token is accounted for: the summary's kept and dropped are what the shards hold.
+    counts = manifest["counts"]
+    assert counts["meta_tokens"]["placed"] == placed and counts["meta_tokens"]["offered"] == offered
+    assert counts["joiner_tokens"]["meta"] == meta_joiners > 0
+    assert offered > placed  # headroom 1.5: meta-chunks after the cut are dropped, and counted
     # All sequences but the last of each shard are full.
     pads = [int((ex["token_roles"] == 0).sum()) for ex in examples]
     assert sum(p > 0 for p in pads) <= 2
+
+
+def test_one_chunk_meta_documents_are_skipped_or_merged(tmp_path):
+    """Documents of one paragraph (one chunk) never form a sequence alone: skipped and counted, or
+    merged with the next short ones into one meta-document."""
+    corpus = write_corpus(tmp_path / "mixed.jsonl", 24)
+    with open(corpus, "a") as f:
+        for d in range(6):
+            f.write(json.dumps({"id": f"short{d}", "text": f"river boat w{d} current of the river."}) + "\n")
+    for mode, expect_skipped in (("skip", 6), ("merge", 0)):
+        out = tmp_path / mode
+        assert main(synth_args(corpus, out, "--short-meta", mode)) == 0
+        counts = json.loads((out / "manifest.json").read_text())["counts"]
+        assert counts["meta_documents_skipped"] == expect_skipped
+        segments = [[m.decode() for m in ex["meta_doc_ids"]]
+                    for ex in read_dataset(out, with_provenance=True).as_numpy_iterator()]
+        used = [doc for docs in segments for doc in docs]
+        assert counts["meta_documents_used"] == len(used) == 30 - expect_skipped
+        if mode == "merge":  # one segment per sequence here: the short ones come in pairs
+            assert sorted(len(docs) for docs in segments if docs[0].startswith("short")) == [2, 2, 2]
+    assert main(synth_args(corpus, tmp_path / "all-short", "--min-meta-chunks", "99")) == 2  # a user error
 
 
 def test_summary_counts_roles_and_similarities(run_out):
