@@ -15,9 +15,9 @@ Three things make the bare kernel usable in the sharded trainer:
   `sequence` with the kernel passed as a shard_map argument, so each device gets its own rows.
   Backward: the transpose of the all-gather reduce-scatters dK/dV to their owners.
 * Cached, vectorised mask tables. splash's own `process_mask` visits every block pair in Python
-  (about 20 s at 64K tokens with 512 blocks, quadratic in length), and the old code redid that at
-  every trace. For a causal mask the tables follow from each block's min/max token index, so
-  `_mask_info` computes them with numpy (6 ms at 64K, 0.3 s at 512K), in exactly splash's layout
+  (about 20 s at 64K tokens with 512 blocks, quadratic in length), and calling it as is would
+  repeat that at every trace. For a causal mask the tables follow from each block's min/max token
+  index, so `_mask_info` computes them with numpy (6 ms at 64K, 0.3 s at 512K), in exactly splash's layout
   (a test checks equality with `process_mask`), and `_kernel` caches the kernel per (length,
   shards, blocks, interpret). Tables stay numpy so building never places arrays on a device.
 
