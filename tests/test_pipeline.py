@@ -131,6 +131,8 @@ def test_one_chunk_meta_documents_are_skipped_or_merged(tmp_path):
                     for ex in read_dataset(out, with_provenance=True).as_numpy_iterator()]
         used = [doc for docs in segments for doc in docs]
         assert counts["meta_documents_used"] == len(used) == 30 - expect_skipped
+        if mode == "skip":
+            assert not [doc for doc in used if doc.startswith("short")]
         if mode == "merge":  # one segment per sequence here: the short ones come in pairs
             assert sorted(len(docs) for docs in segments if docs[0].startswith("short")) == [2, 2, 2]
     assert main(synth_args(corpus, tmp_path / "all-short", "--min-meta-chunks", "99")) == 2  # a user error
