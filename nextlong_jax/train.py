@@ -14,11 +14,11 @@ import jax
 
 from nextlong_jax.data import BatchIterator, find_shards, host_shards, resume_batches
 from nextlong_jax.hardware import published_bf16_peak
-from nextlong_jax.warm_start import checkpoint_params, hf_params
+from nextlong_jax.warm_start import initial_state
 from nextlong_jax.host_data import global_batch, host_rows
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.train_config import Config
-from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_mesh, init_state, jit_step,
+from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_mesh, jit_step,
                                       maybe_initialize_distributed, seed_keys)
 
 
@@ -31,9 +31,10 @@ class Reporter:
 
 
 def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Path | None = None,
-          init_from: Path | None = None) -> int:
+          init_from: Path | None = None, init_optimizer: bool = False) -> int:
     """Runs (or resumes) to `train.steps`; returns the last completed step. A fresh run starts from the
-    parameters of an HF directory (`init_from_hf`) or a checkpoint step (`init_from`), if given."""
+    parameters of an HF directory (`init_from_hf`) or a checkpoint step (`init_from`, with its Adam
+    state too if `init_optimizer`), if given; see `warm_start`."""
     from nextlong_jax.checkpoint import Checkpointer, Preemption
 
     maybe_initialize_distributed()
@@ -64,12 +65,12 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
                 state = state._replace(rng=jax.device_put(train_key, setup.state_shardings.rng))
             reporter.message(f"resumed from step {progress['step']} in {out_dir}")
         else:
-            params = None
-            if init_from_hf:
-                params = hf_params(init_from_hf, config.model)
-            elif init_from:
-                params = checkpoint_params(init_from, config.model, abstract_state(setup).params)
-            state, progress = init_state(setup, config.train.seed, params), {"step": 0, "data": None, "skipped": 0}
+            state = initial_state(setup, config, init_from_hf=init_from_hf, init_from=init_from,
+                                  init_optimizer=init_optimizer)
+            progress = {"step": 0, "data": None, "skipped": 0}
+            if init_optimizer:
+                reporter.message(f"Adam's moments and update count from {init_from}; the learning-rate "
+                                 "schedule and the step start at 0")
         step, skipped, nonfinite_run = progress["step"], progress["skipped"], 0
         data = BatchIterator(sources, config.data, per_host_batch, negative_weight=config.loss.negative_weight,
                              start_batches=resume_batches(progress["data"], per_host_batch))

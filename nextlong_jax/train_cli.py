@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--init-from-hf", type=Path, help="warm start from an HF Llama directory (fresh runs only)")
     start.add_argument("--init-from", type=Path, metavar="RUN/checkpoints/STEP",
                        help="warm start from the parameters of a checkpoint step, e.g. the 64K stage's for the "
-                            "512K one; the optimizer starts fresh (fresh runs only)")
+                            "512K one; the optimizer starts fresh unless --init-optimizer (fresh runs only)")
+    p.add_argument("--init-optimizer", action="store_true",
+                   help="with --init-from: also take Adam's moments and update count from that step (bias "
+                        "correction continues), as the NExtLong authors' 512K stage did; the learning-rate "
+                        "schedule and the step start at 0")
     p.add_argument("--compile-only", action="store_true",
                    help="train nothing: compile the full train step for --topology on this machine (a CPU is "
                         "enough) and print per-chip memory against HBM, the attention kernels in the program and "
@@ -164,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.topology and not args.compile_only:
         parser.error("--topology goes with --compile-only")
+    if args.init_optimizer and not args.init_from:
+        print("nextlong-train: error: --init-optimizer goes with --init-from RUN/checkpoints/STEP", file=sys.stderr)
+        return 1
     if args.compile_only:
         return compile_only(args, overrides)
     if args.out is None:
@@ -186,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         tf.config.set_visible_devices([], "GPU")
         args.out.mkdir(parents=True, exist_ok=True)
         log = RunLog(args.out, primary=jax.process_index() == 0)
-        step = train(config, args.out, log, init_from_hf=args.init_from_hf, init_from=args.init_from)
+        step = train(config, args.out, log, init_from_hf=args.init_from_hf, init_from=args.init_from,
+                     init_optimizer=args.init_optimizer)
         if step < config.train.steps:
             return PREEMPTED  # saved and stopped early: a scheduler must not take the run as finished
         log.message(f"done at step {step}; checkpoints in {args.out / 'checkpoints'}")

@@ -14,11 +14,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The environment of a child process with 8 CPU devices.
+ENV_8_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+                 "PYTHONPATH": str(ROOT)}
+
+
 def run_on_8_devices(script: str, *args: str) -> str:
     """stdout of `python script *args` with 8 CPU devices; fails the calling test on error."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, script, *args], env=ENV_8_DEVICES, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout

@@ -1,8 +1,11 @@
-"""`nextlong-train --init-from-hf`: a warm start through the conversion code keeps the HF weights
-exactly (checked by training with learning rate 0 and exporting the checkpoint back to HF)."""
+"""Warm starts. `--init-from-hf` through the conversion code keeps the HF weights exactly (checked by
+training with learning rate 0 and exporting the checkpoint back to HF); `--init-from STEP
+--init-optimizer` carries parameters and Adam's state to a run on another mesh, with a fresh
+schedule and step."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from multidevice import ENV_8_DEVICES, run_on_8_devices
 from nextlong_jax.testing import hf_model, tiny_hf_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +25,16 @@ OVERRIDES = ["train.steps=1", "checkpoint.every=1", "data.batch_size=1", "model.
              "model.intermediate_size=64", "optimizer.learning_rate=0.0"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
+
+
+def _train(data: Path, out: Path, *overrides: str, flags: tuple[str, ...] = (),
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The tiny preset at OVERRIDES' size (learning rate 0 unless `overrides` say otherwise)."""
+    return _run("-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml", "--data", str(data),
+                "--out", str(out), *flags, *OVERRIDES, *overrides, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -72,41 +83,130 @@ def test_warm_start_with_another_architecture_is_one_line_error(data, tmp_path):
     assert "hidden_size" in failed.stderr.strip().splitlines()[-1]
 
 
+def _flat(tree) -> dict[tuple[str, ...], np.ndarray]:
+    """{path as strings: array}, alike for a tree restored with or without its structure (dict keys,
+    tuple indexes and NamedTuple fields all become strings)."""
+    import jax
+
+    def name(key):
+        return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+    return {tuple(map(name, path)): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _checkpoint_items(step_dir: Path) -> dict[str, dict]:
-    """params and opt_state of a checkpoint step as flat {path: numpy array}."""
+    """params and opt_state of a checkpoint step, flat (`_flat`), read as numpy arrays by the saved
+    structure alone (on any number of devices)."""
     import jax
     import orbax.checkpoint as ocp
 
-    out = {}
-    for item in ("params", "opt_state"):
-        tree = ocp.PyTreeCheckpointer().restore((step_dir / item).resolve())
-        out[item] = {jax.tree_util.keystr(path): np.asarray(leaf)
-                     for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-    return out
+    def read(path: Path):
+        checkpointer = ocp.PyTreeCheckpointer()
+        saved = checkpointer.metadata(path).item_metadata.tree
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+    return {item: _flat(read((step_dir / item).resolve())) for item in ("params", "opt_state")}
 
 
-def test_init_from_a_checkpoint_takes_parameters_not_optimizer_state(data, tmp_path):
-    """The 64K -> 512K chain in small: a second stage started from the first stage's step 2 has
-    exactly its parameters (learning rate 0 keeps them through one step) and a fresh optimizer
-    (Adam's step count 1, not 3)."""
-    first, second = tmp_path / "first", tmp_path / "second"
-    def train(out: Path, init_from: Path | None, *overrides: str) -> subprocess.CompletedProcess:
-        start = ["--init-from", str(init_from)] if init_from else []
-        return _run("-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml", "--data", str(data),
-                    "--out", str(out), *start, *OVERRIDES, *overrides)
+def _counts(opt_state: dict[tuple[str, ...], np.ndarray]) -> dict[str, int]:
+    """Adam's update count and the schedule's, from a flat optax.chain(clip, adamw) state."""
+    counts = {path: int(v) for path, v in opt_state.items() if path[-1] == "count"}
+    assert len(counts) == 2, counts
+    return {"adam" if path[:2] == ("1", "0") else "schedule": count for path, count in counts.items()}
 
-    done = train(first, None, "train.steps=2", "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=0")
+
+@pytest.fixture(scope="module")
+def stage_one(data, tmp_path_factory) -> Path:
+    """The first stage in small: two steps on 8 devices (fsdp 4 x tensor 2); its step 2 is warm-started
+    below on other meshes."""
+    out = tmp_path_factory.mktemp("stage-one") / "run"
+    done = _train(data, out, "train.steps=2", "data.batch_size=4", "mesh.fsdp=4", "mesh.tensor=2",
+                  "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=0", env=ENV_8_DEVICES)
     assert done.returncode == 0, done.stderr[-2000:]
-    done = train(second, first / "checkpoints" / "2", "model.rope_theta=1000000.0")
+    return out / "checkpoints" / "2"
+
+
+def test_init_optimizer_carries_adam_state_to_another_mesh(stage_one):
+    """Right after init, before any step, on an fsdp-8 mesh: with --init-optimizer Adam's mu, nu and
+    count are the (fsdp 4, tensor 2) checkpoint's, resharded; the schedule's count is 0. Without it the
+    optimizer is fresh. (After a step the moments would have moved even at learning rate 0.)"""
+    assert "init optimizer ok" in run_on_8_devices(__file__, str(stage_one))
+
+
+def _child(ckpt: Path) -> None:
+    import jax
+
+    from nextlong_jax.sharding import axis_rules
+    from nextlong_jax.train_config import load_config
+    from nextlong_jax.train_setup import build, build_mesh
+    from nextlong_jax.warm_start import initial_state
+
+    config = load_config(ROOT / "configs/train/tiny-cpu.yaml", [
+        "data.source=unused", *OVERRIDES, "data.batch_size=8", "mesh.fsdp=8"])
+    mesh = build_mesh(config)
+    with jax.set_mesh(mesh), axis_rules():
+        setup = build(config, mesh)
+        carried = initial_state(setup, config, init_from=ckpt, init_optimizer=True)
+        fresh = initial_state(setup, config, init_from=ckpt)
+    saved = _checkpoint_items(ckpt)
+    got, new = _flat(carried.opt_state), _flat(fresh.opt_state)
+    assert got.keys() == saved["opt_state"].keys() == new.keys()
+    assert _counts(saved["opt_state"]) == {"adam": 2, "schedule": 2}
+    assert _counts(got) == {"adam": 2, "schedule": 0} and _counts(new) == {"adam": 0, "schedule": 0}
+    moments = [path for path in got if path[2] in ("mu", "nu")]
+    assert len(moments) == 2 * len(saved["params"])
+    for path in moments:
+        np.testing.assert_array_equal(got[path], saved["opt_state"][path], err_msg=str(path))
+        assert not new[path].any(), path
+    for path, value in _flat(carried.params).items():
+        np.testing.assert_array_equal(value, saved["params"][path], err_msg=str(path))
+    # Laid out on the new mesh as its own fresh state is (q_proj's heads no longer split over `tensor`).
+    assert jax.tree.map(lambda x: x.sharding, carried) == setup.state_shardings
+    q = carried.opt_state[1][0].mu["layers"]["attn"]["q_proj"]
+    assert dict(q.sharding.mesh.shape)["fsdp"] == 8 and q.sharding.shard_shape(q.shape)[2] == q.shape[2]
+    print("init optimizer ok")
+
+
+def test_init_optimizer_on_the_cli_continues_adam_and_restarts_the_schedule(data, stage_one, tmp_path):
+    """The 64K -> 512K chain in small, on one device from an 8-device checkpoint: after one step at
+    learning rate 0 the parameters are the first stage's exactly, Adam has counted 2 + 1 updates, the
+    schedule 1, and the run's first checkpoint is step 1."""
+    second = tmp_path / "second"
+    done = _train(data, second, "model.rope_theta=1000000.0", flags=("--init-from", str(stage_one), "--init-optimizer"))
     assert done.returncode == 0, done.stderr[-2000:]
-    before, after = _checkpoint_items(first / "checkpoints" / "2"), _checkpoint_items(second / "checkpoints" / "1")
+    assert "Adam's moments and update count from" in done.stdout
+    before, after = _checkpoint_items(stage_one), _checkpoint_items(second / "checkpoints" / "1")
     assert before["params"].keys() == after["params"].keys()
     for name, value in before["params"].items():
-        np.testing.assert_array_equal(after["params"][name], value, err_msg=name)
-    counts = {k: int(v) for k, v in after["opt_state"].items() if k.endswith("['count']")}
-    assert counts and set(counts.values()) == {1}, counts
-    assert {int(v) for k, v in before["opt_state"].items() if k.endswith("['count']")} == {2}
+        np.testing.assert_array_equal(after["params"][name], value, err_msg=str(name))
+    assert _counts(after["opt_state"]) == {"adam": 3, "schedule": 1}
 
-    wrong = train(tmp_path / "third", first / "checkpoints" / "2", "model.intermediate_size=96")
+
+def test_warm_start_mismatches_are_one_line_errors(data, stage_one, tmp_path):
+    """--init-optimizer without --init-from; another architecture; an optimizer state of another
+    structure (as another optimizer, optax.sgd's momentum say, would save)."""
+    alone = _run("-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml", "--data", str(data),
+                 "--out", str(tmp_path / "alone"), "--init-optimizer")
+    assert alone.returncode == 1 and "Traceback" not in alone.stderr
+    assert alone.stderr.strip().splitlines()[-1] == (
+        "nextlong-train: error: --init-optimizer goes with --init-from RUN/checkpoints/STEP")
+
+    wrong = _train(data, tmp_path / "wrong", "model.intermediate_size=96", flags=("--init-from", str(stage_one)))
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
     assert "intermediate_size: config 96" in wrong.stderr.strip().splitlines()[-1]
+
+    import orbax.checkpoint as ocp
+
+    other = tmp_path / "other" / "2"
+    shutil.copytree(stage_one, other)
+    shutil.rmtree(other / "opt_state")
+    ocp.PyTreeCheckpointer().save((other / "opt_state").resolve(), {"trace": np.zeros(3)})
+    misfit = _train(data, tmp_path / "misfit", flags=("--init-from", str(other), "--init-optimizer"))
+    assert misfit.returncode == 1 and "Traceback" not in misfit.stderr
+    last = misfit.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"nextlong-train: error: --init-optimizer {other.resolve()}: its optimizer state "
+                           "does not fit"), last
+
+
+if __name__ == "__main__":
+    _child(Path(sys.argv[1]))
