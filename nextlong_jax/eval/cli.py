@@ -1,0 +1,142 @@
+"""`nextlong-eval`: long-context evaluation of a trained model where it trains (the run's mesh and kernels)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from nextlong_jax.eval.probes import HAYSTACKS, TASKS
+
+DESCRIPTION = """\
+probes: RULER-style long-context probes (needle in a haystack, variable tracking, common words), built
+offline in the model's tokens at exactly the lengths asked for, scored by one teacher-forced forward
+pass each: exact match under greedy decoding, the answer's log-likelihood, string_match_all.
+Writes OUT/results.json, OUT/table.md and OUT/heatmap-TASK.png.
+"""
+EPILOG = """\
+examples:
+  nextlong-eval probes --ckpt runs/tiny/checkpoints/20 --config configs/train/tiny-cpu.yaml --lengths 512,1024 --out out/eval
+  nextlong-eval probes --hf out/demo-hf --config configs/train/tiny-cpu.yaml --lengths 2048,4096,8192 --out out/eval-hf
+  nextlong-eval probes --ckpt runs/8b-128k/checkpoints/1000 --config configs/train/llama3-8b-128k.yaml \\
+      --lengths 8192,16384,32768,65536,131072 --out out/eval-128k      # on the slice the preset names
+"""
+
+
+def _numbers(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return parse
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    return tasks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nextlong-eval", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    probes = sub.add_parser("probes", help="long-context probes at chosen lengths and needle depths",
+                            description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = probes.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", type=Path, metavar="RUN/checkpoints/STEP", help="an orbax checkpoint step")
+    model.add_argument("--hf", type=Path, metavar="DIR", help="a local Hugging Face Llama directory")
+    probes.add_argument("--config", type=Path, required=True,
+                        help="training YAML whose mesh, attention kernel and dtypes the evaluation runs with (the "
+                             "architecture comes from the model)")
+    probes.add_argument("--out", type=Path, required=True, help="where results.json, table.md and the heatmaps go")
+    probes.add_argument("--lengths", type=_numbers(int), default=(4096,),
+                        help="probe lengths in tokens, prompt + answer exactly (default 4096)")
+    probes.add_argument("--depths", type=_numbers(float), default=(0.0, 0.25, 0.5, 0.75, 1.0),
+                        help="needle depths in the haystack, 0..1 (default 0,0.25,0.5,0.75,1)")
+    probes.add_argument("--tasks", type=_tasks, default=TASKS, help=f"comma-separated (default all: {','.join(TASKS)})")
+    probes.add_argument("--haystack", choices=HAYSTACKS, default="noise",
+                        help="noise (RULER's repeated sentences, default) or essay (sentences of --corpus)")
+    probes.add_argument("--corpus", default="sample:pydocs",
+                        help="texts for essay haystacks and common-word lists (default: the bundled Python docs)")
+    probes.add_argument("--uuid-values", action="store_true", help="needle values as UUIDs, not 7-digit numbers")
+    probes.add_argument("--tokenizer", help="'llama3' (bundled), a tokenizer.json or an HF tokenizer directory "
+                                            "(default: --hf's directory when it holds one, else llama3)")
+    probes.add_argument("--seed", type=int, default=0)
+    probes.add_argument("--save-probes", type=Path, metavar="FILE", help="also write the probes as JSONL")
+    probes.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of --config")
+    return p
+
+
+def _tokenizer_spec(args: argparse.Namespace) -> str:
+    if args.tokenizer:
+        return args.tokenizer
+    if args.hf is not None and ((args.hf / "tokenizer.json").is_file() or (args.hf / "tokenizer_config.json").is_file()):
+        return str(args.hf)
+    return "llama3"
+
+
+def run_probes(args: argparse.Namespace) -> dict:
+    from synth.corpus import CorpusSpec, ReadStats, read_documents
+    from synth.tokenizer import load_tokenizer
+    from tqdm.auto import tqdm
+
+    from nextlong_jax.eval.probes import ProbeFactory, ProbeSpec
+    from nextlong_jax.eval.report import save_probes, write_results
+    from nextlong_jax.eval.runner import ProbeScorer
+    from nextlong_jax.eval.scoring import verdict
+    from nextlong_jax.train_config import load_config
+
+    config = load_config(args.config, ["data.source=unused", *args.overrides])
+    tokenizer = load_tokenizer(_tokenizer_spec(args))
+    essays = [d.text for d in read_documents(CorpusSpec(path=args.corpus, max_docs=2000), ReadStats())]
+    spec = ProbeSpec(tasks=args.tasks, lengths=args.lengths, depths=args.depths, haystack=args.haystack,
+                     uuid_values=args.uuid_values, seed=args.seed)
+    try:
+        probes = ProbeFactory(spec, tokenizer, essays).all()
+    except ValueError as e:
+        raise SystemExit(f"nextlong-eval: error: {e}") from None
+    if args.save_probes:
+        save_probes(args.save_probes, probes, tokenizer.decode)
+    scorer = ProbeScorer.load(config, ckpt=args.ckpt, hf=args.hf)
+    started = time.perf_counter()
+    scores = scorer.score(probes, progress=tqdm(total=len(probes), desc="probes", unit="probe", dynamic_ncols=True))
+    seconds = time.perf_counter() - started
+    verdicts = [verdict(p, lp, rank) for p, (lp, rank) in zip(probes, scores)]
+    about = {"model": str(args.ckpt or args.hf), "config": str(args.config), "overrides": args.overrides,
+             "tokenizer": tokenizer.name, "spec": {**spec.__dict__, "corpus": args.corpus},
+             "mesh": dict(scorer.mesh.shape), "attention_backend": scorer.model.config.attention_backend,
+             "seconds": round(seconds, 2),
+             "tokens_per_s": round(sum(p.length for p in probes) / seconds, 1)}
+    written = write_results(args.out, verdicts, about)
+    return {"verdicts": verdicts, "written": written, **about}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from nextlong_jax.train_config import ConfigError
+    from nextlong_jax.train_setup import TrainError
+    from nextlong_jax.convert import ConversionError
+
+    try:
+        result = run_probes(args)
+    except (ConfigError, TrainError, ConversionError, OSError) as e:
+        print(f"nextlong-eval: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    print((args.out / "table.md").read_text())
+    print(f"{len(result['verdicts'])} probes in {result['seconds']} s ({result['tokens_per_s']:.0f} tokens/s) on mesh "
+          f"{result['mesh']} with {result['attention_backend']} attention; written: "
+          + ", ".join(str(p) for p in result["written"]))
+    print(json.dumps({"exact": sum(v.exact for v in result["verdicts"]) / len(result["verdicts"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

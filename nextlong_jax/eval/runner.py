@@ -1,0 +1,152 @@
+"""Probes scored by a trained model where it trains: the training config's mesh and attention kernels,
+the parameters read straight into their shardings (an 8B model at 128K does not fit one chip).
+
+One forward pass per batch of probes of one length: hidden states over prompt + answer (in zig-zag
+order when the length is sharded over `sequence`, as the train step runs), then logits only at the
+positions that predict answer tokens, so no [L, vocab] tensor exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property, partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from nextlong_jax import load_balance
+from nextlong_jax.eval.probes import Probe
+from nextlong_jax.model.config import LlamaConfig
+from nextlong_jax.model.llama import Llama
+from nextlong_jax.sharding import axis_rules
+from nextlong_jax.step import check_sequence_parallel
+from nextlong_jax.train_config import Config
+from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_mesh,
+                                      maybe_initialize_distributed)
+
+# What evaluation takes from the training config: how the model runs, not what it is (the
+# architecture and rope come from the checkpoint or HF directory).
+RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_backend", "attention_block_size", "attention_block_kv",
+                  "attention_block_q_bwd", "attention_block_kv_bwd", "attention_fused_bwd", "remat_policy",
+                  "scan_layers", "logits_block_size")
+
+
+def stored_model(ckpt: Path | None, hf: Path | None) -> LlamaConfig:
+    """The architecture of an orbax checkpoint step or an HF Llama directory."""
+    if hf is not None:
+        from nextlong_jax.convert import read_hf_config
+
+        return read_hf_config(hf)
+    import orbax.checkpoint as ocp
+
+    if not (ckpt / "params").is_dir() or not (ckpt / "config").is_dir():
+        raise TrainError(f"--ckpt {ckpt}: not a checkpoint step (needs params/ and config/; give RUN/checkpoints/STEP)")
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(config=ocp.JsonCheckpointHandler()))
+    return LlamaConfig.from_hf_dict(
+        checkpointer.restore(ckpt.resolve(), ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+
+def _answer_scores(model: Llama, params, features: dict[str, jnp.ndarray], where: jnp.ndarray,
+                   targets: jnp.ndarray, sequence_shards: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """features [B, L] (in zig-zag order when sharded), where/targets [B, A] -> logprob, rank [B, A]."""
+    if sequence_shards > 1:
+        check_sequence_parallel(model, sequence_shards)
+
+    def hidden_and_head(module: Llama):
+        return module.hidden_states(features["input_ids"], features["positions"], features["segment_ids"]), module.head()
+
+    hidden, head = model.apply({"params": params}, method=hidden_and_head)
+    picked = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [B, A, E]
+    logits = jnp.einsum("bae,ev->bav", picked, head, preferred_element_type=jnp.float32)
+    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)
+    return (gold[..., 0] - jax.nn.logsumexp(logits, axis=-1)), jnp.sum(logits > gold, axis=-1)
+
+
+@dataclasses.dataclass
+class ProbeScorer:
+    config: Config
+    mesh: Any
+    model: Llama
+    params: Any
+    batch_sharding: NamedSharding
+
+    @classmethod
+    def load(cls, config: Config, *, ckpt: Path | None = None, hf: Path | None = None) -> "ProbeScorer":
+        """Exactly one of `ckpt` (RUN/checkpoints/STEP) or `hf` (a local HF Llama directory)."""
+        from nextlong_jax.warm_start import check_checkpoint, checkpoint_params, hf_params
+
+        maybe_initialize_distributed()
+        stored = stored_model(ckpt, hf)
+        model_config = stored.replace(**{f: getattr(config.model, f) for f in RUNTIME_FIELDS})
+        # One row per batch shard; no optimizer steps, so no accumulation.
+        config = dataclasses.replace(config, model=model_config,
+                                     data=dataclasses.replace(config.data, batch_size=jax.device_count()),
+                                     optimizer=dataclasses.replace(config.optimizer, grad_accum=1))
+        mesh = build_mesh(config)
+        with jax.set_mesh(mesh), axis_rules():
+            setup = build(config, mesh)
+            abstract = abstract_state(setup).params
+            if hf is not None:
+                params = jax.device_put(hf_params(hf, model_config), setup.state_shardings.params)
+            else:
+                check_checkpoint(ckpt, model_config)
+                params = checkpoint_params(ckpt, abstract)
+        return cls(config, mesh, setup.model, params, setup.batch_sharding)
+
+    @property
+    def rows(self) -> int:
+        """Probes per forward pass: one per batch shard."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def score(self, probes: list[Probe], progress=None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(log-probability, rank) of every answer token of each probe, in order; probes of one
+        length go through together, `rows` at a time. `progress`: a tqdm bar to advance."""
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        by_length: dict[int, list[int]] = {}
+        for i, probe in enumerate(probes):
+            by_length.setdefault(probe.length, []).append(i)
+        for length, members in by_length.items():
+            for start in range(0, len(members), self.rows):
+                chunk = members[start:start + self.rows]
+                for i, scores in zip(chunk, self._score_batch([probes[i] for i in chunk], length)):
+                    out[i] = scores
+                if progress is not None:
+                    progress.update(len(chunk))
+        return [out[i] for i in range(len(probes))]
+
+    def _score_batch(self, probes: list[Probe], length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        shards = self.mesh.shape["sequence"]
+        if length % (2 * shards):
+            raise TrainError(f"probe length {length} must divide by 2*mesh.sequence={2 * shards}")
+        answer = max(len(p.answer_ids) for p in probes)
+        ids = np.zeros((self.rows, length), np.int32)
+        segments = np.zeros((self.rows, length), np.int32)
+        where = np.zeros((self.rows, answer), np.int32)
+        targets = np.zeros((self.rows, answer), np.int32)
+        for row, probe in enumerate(probes):  # rows past the probes stay padding (segment 0)
+            tokens = probe.prompt_ids + probe.answer_ids
+            ids[row], segments[row] = tokens, 1
+            n = len(probe.answer_ids)
+            # Position t predicts token t + 1: the answer's tokens are predicted from the ones before them.
+            where[row, :n] = np.arange(len(probe.prompt_ids) - 1, length - 1)
+            targets[row, :n] = probe.answer_ids
+        positions = np.broadcast_to(np.arange(length, dtype=np.int32), (self.rows, length))
+        features = {"input_ids": ids, "positions": positions, "segment_ids": segments}
+        if shards > 1:
+            features = load_balance.reorder(features, shards)
+            where = np.argsort(load_balance.token_index(length, shards))[where].astype(np.int32)
+        with jax.set_mesh(self.mesh), axis_rules():
+            features = {k: jax.device_put(np.ascontiguousarray(v), self.batch_sharding) for k, v in features.items()}
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            logprob, rank = self._score_fn(self.params, features, jax.device_put(where, replicated),
+                                           jax.device_put(targets, replicated))
+        logprob, rank = np.asarray(logprob), np.asarray(rank)
+        return [(logprob[row, :len(p.answer_ids)], rank[row, :len(p.answer_ids)]) for row, p in enumerate(probes)]
+
+    @cached_property
+    def _score_fn(self):
+        return jax.jit(partial(_answer_scores, self.model, sequence_shards=self.mesh.shape["sequence"]))
