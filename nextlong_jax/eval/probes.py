@@ -125,7 +125,8 @@ def _assemble(task: str, length: int, depth: float, pieces: _Pieces, head: list[
         prompt += unit
     prompt += tail
     assert len(prompt) + len(answer_ids) == length
-    return Probe(task, length, depth, prompt, answer_ids, spans, golds, offset, meta)
+    return Probe(task, length, depth, prompt, answer_ids, spans, golds, offset,
+                 {**meta, "haystack_start": len(head), "haystack_tokens": budget})
 
 
 class ProbeFactory:
@@ -224,8 +225,15 @@ class ProbeFactory:
         scale down with the length so the ten stay the most common ones."""
         chosen = rng.permutation(len(self.words))
         common, rare = [self.words[i] for i in chosen[:10]], [self.words[i] for i in chosen[10:]]
-        items_fit = length // np.mean([len(self.pieces.ids(f" 100. {w}")) for w in common])
-        freq_common = int(np.clip(items_fit // 40, 3, 30))
+        head = self.bos + self.pieces.ids("Below is a numbered list of words. In these words, some appear more "
+                                          "often than others. Memorize the ones that appear most often.\n")
+        tail = self.pieces.ids("\nQuestion: What are the 10 most common words in the above list? Answer: The top 10 "
+                               "words that appear most often in the list are:")
+        answer = self.pieces.ids(*(f" {w}" for w in common))
+        # Items past 100 take more tokens than these; aiming at 85% of the room keeps the whole list in.
+        room = 0.85 * (length - len(head) - len(tail) - len(answer))
+        items_fit = room / np.mean([len(self.pieces.ids(f" 100. {w}")) for w in common])
+        freq_common = int(np.clip(items_fit // 40, 4, 30))
         freq_rare = 2 if freq_common < 10 else 3
         n_rare = int(np.clip((items_fit - 10 * freq_common) // freq_rare, 0, len(rare)))
         listed = common * freq_common + rare[:n_rare] * freq_rare
@@ -234,9 +242,5 @@ class ProbeFactory:
         words = chain(listed, cycle(rare[n_rare:] + rare[:n_rare]))
         items = (f" {i}. {w}" for i, w in enumerate(words, start=1))
         order = sorted(common, key=listed.index)
-        head = self.bos + self.pieces.ids("Below is a numbered list of words. In these words, some appear more "
-                                          "often than others. Memorize the ones that appear most often.\n")
-        tail = self.pieces.ids("\nQuestion: What are the 10 most common words in the above list? Answer: The top 10 "
-                               "words that appear most often in the list are:")
         return _assemble(task, length, depth, self.pieces, head, items, [], tail,
                          [(f" {w}", True) for w in order], {"common": order, "frequency": freq_common})

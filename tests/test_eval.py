@@ -1,0 +1,175 @@
+"""`nextlong-eval probes`: the probes are what they say (exact lengths, needles at their depths,
+answers in the prompt, deterministic), the scorer gives an oracle 100% and a context-blind model
+chance, teacher-forced exact match is a real greedy decode's verdict (transformers `generate`), and
+the sequence-sharded evaluation on 8 devices equals one device."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nextlong_jax.eval.probes import TASKS, Probe, ProbeFactory, ProbeSpec
+from nextlong_jax.eval.scoring import token_scores, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "train" / "tiny-cpu.yaml"
+SHAPE = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=1024,
+             bos_token_id=128000, eos_token_id=128001)
+
+
+@pytest.fixture(scope="module")
+def essays():
+    from synth.corpus import CorpusSpec, ReadStats, read_documents
+
+    return [d.text for d in read_documents(CorpusSpec(path="sample:pydocs", max_docs=300), ReadStats())]
+
+
+@pytest.mark.parametrize("haystack", ["noise", "essay"])
+def test_probes_have_exact_lengths_needles_at_their_depth_and_answers_in_the_prompt(tokenizer, essays, haystack):
+    spec = ProbeSpec(lengths=(300, 1000, 4096), depths=(0.0, 0.3, 0.7, 1.0), haystack=haystack)
+    probes = ProbeFactory(spec, tokenizer, essays).all()
+    assert {p.task for p in probes} == set(TASKS)
+    for p in probes:
+        assert len(p.prompt_ids) + len(p.answer_ids) == p.length, (p.task, p.length)
+        prompt = tokenizer.decode(p.prompt_ids)
+        assert prompt.startswith("<|begin_of_text|>")
+        answer = tokenizer.decode(p.answer_ids)
+        # The prompt ends with an answer prefix that the answer continues, every gold string in it.
+        assert all(tokenizer.decode(p.answer_ids[a:b]).strip() == g for (a, b), g in zip(p.gold_spans, p.gold_texts))
+        if p.task.startswith("niah"):
+            for key, value in zip(p.meta["keys"], p.meta["values"]):
+                assert f"One of the special magic numbers for {key} is: {value}." in prompt
+            assert set(p.gold_texts) <= set(p.meta["values"])
+            assert p.meta["values"][0] in tokenizer.decode(p.prompt_ids[p.needle_offset:p.needle_offset + 30])
+        if p.task == "niah_multivalue":  # listed as they appear in the prompt
+            assert p.gold_texts == sorted(p.gold_texts, key=prompt.index)
+        if p.task == "vt":
+            assert f"VAR {p.gold_texts[0]} = {p.meta['value']}." in prompt
+            for a, b in zip(p.gold_texts, p.gold_texts[1:]):
+                assert prompt.index(f"VAR {b} = VAR {a}.") > prompt.index(f"VAR {a} =")
+        if p.task == "cwe":
+            listed = Counter(re.findall(r" \d+\. (\w+)", prompt))
+            top = [w for w, _ in listed.most_common(10)]
+            assert set(top) == set(p.gold_texts) and answer.split() == p.gold_texts
+            assert min(listed[w] for w in top) > max(n for w, n in listed.items() if w not in top)
+        if p.task == "niah_single":  # its one needle at the haystack sentence boundary nearest its depth
+            before = p.needle_offset - p.meta["haystack_start"]
+            sentence = 8 if haystack == "noise" else max(100, p.meta["haystack_tokens"] // 5)
+            assert abs(before - p.depth * p.meta["haystack_tokens"]) <= sentence, (p.length, p.depth)
+    again = ProbeFactory(spec, tokenizer, essays).all()
+    assert [(p.prompt_ids, p.answer_ids) for p in again] == [(p.prompt_ids, p.answer_ids) for p in probes]
+    other = ProbeFactory(ProbeSpec(lengths=(1000,), seed=1, haystack=haystack), tokenizer, essays).make("niah_single", 1000, 0.5)
+    assert other.answer_ids != ProbeFactory(spec, tokenizer, essays).make("niah_single", 1000, 0.5).answer_ids
+
+
+def test_a_length_too_short_for_the_task_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="no room for a haystack"):
+        ProbeFactory(ProbeSpec(), tokenizer).make("niah_multiquery", 100, 0.5)
+
+
+def _probes(tokenizer, essays, length: int = 1024) -> list[Probe]:
+    return ProbeFactory(ProbeSpec(lengths=(length,), depths=(0.0, 0.5, 1.0)), tokenizer, essays).all()
+
+
+def test_the_scorer_gives_an_oracle_everything_and_a_blind_model_chance(tokenizer, essays):
+    rng = np.random.default_rng(0)
+    probes = _probes(tokenizer, essays)
+    vocab = tokenizer.vocab_size
+    # The oracle puts its largest logit on the gold token; the blind model cannot see the context,
+    # so it predicts every position from the same distribution (here: the prompts' token counts).
+    unigram = np.log1p(np.bincount(np.concatenate([p.prompt_ids for p in probes]), minlength=vocab))
+    oracle, blind = [], []
+    for p in probes:
+        targets = np.asarray(p.answer_ids)
+        logits = rng.normal(size=(len(targets), vocab))
+        logits[np.arange(len(targets)), targets] = 50.0
+        oracle.append(verdict(p, *token_scores(logits, targets)))
+        blind.append(verdict(p, *token_scores(np.broadcast_to(unigram, (len(targets), vocab)), targets)))
+    assert all(v.exact and v.string_match_all == 1.0 and v.answer_logprob > -1e-3 for v in oracle)
+    assert not any(v.exact for v in blind if v.task != "cwe")  # 7-digit values and random names: chance ~ 0
+    assert np.mean([v.string_match_all for v in blind]) < 0.1
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    from nextlong_jax.testing import hf_model, tiny_hf_dict
+
+    directory = tmp_path_factory.mktemp("hf") / "tiny"
+    model = hf_model(tiny_hf_dict(**SHAPE), std=0.5)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model, directory
+
+
+def _scorer(hf_dir: Path, *overrides: str):
+    from nextlong_jax.eval.runner import ProbeScorer
+    from nextlong_jax.train_config import load_config
+
+    return ProbeScorer.load(load_config(CONFIG, ["data.source=unused", *overrides]), hf=hf_dir)
+
+
+def test_teacher_forced_exact_match_is_the_greedy_decode_verdict(tiny_hf, tokenizer, essays):
+    """On every probe, transformers' greedy `generate` emits the gold answer exactly when our one-pass
+    verdict says so. A random model gets the real answers wrong, so each probe is also asked with the
+    model's own greedy continuation as its answer (which it must then get right), and with that
+    continuation's last token changed (wrong again)."""
+    import torch
+
+    model, directory = tiny_hf
+    probes = []
+    for p in _probes(tokenizer, essays, length=512)[::2]:
+        prompt = torch.tensor([p.prompt_ids])
+        n = len(p.answer_ids)
+        greedy = model.generate(prompt, max_new_tokens=n, do_sample=False, num_beams=1, pad_token_id=0)[0, -n:].tolist()
+        probes.append((p, greedy))
+        own = Probe(p.task, p.length, p.depth, p.prompt_ids, greedy, [(0, n)], ["own"])
+        wrong = Probe(p.task, p.length, p.depth, p.prompt_ids, greedy[:-1] + [(greedy[-1] + 1) % SHAPE["vocab_size"]],
+                      [(0, n)], ["wrong"])
+        probes += [(own, greedy), (wrong, greedy)]
+    scorer = _scorer(directory, "model.dtype=float32", "model.param_dtype=float32")
+    scores = scorer.score([p for p, _ in probes])
+    exact = [verdict(p, *s).exact for (p, _), s in zip(probes, scores)]
+    assert exact == [p.answer_ids == greedy for p, greedy in probes]
+    assert sum(exact) == len(probes) // 3
+    # The log-likelihoods are transformers' too.
+    for (p, _), (logprob, _) in list(zip(probes, scores))[:6]:
+        with torch.no_grad():
+            logits = model(torch.tensor([p.prompt_ids + p.answer_ids])).logits[0].double().numpy()
+        theirs, _ = token_scores(logits[len(p.prompt_ids) - 1:-1], np.asarray(p.answer_ids))
+        np.testing.assert_allclose(logprob, theirs, atol=2e-3)
+
+
+def test_sequence_sharded_evaluation_equals_one_device(tiny_hf, tokenizer, essays, tmp_path):
+    from multidevice import run_on_8_devices
+
+    _, directory = tiny_hf
+    probes = _probes(tokenizer, essays, length=512)[:8]
+    single = _scorer(directory).score(probes)
+    path = tmp_path / "probes.json"
+    path.write_text(json.dumps([p.__dict__ for p in probes]))
+    out = run_on_8_devices(__file__, str(directory), str(path))
+    sharded = json.loads(out.strip().splitlines()[-1])
+    assert sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "sequence": 2}
+    for (logprob, rank), (theirs_lp, theirs_rank) in zip(single, sharded["scores"]):
+        np.testing.assert_allclose(logprob, theirs_lp, atol=2e-4)
+        # Ranks deep in the vocabulary may swap near-equal logits; the argmax verdicts may not.
+        assert ((rank == 0) == (np.asarray(theirs_rank) == 0)).all() and np.abs(rank - theirs_rank).max() <= 8
+
+
+def _child(hf_dir: str, probes_path: str) -> None:
+    probes = [Probe(**{**p, "gold_spans": [tuple(s) for s in p["gold_spans"]]})
+              for p in json.loads(Path(probes_path).read_text())]
+    scorer = _scorer(Path(hf_dir), "mesh.fsdp=4", "mesh.sequence=2", "model.attention_backend=ring")
+    scores = scorer.score(probes)
+    print(json.dumps({"mesh": dict(scorer.mesh.shape),
+                      "scores": [[lp.tolist(), rank.tolist()] for lp, rank in scores]}))
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:])
