@@ -207,7 +207,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("headroom", LAYOUT, "the paper's w: the automatic k = (seq_len*w - meta tokens) / (meta chunks * "
                                "mean negative tokens), the extended document then cut at its length. Above 1 the meta-chunks "
                                "after the cut are dropped (counted in the summary): on the bundled corpus 1.5 keeps "
-                               "77-84% of meta tokens, 1.0 88-96% (bench/synth.py part 6)",
+                               "77-84%% of meta tokens, 1.0 88-96%% (bench/synth.py part 6)",
            (MiningConfig, "headroom"), _float()),
     Option("min-meta-chunks", LAYOUT, "meta-documents with fewer chunks have no dependency to bridge: they are "
                                       "skipped (counted) or merged, as --short-meta says; 1 keeps them all",
