@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 .PHONY: demo test install bench clean
 
 # The demo: synthesize from the bundled corpus, train the tiny model a few steps on it, export the
-# checkpoint to a Hugging Face directory and check that transformers gives the same logits.
+# checkpoint to a Hugging Face directory, check that transformers gives the same logits, and ask the
+# checkpoint long-context probes (a few steps teach it nothing: expect 0%, the point is the pipeline).
 DEMO_STEPS := 4
 # The tiny model is sized for a CPU. The test install adds libtpu and the CUDA compiler plugin (for
 # --compile-only); where they are present, jax would otherwise probe for those chips first, noisily.
@@ -22,14 +23,16 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/nextlong-convert orbax-to-hf --ckpt out/demo-run/checkpoints/$(DEMO_STEPS) \
 	  --out out/demo-hf --tokenizer $(TOKENIZER_DIR)
 	$(BIN)/nextlong-convert verify --hf out/demo-hf --ckpt out/demo-run/checkpoints/$(DEMO_STEPS)
+	$(BIN)/nextlong-eval probes --ckpt out/demo-run/checkpoints/$(DEMO_STEPS) --config configs/train/tiny-cpu.yaml \
+	  --lengths 1024,2048,4096 --depths 0,0.5,1 --out out/demo-eval
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 install: $(VENV)/.installed
 
-# The demo needs the package and transformers (for the parity check); the tests add their tools and
-# the `aot` extra (compilers for TPU and GPU targets).
+# The demo needs the package and transformers (for the parity check); the tests add their tools, the
+# `aot` extra (compilers for TPU and GPU targets) and Chromium (to render `nextlong-synth inspect` pages).
 $(VENV)/.installed-demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -40,6 +43,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $@
 
 bench: $(VENV)/.installed

@@ -82,6 +82,10 @@ class RunLog:
             self._tb.close()
         if self._rows:
             print(self.summary(), flush=True)
+            from nextlong_jax.plots import plot_run
+
+            written = plot_run(self._out_dir)
+            print("plots: " + ", ".join(str(p) for p in written), flush=True)
 
     def summary(self) -> str:
         """One line over this invocation's steps; the first step's time includes compilation, so it is left out."""
@@ -94,7 +98,9 @@ class RunLog:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nextlong-train", description="Train the Llama on nextlong-synth TFRecords; "
-                                "rerunning with the same --out resumes from its latest checkpoint.",
+                                "rerunning with the same --out resumes from its latest checkpoint. At the end, "
+                                "loss.png (loss by role) and throughput.png go next to metrics.jsonl; "
+                                "`nextlong-train plot RUN` draws them for any run.",
                                 epilog=EXIT_CODES)
     p.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/train/tiny-cpu.yaml")
     p.add_argument("--data", action="append",
@@ -157,7 +163,26 @@ def compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if result.fits else 1
 
 
+def plot(argv: list[str]) -> int:
+    """`nextlong-train plot RUN`: loss by role and throughput of a run, as PNGs next to its metrics."""
+    p = argparse.ArgumentParser(prog="nextlong-train plot", description=plot.__doc__)
+    p.add_argument("run", type=Path, help="a run directory (the --out of a training run)")
+    args = p.parse_args(argv)
+    from nextlong_jax.plots import plot_run
+
+    try:
+        written = plot_run(args.run)
+    except (FileNotFoundError, KeyError) as e:
+        print(f"nextlong-train: error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(str(path) for path in written))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plot"]:
+        return plot(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = list(args.overrides)

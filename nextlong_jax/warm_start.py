@@ -69,12 +69,8 @@ def check_checkpoint(ckpt_dir: Path, model_config: LlamaConfig, abstract_opt_sta
     structure and shapes; only metadata is read."""
     import orbax.checkpoint as ocp
 
-    if not (ckpt_dir / "params").is_dir() or not (ckpt_dir / "config").is_dir():
-        raise TrainError(f"--init-from {ckpt_dir}: not a checkpoint step (needs params/ and config/; "
-                         "give RUN/checkpoints/STEP)")
     ckpt_dir = ckpt_dir.resolve()
-    config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(ckpt_dir / "config")
-    _check_architecture("--init-from", ckpt_dir, LlamaConfig.from_hf_dict(config), model_config)
+    _check_architecture("--init-from", ckpt_dir, checkpoint_model(ckpt_dir), model_config)
     if abstract_opt_state is None:
         return
     if not (ckpt_dir / "opt_state").is_dir():
@@ -89,6 +85,17 @@ def check_checkpoint(ckpt_dir: Path, model_config: LlamaConfig, abstract_opt_sta
         raise TrainError(f"--init-optimizer {ckpt_dir}: its optimizer state does not fit this run's optimizer "
                          f"({len(differ)} leaves differ, checkpoint shape vs this run's, None where absent: "
                          + ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else "") + ")")
+
+
+def checkpoint_model(ckpt_dir: Path, flag: str = "--init-from") -> LlamaConfig:
+    """The architecture an orbax checkpoint step holds (read from its `config`, no array)."""
+    import orbax.checkpoint as ocp
+
+    if not (ckpt_dir / "params").is_dir() or not (ckpt_dir / "config").is_dir():
+        raise TrainError(f"{flag} {ckpt_dir}: not a checkpoint step (needs params/ and config/; give "
+                         "RUN/checkpoints/STEP)")
+    stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(ckpt_dir.resolve() / "config")
+    return LlamaConfig.from_hf_dict(stored)
 
 
 def checkpoint_params(ckpt_dir: Path, abstract_params: Any) -> Any:

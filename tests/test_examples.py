@@ -21,8 +21,8 @@ from synth.cli import EPILOG, _flat_options, _parser, main as synth_main
 from synth.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("nextlong-synth", "nextlong-train", "nextlong-convert")
-_COMMAND = re.compile(r"^(?:.*&&\s*)?(nextlong-(?:synth|train|convert))\s+([^\"]+)")
+TOOLS = ("nextlong-synth", "nextlong-train", "nextlong-convert", "nextlong-eval")
+_COMMAND = re.compile(r"^(?:.*&&\s*)?(nextlong-(?:synth|train|convert|eval))\s+([^\"]+)")
 
 
 def _command_lines(text: str, kind: str) -> list[str]:
@@ -38,7 +38,10 @@ def _command_lines(text: str, kind: str) -> list[str]:
 def example_commands() -> list[tuple[str, str, list[str]]]:
     """(where, tool, arguments) of every example, in file order. In a preset's header, THIS is the
     preset itself; `...` stands for the arguments of the example above it and is left out."""
-    sources = [("README.md", (ROOT / "README.md").read_text(), "markdown"), ("nextlong-synth --help", EPILOG, "text")]
+    from nextlong_jax.eval.cli import EPILOG as EVAL_EPILOG
+
+    sources = [("README.md", (ROOT / "README.md").read_text(), "markdown"), ("nextlong-synth --help", EPILOG, "text"),
+               ("nextlong-eval --help", EVAL_EPILOG, "text")]
     sources += [(str(p.relative_to(ROOT)), p.read_text(), "yaml") for p in sorted((ROOT / "configs").rglob("*.yaml"))]
     found = []
     for where, text, kind in sources:
@@ -96,6 +99,12 @@ def test_synth_example_runs_at_toy_size(where, tool, args, toy, tmp_path, monkey
             _parser().parse_args(args)
         assert shown.value.code == 0
         return
+    if args[:1] == ["inspect"]:  # of a toy output, the page written under tmp_path
+        assert synth_main(_synth_toy([], toy, tmp_path)) == 0
+        page = _value(args, "--html")
+        argv = ["inspect", str(tmp_path / "out"), *[str(tmp_path / "page.html") if a == page else a for a in args[2:]]]
+        assert synth_main(argv) == 0, capsys.readouterr().err
+        return
     argv = _synth_toy(args, toy, tmp_path)
     if args[:2] == ["index", "build"]:
         assert synth_main(argv) == 0, capsys.readouterr().err
@@ -114,6 +123,17 @@ def test_convert_example_parses(where, tool, args):
     from nextlong_jax.convert_cli import build_parser
 
     build_parser().parse_args(args)  # `make demo` runs orbax-to-hf and verify for real
+
+
+@pytest.mark.parametrize("where,tool,args", [e for e in EXAMPLES if e[1] == "nextlong-eval"],
+                         ids=lambda value: value if isinstance(value, str) else None)
+def test_eval_example_parses_and_its_config_loads(where, tool, args, monkeypatch):
+    from nextlong_jax.eval.cli import build_parser
+    from nextlong_jax.train_config import load_config
+
+    monkeypatch.chdir(ROOT)
+    parsed = build_parser().parse_args(args)  # `make demo` runs one for real
+    load_config(parsed.config, ["data.source=unused", *parsed.overrides])
 
 
 TRAIN_EXAMPLES = [e for e in EXAMPLES if e[1] == "nextlong-train"]

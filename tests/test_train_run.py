@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -68,6 +69,30 @@ def test_sigkill_resume_reproduces_losses_and_loss_goes_down(train_data, tmp_pat
     row = json.loads((tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(row) == {"step", "loss", "meta_loss", "negative_loss", "lr", "grad_norm", "tokens_per_s"}
     assert any((tmp_path / "ref" / "tensorboard").iterdir())
+    # The run's pictures are drawn at its end, next to the metrics they show.
+    assert f"plots: {tmp_path / 'ref' / 'loss.png'}" in ref_out
+    for name in ("loss.png", "throughput.png"):
+        assert (tmp_path / "ref" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_loss_by_role_and_throughput_from_the_metrics(tmp_path, capsys):
+    """Each role's curve is drawn in its own colour (steps 1-3 lack the negative loss: a run of meta
+    tokens only); a run without metrics is a one-line error."""
+    from matplotlib.image import imread
+
+    from nextlong_jax.train_cli import main
+
+    rows = [{"step": s, "loss": 5.0 - 0.1 * s, "meta_loss": 5.5 - 0.1 * s, "negative_loss": None if s < 4 else 4.0,
+             "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0 + s} for s in range(1, 9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')
+    assert main(["plot", str(tmp_path)]) == 0
+    image = imread(tmp_path / "loss.png")[..., :3]
+    colours = {tuple(c) for c in np.round(image.reshape(-1, 3) * 10).astype(int).tolist()}
+    # matplotlib's first three line colours (blue, orange, green), in tenths, are all on the page.
+    assert {(1, 5, 7), (10, 5, 1), (2, 6, 2)} <= colours
+    assert imread(tmp_path / "throughput.png").shape[1] == 700
+    assert main(["plot", str(tmp_path / "nothing")]) == 1
+    assert "metrics.jsonl not found" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

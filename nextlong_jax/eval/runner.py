@@ -41,13 +41,9 @@ def stored_model(ckpt: Path | None, hf: Path | None) -> LlamaConfig:
         from nextlong_jax.convert import read_hf_config
 
         return read_hf_config(hf)
-    import orbax.checkpoint as ocp
+    from nextlong_jax.warm_start import checkpoint_model
 
-    if not (ckpt / "params").is_dir() or not (ckpt / "config").is_dir():
-        raise TrainError(f"--ckpt {ckpt}: not a checkpoint step (needs params/ and config/; give RUN/checkpoints/STEP)")
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(config=ocp.JsonCheckpointHandler()))
-    return LlamaConfig.from_hf_dict(
-        checkpointer.restore(ckpt.resolve(), ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+    return checkpoint_model(ckpt, "--ckpt")
 
 
 def _answer_scores(model: Llama, params, features: dict[str, jnp.ndarray], where: jnp.ndarray,
@@ -77,7 +73,7 @@ class ProbeScorer:
     @classmethod
     def load(cls, config: Config, *, ckpt: Path | None = None, hf: Path | None = None) -> "ProbeScorer":
         """Exactly one of `ckpt` (RUN/checkpoints/STEP) or `hf` (a local HF Llama directory)."""
-        from nextlong_jax.warm_start import check_checkpoint, checkpoint_params, hf_params
+        from nextlong_jax.warm_start import checkpoint_params, hf_params
 
         maybe_initialize_distributed()
         stored = stored_model(ckpt, hf)
@@ -93,7 +89,6 @@ class ProbeScorer:
             if hf is not None:
                 params = jax.device_put(hf_params(hf, model_config), setup.state_shardings.params)
             else:
-                check_checkpoint(ckpt, model_config)
                 params = checkpoint_params(ckpt, abstract)
         return cls(config, mesh, setup.model, params, setup.batch_sharding)
 
