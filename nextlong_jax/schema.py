@@ -6,7 +6,10 @@ here; this module needs neither TensorFlow nor JAX, so either side imports it ch
 
 Features, each of exactly `seq_len` values per sequence: `input_ids`, `token_roles`,
 `segment_ids`, `positions` (int64) and `loss_weights` (float32); provenance, variable length:
-`meta_doc_ids`, `negative_chunk_ids` (bytes).
+`meta_doc_ids`, `negative_chunk_ids` (bytes), `piece_starts` (int64: the token offset of each placed
+chunk, its joiner included) and `negative_scores` (float32, one per negative chunk id: its cosine to
+the meta-chunk it was mined for). Readers ignore features they do not know, so outputs without the
+last two still read (as empty lists) and older readers read newer outputs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import numpy as np
 
 INT_FEATURES = ("input_ids", "token_roles", "segment_ids", "positions")
 FLOAT_FEATURES = ("loss_weights",)
-BYTES_FEATURES = ("meta_doc_ids", "negative_chunk_ids")  # provenance; training ignores it
+# Provenance, by value type (bytes, int64, float32); training ignores it.
+PROVENANCE_FEATURES = {"meta_doc_ids": "bytes", "negative_chunk_ids": "bytes", "piece_starts": "int64",
+                       "negative_scores": "float32"}
 TRAINING_FEATURES = INT_FEATURES + FLOAT_FEATURES
 
 ROLE_PAD, ROLE_META, ROLE_NEGATIVE = 0, 1, 2
@@ -29,6 +34,7 @@ ROLE_NAMES = {ROLE_PAD: "pad", ROLE_META: "meta", ROLE_NEGATIVE: "negative"}
 MANIFEST = "manifest.json"
 FORMAT = "nextlong-tfrecord"
 # 2: shards carry their size in bytes, so a reader can tell a cut-off copy before reading it.
+# (piece_starts and negative_scores needed no new version: readers of either side still read.)
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 

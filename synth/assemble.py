@@ -48,6 +48,8 @@ class Sequence:
     positions: np.ndarray
     meta_doc_ids: list[str]
     negative_chunk_ids: list[str]
+    piece_starts: list[int]  # where each placed chunk starts, its joiner included
+    negative_scores: list[float]  # parallel to negative_chunk_ids
 
 
 @dataclass
@@ -126,6 +128,8 @@ class Packer:
         self.last: Piece | None = None  # the chunk placed last in the current segment
         self.meta_doc_ids: list[str] = []
         self.negative_chunk_ids: list[str] = []
+        self.piece_starts: list[int] = []
+        self.negative_scores: list[float] = []
         self.negatives_in_sample: set[int] = set()  # no hard negative twice in one sequence
 
     @property
@@ -165,8 +169,10 @@ class Packer:
             self._write(np.asarray([self.bos_id]), ROLE_META)
             self.weights[self.fill - 1] = 0.0
 
-    def add(self, tokens: np.ndarray, role: int, piece: Piece, chunk_id: str | None = None) -> int:
-        """Append what fits of chunk `tokens`, after the joiner it needs; returns how many were cut off."""
+    def add(self, tokens: np.ndarray, role: int, piece: Piece, negative: tuple[str, float] | None = None) -> int:
+        """Append what fits of chunk `tokens`, after the joiner it needs; returns how many were cut off.
+        `negative`: a negative's chunk id and cosine to its meta-chunk, recorded if any of it is placed."""
+        start = self.fill
         joiner = self._joiner_before(piece)
         self.last = piece
         take = self._write(np.concatenate([joiner, tokens]) if len(joiner) else tokens, role)
@@ -174,8 +180,11 @@ class Packer:
         self.stats.joiner_tokens[ROLE_NAMES[role]] += take - placed
         if role == ROLE_META:
             self.stats.meta_tokens_placed += placed
-        if chunk_id is not None and placed:
-            self.negative_chunk_ids.append(chunk_id)
+        if placed:  # a joiner alone, its chunk cut off, is no piece: the provenance lists stay parallel
+            self.piece_starts.append(start)
+            if negative is not None:
+                self.negative_chunk_ids.append(negative[0])
+                self.negative_scores.append(negative[1])
         cut = len(tokens) - placed
         self.stats.truncated_tokens += cut
         return cut
@@ -203,7 +212,7 @@ class Packer:
         """The current sequence, padded to `seq_len`; starts a new one."""
         self.weights[segment_starts(self.segments)] = 0.0  # the contract's rule
         sequence = Sequence(self.ids, self.weights, self.roles, self.segments, self.positions,
-                            self.meta_doc_ids, self.negative_chunk_ids)
+                            self.meta_doc_ids, self.negative_chunk_ids, self.piece_starts, self.negative_scores)
         roles, counts = np.unique(self.roles, return_counts=True)
         for role, count in zip(roles.tolist(), counts.tolist()):
             self.stats.tokens_by_role[ROLE_NAMES[role]] += count
@@ -341,7 +350,7 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
                 rules.place(negative, score)
                 chunk_id = ctx.corpus.chunk_id(negative, ctx.corpus_chunk_doc)
                 packer.add(ctx.corpus.tokens(negative), ROLE_NEGATIVE,
-                           Piece("corpus", int(ctx.corpus_chunk_doc[negative]), negative), chunk_id)
+                           Piece("corpus", int(ctx.corpus_chunk_doc[negative]), negative), (chunk_id, score))
             if packer.segment_full:
                 break
         packer.stats.meta_chunks_dropped += len(chunks) - started

@@ -29,6 +29,7 @@ example:
   nextlong-synth --meta sample:pydocs --corpus sample:jargon --out out/demo --seq-len 8192
   nextlong-synth --config configs/synth/paper-128k.yaml --meta docs.jsonl --out out/paper
   nextlong-synth index build --corpus web.parquet --cache-dir cache/ --out out/any --index faiss-ivfpq
+  nextlong-synth inspect out/demo --index 0 --html page.html
 """
 
 
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["index", "build"]:
         return _index_build(argv[2:])
+    if argv[:1] == ["inspect"]:
+        return _inspect(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config = build_config(_flat_options(args))
@@ -148,6 +151,34 @@ def _index_build(argv: list[str]) -> int:
           f"{report['mib_per_million_vectors']} MiB per million vectors, recall@10 vs exact search "
           f"{report['recall_at_10']}")
     print(f"- at {report['index_dir']}")
+    return 0
+
+
+def _inspect(argv: list[str]) -> int:
+    """`nextlong-synth inspect OUT --index N [--html PAGE]`: one sequence of a finished output, piece by piece."""
+    parser = argparse.ArgumentParser(
+        prog="nextlong-synth inspect",
+        description="Show one synthesized sequence: its meta-chunks and hard negatives by role and segment, each "
+                    "negative with its source chunk and cosine to its meta-chunk, and loss weights other than 1.")
+    parser.add_argument("out", type=Path, metavar="OUT", help="a synthesis output directory")
+    parser.add_argument("--index", type=int, required=True, metavar="N",
+                        help="which sequence, counted over the whole output in the manifest's shard order")
+    parser.add_argument("--html", type=Path, metavar="PAGE",
+                        help="write a self-contained HTML page here instead of printing a text view")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from synth.inspect import inspect, render_html, render_text
+
+    try:
+        view = inspect(args.out, args.index)
+    except SynthError as exc:
+        print(f"nextlong-synth: error: {exc}", file=sys.stderr)
+        return 2
+    if args.html is None:
+        print(render_text(view), end="")
+    else:
+        args.html.write_text(render_html(view), encoding="utf-8")
+        print(f"- sequence {view.index} of {view.total}: {args.html}")
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nextlong_jax.schema import BYTES_FEATURES, FLOAT_FEATURES, INT_FEATURES, MANIFEST, Manifest
+from nextlong_jax.schema import FLOAT_FEATURES, INT_FEATURES, MANIFEST, PROVENANCE_FEATURES, Manifest
 from synth.errors import SynthError
 
 
@@ -28,7 +28,8 @@ def write_tfds_metadata(out: Path) -> None:
     features = tfds.features.FeaturesDict({
         **{name: tfds.features.Tensor(shape=(length,), dtype=np.int64) for name in INT_FEATURES},
         **{name: tfds.features.Tensor(shape=(length,), dtype=np.float32) for name in FLOAT_FEATURES},
-        **{name: tfds.features.Sequence(tfds.features.Text()) for name in BYTES_FEATURES},
+        **{name: tfds.features.Sequence(tfds.features.Text() if kind == "bytes" else np.dtype(kind))
+           for name, kind in PROVENANCE_FEATURES.items()},
     })
     template = tfds.core.ShardedFileTemplate(data_dir=out, template="{DATASET}-{SHARD_X_OF_Y}.{FILEFORMAT}",
                                              dataset_name=strategy, split="train", filetype_suffix="tfrecord")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from nextlong_jax.schema import BYTES_FEATURES, FLOAT_FEATURES, INT_FEATURES, MANIFEST, Manifest, file_sha256
+from nextlong_jax.schema import FLOAT_FEATURES, INT_FEATURES, MANIFEST, PROVENANCE_FEATURES, Manifest, file_sha256
 from synth.assemble import Sequence
 from synth.files import temporary_sibling
 
@@ -31,9 +31,14 @@ def to_example(sequence: Sequence) -> bytes:
     }
     for name in FLOAT_FEATURES:
         feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=getattr(sequence, name).tolist()))
-    for name in BYTES_FEATURES:
-        values = [v.encode("utf-8") for v in getattr(sequence, name)]
-        feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+    for name, kind in PROVENANCE_FEATURES.items():
+        values = getattr(sequence, name)
+        if kind == "bytes":
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode("utf-8") for v in values]))
+        elif kind == "int64":
+            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+        else:
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     # Feature maps serialise in hash order unless asked; sorted keys make shards reproducible
     # across processes (resume must give the same bytes).
@@ -61,9 +66,24 @@ def write_shard(path: Path, examples, compression: str) -> tuple[int, str]:
 def feature_spec(seq_len: int) -> dict:
     spec = {name: tf.io.FixedLenFeature([seq_len], tf.int64) for name in INT_FEATURES}
     spec.update({name: tf.io.FixedLenFeature([seq_len], tf.float32) for name in FLOAT_FEATURES})
-    for name in BYTES_FEATURES:
-        spec[name] = tf.io.VarLenFeature(tf.string)
+    kinds = {"bytes": tf.string, "int64": tf.int64, "float32": tf.float32}
+    spec.update({name: tf.io.VarLenFeature(kinds[kind]) for name, kind in PROVENANCE_FEATURES.items()})
     return spec
+
+
+def parser(seq_len: int, with_provenance: bool = False):
+    """Parses one serialized example into a dict of dense tensors. Provenance features (variable
+    length) are dropped unless asked for, so that the rest batch as dense [seq_len] tensors."""
+    spec = feature_spec(seq_len)
+    if not with_provenance:
+        spec = {k: v for k, v in spec.items() if k not in PROVENANCE_FEATURES}
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, spec)
+        return {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
+                for k, v in example.items()}
+
+    return parse
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -73,23 +93,11 @@ def write_json(path: Path, value: dict) -> None:
 
 
 def read_dataset(source: str | Path, with_provenance: bool = False) -> tf.data.Dataset:
-    """A `tf.data.Dataset` of parsed sequences from an output directory or its manifest.json.
-
-    Provenance features (variable-length string lists) are dropped unless asked for, so that
-    the rest batch as dense [seq_len] tensors.
-    """
+    """A `tf.data.Dataset` of parsed sequences (see `parser`) from an output directory or its manifest.json."""
     source = Path(source)
     manifest_path = source / MANIFEST if source.is_dir() else source
     manifest = Manifest.load(manifest_path)
-    spec = feature_spec(manifest.seq_len)
-    if not with_provenance:
-        spec = {k: v for k, v in spec.items() if k not in BYTES_FEATURES}
     files = [str(p) for p in manifest.paths(manifest_path.parent)]
     dataset = tf.data.TFRecordDataset(files, compression_type=manifest.tf_compression)
-
-    def parse(record):
-        example = tf.io.parse_single_example(record, spec)
-        return {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
-                for k, v in example.items()}
-
-    return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.map(parser(manifest.seq_len, with_provenance), num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)

@@ -19,7 +19,7 @@ def test_packer_roles_weights_segments_positions():
     packer = Packer(seq_len=12, negative_weight=0.25, bos_id=100, pad_id=0)
     packer.begin_segment(("doc-a",))
     packer.add(np.array([1, 2]), ROLE_META, _meta(0))
-    packer.add(np.array([3, 4, 5]), ROLE_NEGATIVE, _negative(0), "c#0")
+    packer.add(np.array([3, 4, 5]), ROLE_NEGATIVE, _negative(0), ("c#0", 0.5))
     packer.begin_segment(("doc-b",))
     packer.add(np.array([6]), ROLE_META, _meta(1, doc=1))
     seq = packer.take()
@@ -29,7 +29,8 @@ def test_packer_roles_weights_segments_positions():
     assert seq.segment_ids.tolist() == [1, 1, 1, 1, 1, 1, 2, 2, 0, 0, 0, 0]
     assert seq.positions.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 0, 0, 0, 0]
     assert seq.meta_doc_ids == ["doc-a", "doc-b"]
-    assert seq.negative_chunk_ids == ["c#0"]
+    assert seq.negative_chunk_ids == ["c#0"] and seq.negative_scores == [0.5]
+    assert seq.piece_starts == [1, 3, 7]
     assert packer.stats.tokens_by_role == {"meta": 5, "negative": 3, "pad": 4}
 
 
@@ -83,6 +84,7 @@ def test_joiner_goes_between_texts_that_do_not_continue_each_other_and_counts_in
     assert seq.loss_weights.tolist() == [0, 1, 1, 1, .5, .5, .5, 1, 1, 1, .5, .5, .5, .5, .5]
     assert packer.stats.joiner_tokens == {"negative": 2, "meta": 1}
     assert packer.stats.meta_tokens_placed == 5 and packer.stats.truncated_tokens == 2
+    assert seq.piece_starts == [1, 3, 4, 7, 8, 10]  # a joiner starts the piece it precedes
 
 
 def test_a_joiner_that_fills_the_segment_cuts_the_whole_chunk():
@@ -91,7 +93,9 @@ def test_a_joiner_that_fills_the_segment_cuts_the_whole_chunk():
     packer.begin_segment(("d",))
     packer.add(np.array([1, 2, 3]), ROLE_META, _meta(0))
     assert packer.add(np.array([8, 9]), ROLE_META, _meta(5)) == 2
-    assert packer.take().input_ids.tolist() == [1, 2, 3, 5]
+    seq = packer.take()
+    assert seq.input_ids.tolist() == [1, 2, 3, 5]
+    assert seq.piece_starts == [0]  # chunk 5 is not placed: its joiner is no piece
     assert packer.stats.meta_tokens_placed == 3 and packer.stats.joiner_tokens == {"meta": 1}
 
 

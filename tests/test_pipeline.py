@@ -477,7 +477,8 @@ def test_tfds_metadata_makes_the_output_a_tfds_dataset(corpus, tmp_path):
     for a, b in zip(got, want, strict=True):
         for name in ("input_ids", "loss_weights", "token_roles", "segment_ids", "positions"):
             np.testing.assert_array_equal(a[name], b[name])
-        assert list(a["meta_doc_ids"]) == list(b["meta_doc_ids"])
+        for name in ("meta_doc_ids", "negative_chunk_ids", "piece_starts", "negative_scores"):
+            assert list(a[name]) == list(b[name])
     assert main(synth_args(corpus, tmp_path / "gz", "--max-sequences", "2", "--compression", "gzip", "--tfds")) == 2
 
 

@@ -15,6 +15,8 @@ def _sequence(rng, seq_len, n_neg):
         positions=np.arange(seq_len),
         meta_doc_ids=["doc/ä", "doc-2"],
         negative_chunk_ids=[f"n#{i}" for i in range(n_neg)],
+        piece_starts=sorted(rng.choice(seq_len, 2 * n_neg, replace=False).tolist()),
+        negative_scores=rng.random(n_neg).astype(np.float32).tolist(),
     )
 
 
@@ -43,6 +45,8 @@ def test_shards_parse_back_with_plain_tf_data(tmp_path):
             assert ids == expected.negative_chunk_ids
             metas = [v.decode() for v in tf.sparse.to_dense(parsed["meta_doc_ids"]).numpy()]
             assert metas == expected.meta_doc_ids
+            assert tf.sparse.to_dense(parsed["piece_starts"]).numpy().tolist() == expected.piece_starts
+            assert tf.sparse.to_dense(parsed["negative_scores"]).numpy().tolist() == expected.negative_scores
         batches = list(read_dataset(out).batch(2).as_numpy_iterator())
         assert [b["input_ids"].shape for b in batches] == [(2, seq_len), (1, seq_len)]
         np.testing.assert_array_equal(batches[1]["input_ids"][0], written[2].input_ids)
