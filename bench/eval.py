@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from nextlong_jax.eval.probes import Probe, ProbeFactory, ProbeSpec  # noqa: E402
-from nextlong_jax.eval.runner import ProbeScorer  # noqa: E402
+from nextlong_jax.eval.runner import Evaluator  # noqa: E402
 from nextlong_jax.eval.scoring import token_scores, verdict  # noqa: E402
 from nextlong_jax.testing import hf_model, tiny_hf_dict  # noqa: E402
 from nextlong_jax.train_config import load_config  # noqa: E402
@@ -79,7 +79,7 @@ def main() -> None:
         hf.save_pretrained(tmp, safe_serialization=True)
         config = load_config(ROOT / "configs" / "train" / "tiny-cpu.yaml",
                              ["data.source=unused", "model.dtype=float32", "model.attention_block_size=512"])
-        scorer = ProbeScorer.load(config, hf=Path(tmp))
+        scorer = Evaluator.load(config, hf=Path(tmp))
         scorer.score(probes)  # compiles once per length: not the throughput asked for
         started = time.perf_counter()
         ours = scorer.score(probes)

@@ -108,10 +108,10 @@ def tiny_hf(tmp_path_factory):
 
 
 def _scorer(hf_dir: Path, *overrides: str):
-    from nextlong_jax.eval.runner import ProbeScorer
+    from nextlong_jax.eval.runner import Evaluator
     from nextlong_jax.train_config import load_config
 
-    return ProbeScorer.load(load_config(CONFIG, ["data.source=unused", *overrides]), hf=hf_dir)
+    return Evaluator.load(load_config(CONFIG, ["data.source=unused", *overrides]), hf=hf_dir)
 
 
 def test_teacher_forced_exact_match_is_the_greedy_decode_verdict(tiny_hf, tokenizer, essays):
@@ -145,29 +145,94 @@ def test_teacher_forced_exact_match_is_the_greedy_decode_verdict(tiny_hf, tokeni
         np.testing.assert_allclose(logprob, theirs, atol=2e-3)
 
 
-def test_sequence_sharded_evaluation_equals_one_device(tiny_hf, tokenizer, essays, tmp_path):
+@pytest.fixture(scope="module")
+def synthesized(tmp_path_factory):
+    """A small nextlong-synth output: 512-token sequences, several meta-chunks per segment."""
+    from synth.cli import main
+
+    out = tmp_path_factory.mktemp("synth") / "out"
+    assert main(["--meta", "sample:pydocs", "--max-meta-docs", "40", "--embedder", "hashing", "--index", "faiss-flat",
+                 "--seq-len", "512", "--chunk-tokens", "48", "--num-shards", "1", "--max-sequences", "8",
+                 "--out", str(out)]) == 0
+    from synth.tfrecord import read_dataset
+
+    return list(read_dataset(out, with_provenance=True).as_numpy_iterator())
+
+
+def test_the_dependency_probe_replaces_only_the_earlier_meta_chunks(synthesized):
+    """The replaced context keeps the original's length, layout and positions: only the tokens of
+    m_1..m_j-1 change, each span to other meta-documents' text of its exact length."""
+    from nextlong_jax.eval.dependency import meta_spans, replaced, targets
+
+    spans = [meta_spans(e) for e in synthesized]
+    chosen = targets(spans, per_segment=2)
+    assert chosen and all(len(t.earlier) >= 1 and t.distance > 0 for t in chosen)
+    rng = np.random.default_rng(0)
+    for t in chosen:
+        original = synthesized[t.row]
+        for a, b in [*t.earlier, t.span]:  # meta-chunks are meta-role runs, joiner included
+            assert (original["token_roles"][a:b] == 1).all()
+        others = np.concatenate([synthesized[r]["input_ids"][a:b] for r in range(len(synthesized)) if r != t.row
+                                 for chunks in spans[r] for a, b in chunks])
+        variant = replaced(original["input_ids"], t, others, rng)
+        assert variant.shape == original["input_ids"].shape
+        changed = np.flatnonzero(variant != original["input_ids"])
+        inside = np.zeros(len(variant), bool)
+        for a, b in t.earlier:
+            inside[a:b] = True
+            text = others.tobytes()
+            assert variant[a:b].tobytes() in text + text  # a stretch of the others' meta text (maybe wrapping)
+        assert inside[changed].all() and changed.size > 0.5 * inside.sum()
+        a, b = t.span
+        assert (variant[a:b] == original["input_ids"][a:b]).all()
+
+
+def test_token_nll_is_transformers_loss(tiny_hf, synthesized):
+    import torch
+
+    model, directory = tiny_hf
+    rows = np.stack([e["input_ids"] for e in synthesized[:2]]).astype(np.int32)
+    positions = np.stack([e["positions"] for e in synthesized[:2]]).astype(np.int32)
+    segments = np.stack([e["segment_ids"] for e in synthesized[:2]]).astype(np.int32)
+    nll = _scorer(directory, "model.dtype=float32").token_nll(rows, positions, segments)
+    for r in range(2):
+        end = int((segments[r] == 1).sum())  # the first segment, as one document
+        with torch.no_grad():
+            logits = model(torch.tensor(rows[r:r + 1, :end].astype(np.int64))).logits[0].double().numpy()
+        theirs, _ = token_scores(logits[:-1], rows[r, 1:end])
+        np.testing.assert_allclose(nll[r, :end - 1], -theirs, atol=2e-3)
+        assert nll[r, end - 1] == 0  # the next token is in another segment
+
+
+def test_sequence_sharded_evaluation_equals_one_device(tiny_hf, tokenizer, essays, synthesized, tmp_path):
     from multidevice import run_on_8_devices
 
     _, directory = tiny_hf
     probes = _probes(tokenizer, essays, length=512)[:8]
-    single = _scorer(directory).score(probes)
+    scorer = _scorer(directory)
+    single = scorer.score(probes)
+    features = {k: np.stack([e[k] for e in synthesized[:4]]).astype(np.int32).tolist()
+                for k in ("input_ids", "positions", "segment_ids")}
+    nll = scorer.token_nll(*(np.asarray(features[k]) for k in ("input_ids", "positions", "segment_ids")))
     path = tmp_path / "probes.json"
-    path.write_text(json.dumps([p.__dict__ for p in probes]))
+    path.write_text(json.dumps({"probes": [p.__dict__ for p in probes], "packed": features}))
     out = run_on_8_devices(__file__, str(directory), str(path))
     sharded = json.loads(out.strip().splitlines()[-1])
     assert sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "sequence": 2}
+    np.testing.assert_allclose(nll, sharded["nll"], atol=2e-4)
     for (logprob, rank), (theirs_lp, theirs_rank) in zip(single, sharded["scores"]):
         np.testing.assert_allclose(logprob, theirs_lp, atol=2e-4)
         # Ranks deep in the vocabulary may swap near-equal logits; the argmax verdicts may not.
         assert ((rank == 0) == (np.asarray(theirs_rank) == 0)).all() and np.abs(rank - theirs_rank).max() <= 8
 
 
-def _child(hf_dir: str, probes_path: str) -> None:
-    probes = [Probe(**{**p, "gold_spans": [tuple(s) for s in p["gold_spans"]]})
-              for p in json.loads(Path(probes_path).read_text())]
+def _child(hf_dir: str, inputs: str) -> None:
+    given = json.loads(Path(inputs).read_text())
+    probes = [Probe(**{**p, "gold_spans": [tuple(s) for s in p["gold_spans"]]}) for p in given["probes"]]
     scorer = _scorer(Path(hf_dir), "mesh.fsdp=4", "mesh.sequence=2", "model.attention_backend=ring")
     scores = scorer.score(probes)
-    print(json.dumps({"mesh": dict(scorer.mesh.shape),
+    nll = scorer.token_nll(*(np.asarray(given["packed"][k]) for k in ("input_ids", "positions", "segment_ids")))
+    print(json.dumps({"mesh": dict(scorer.mesh.shape), "nll": nll.tolist(),
                       "scores": [[lp.tolist(), rank.tolist()] for lp, rank in scores]}))
 
 

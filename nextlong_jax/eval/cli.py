@@ -43,19 +43,25 @@ def _tasks(text: str) -> tuple[str, ...]:
     return tasks
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", type=Path, metavar="RUN/checkpoints/STEP", help="an orbax checkpoint step")
+    model.add_argument("--hf", type=Path, metavar="DIR", help="a local Hugging Face Llama directory")
+    p.add_argument("--config", type=Path, required=True,
+                   help="training YAML whose mesh, attention kernel and dtypes the evaluation runs with (the "
+                        "architecture comes from the model)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the results")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of --config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nextlong-eval", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     probes = sub.add_parser("probes", help="long-context probes at chosen lengths and needle depths",
                             description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = probes.add_mutually_exclusive_group(required=True)
-    model.add_argument("--ckpt", type=Path, metavar="RUN/checkpoints/STEP", help="an orbax checkpoint step")
-    model.add_argument("--hf", type=Path, metavar="DIR", help="a local Hugging Face Llama directory")
-    probes.add_argument("--config", type=Path, required=True,
-                        help="training YAML whose mesh, attention kernel and dtypes the evaluation runs with (the "
-                             "architecture comes from the model)")
-    probes.add_argument("--out", type=Path, required=True, help="where results.json, table.md and the heatmaps go")
+    _model_arguments(probes)
     probes.add_argument("--lengths", type=_numbers(int), default=(4096,),
                         help="probe lengths in tokens, prompt + answer exactly (default 4096)")
     probes.add_argument("--depths", type=_numbers(float), default=(0.0, 0.25, 0.5, 0.75, 1.0),
@@ -68,9 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     probes.add_argument("--uuid-values", action="store_true", help="needle values as UUIDs, not 7-digit numbers")
     probes.add_argument("--tokenizer", help="'llama3' (bundled), a tokenizer.json or an HF tokenizer directory "
                                             "(default: --hf's directory when it holds one, else llama3)")
-    probes.add_argument("--seed", type=int, default=0)
     probes.add_argument("--save-probes", type=Path, metavar="FILE", help="also write the probes as JSONL")
-    probes.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of --config")
+    dependency = sub.add_parser(
+        "dependency", help="does the model use distant related text? loss on meta-chunks with and without it",
+        description="On sequences nextlong-synth made from held-out meta-documents (--data), the loss on each "
+                    "segment's last meta-chunks with the real context, and with the earlier meta-chunks replaced by "
+                    "other documents' text of the same token lengths (same layout and positions), by distance "
+                    "between the chunks; and the loss by position of meta and negative tokens. Writes "
+                    "OUT/dependency.json, .md and .png.")
+    _model_arguments(dependency)
+    dependency.add_argument("--data", required=True, help="a nextlong-synth output directory (or its manifest)")
+    dependency.add_argument("--max-sequences", type=int, default=64, help="sequences read from --data (default 64)")
+    dependency.add_argument("--targets-per-segment", type=int, default=2,
+                            help="meta-chunks measured per segment, the last ones (default 2)")
     return p
 
 
@@ -89,7 +105,7 @@ def run_probes(args: argparse.Namespace) -> dict:
 
     from nextlong_jax.eval.probes import ProbeFactory, ProbeSpec
     from nextlong_jax.eval.report import save_probes, write_results
-    from nextlong_jax.eval.runner import ProbeScorer
+    from nextlong_jax.eval.runner import Evaluator
     from nextlong_jax.eval.scoring import verdict
     from nextlong_jax.train_config import load_config
 
@@ -98,13 +114,10 @@ def run_probes(args: argparse.Namespace) -> dict:
     essays = [d.text for d in read_documents(CorpusSpec(path=args.corpus, max_docs=2000), ReadStats())]
     spec = ProbeSpec(tasks=args.tasks, lengths=args.lengths, depths=args.depths, haystack=args.haystack,
                      uuid_values=args.uuid_values, seed=args.seed)
-    try:
-        probes = ProbeFactory(spec, tokenizer, essays).all()
-    except ValueError as e:
-        raise SystemExit(f"nextlong-eval: error: {e}") from None
+    probes = ProbeFactory(spec, tokenizer, essays).all()  # a length too short for a task: ValueError
     if args.save_probes:
         save_probes(args.save_probes, probes, tokenizer.decode)
-    scorer = ProbeScorer.load(config, ckpt=args.ckpt, hf=args.hf)
+    scorer = Evaluator.load(config, ckpt=args.ckpt, hf=args.hf)
     started = time.perf_counter()
     scores = scorer.score(probes, progress=tqdm(total=len(probes), desc="probes", unit="probe", dynamic_ncols=True))
     seconds = time.perf_counter() - started
@@ -118,6 +131,23 @@ def run_probes(args: argparse.Namespace) -> dict:
     return {"verdicts": verdicts, "written": written, **about}
 
 
+def run_dependency(args: argparse.Namespace) -> dict:
+    from synth.tfrecord import read_dataset
+
+    from nextlong_jax.eval.dependency import measure, write
+    from nextlong_jax.eval.runner import Evaluator
+    from nextlong_jax.train_config import load_config
+
+    config = load_config(args.config, ["data.source=unused", *args.overrides])
+    examples = list(read_dataset(args.data, with_provenance=True).take(args.max_sequences).as_numpy_iterator())
+    evaluator = Evaluator.load(config, ckpt=args.ckpt, hf=args.hf)
+    started = time.perf_counter()
+    result = measure(evaluator, examples, args.targets_per_segment, args.seed)
+    about = {"model": str(args.ckpt or args.hf), "data": str(args.data), "sequences": len(examples),
+             "mesh": dict(evaluator.mesh.shape), "seconds": round(time.perf_counter() - started, 2)}
+    return {"result": result, "written": write(args.out, result, about), **about}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -126,10 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     from nextlong_jax.convert import ConversionError
 
     try:
-        result = run_probes(args)
-    except (ConfigError, TrainError, ConversionError, OSError) as e:
+        result = run_probes(args) if args.command == "probes" else run_dependency(args)
+    except (ConfigError, TrainError, ConversionError, OSError, ValueError) as e:
         print(f"nextlong-eval: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    if args.command == "dependency":
+        print((args.out / "dependency.md").read_text())
+        print(f"{result['sequences']} sequences in {result['seconds']} s on mesh {result['mesh']}; written: "
+              + ", ".join(str(p) for p in result["written"]))
+        return 0
     print((args.out / "table.md").read_text())
     print(f"{len(result['verdicts'])} probes in {result['seconds']} s ({result['tokens_per_s']:.0f} tokens/s) on mesh "
           f"{result['mesh']} with {result['attention_backend']} attention; written: "

@@ -22,6 +22,7 @@ from nextlong_jax import load_balance
 from nextlong_jax.eval.probes import Probe
 from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.llama import Llama
+from nextlong_jax.model.loss import next_token_targets, target_loss
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.step import check_sequence_parallel
 from nextlong_jax.train_config import Config
@@ -46,24 +47,37 @@ def stored_model(ckpt: Path | None, hf: Path | None) -> LlamaConfig:
     return checkpoint_model(ckpt, "--ckpt")
 
 
-def _answer_scores(model: Llama, params, features: dict[str, jnp.ndarray], where: jnp.ndarray,
-                   targets: jnp.ndarray, sequence_shards: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """features [B, L] (in zig-zag order when sharded), where/targets [B, A] -> logprob, rank [B, A]."""
+def _hidden_and_head(model: Llama, params, features: dict[str, jnp.ndarray], sequence_shards: int):
+    """Final hidden states [B, L, E] of `features` (in zig-zag order when sharded) and the head [E, V]."""
     if sequence_shards > 1:
         check_sequence_parallel(model, sequence_shards)
 
-    def hidden_and_head(module: Llama):
+    def run(module: Llama):
         return module.hidden_states(features["input_ids"], features["positions"], features["segment_ids"]), module.head()
 
-    hidden, head = model.apply({"params": params}, method=hidden_and_head)
+    return model.apply({"params": params}, method=run)
+
+
+def _answer_scores(model: Llama, params, features: dict[str, jnp.ndarray], where: jnp.ndarray,
+                   targets: jnp.ndarray, sequence_shards: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """where/targets [B, A] (positions into `features`, the tokens they predict) -> logprob, rank [B, A]."""
+    hidden, head = _hidden_and_head(model, params, features, sequence_shards)
     picked = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [B, A, E]
     logits = jnp.einsum("bae,ev->bav", picked, head, preferred_element_type=jnp.float32)
     gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)
     return (gold[..., 0] - jax.nn.logsumexp(logits, axis=-1)), jnp.sum(logits > gold, axis=-1)
 
 
+def _token_nll(model: Llama, params, features: dict[str, jnp.ndarray], targets: jnp.ndarray,
+               sequence_shards: int) -> jnp.ndarray:
+    """nll [B, L] of each position's target, over vocabulary blocks (no [L, vocab] logits)."""
+    hidden, head = _hidden_and_head(model, params, features, sequence_shards)
+    return target_loss(hidden, head, targets, jnp.ones(targets.shape, jnp.float32),
+                       block_size=model.config.logits_block_size)[2]
+
+
 @dataclasses.dataclass
-class ProbeScorer:
+class Evaluator:
     config: Config
     mesh: Any
     model: Llama
@@ -71,7 +85,7 @@ class ProbeScorer:
     batch_sharding: NamedSharding
 
     @classmethod
-    def load(cls, config: Config, *, ckpt: Path | None = None, hf: Path | None = None) -> "ProbeScorer":
+    def load(cls, config: Config, *, ckpt: Path | None = None, hf: Path | None = None) -> "Evaluator":
         """Exactly one of `ckpt` (RUN/checkpoints/STEP) or `hf` (a local HF Llama directory)."""
         from nextlong_jax.warm_start import checkpoint_params, hf_params
 
@@ -141,6 +155,37 @@ class ProbeScorer:
                                            jax.device_put(targets, replicated))
         logprob, rank = np.asarray(logprob), np.asarray(rank)
         return [(logprob[row, :len(p.answer_ids)], rank[row, :len(p.answer_ids)]) for row, p in enumerate(probes)]
+
+    def token_nll(self, input_ids: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+        """nll [N, L] of predicting token t + 1 at each position t of N packed rows (0 where the next
+        token is in another segment, or at the end), `rows` at a time."""
+        n, length = input_ids.shape
+        shards = self.mesh.shape["sequence"]
+        if length % (2 * shards):
+            raise TrainError(f"sequences of {length} tokens must divide by 2*mesh.sequence={2 * shards}")
+        out = np.zeros((n, length), np.float32)
+        for start in range(0, n, self.rows):
+            rows = slice(start, min(n, start + self.rows))
+            batch = {k: np.zeros((self.rows, length), np.int32) for k in ("input_ids", "positions", "segment_ids")}
+            for k, v in zip(batch, (input_ids, positions, segment_ids)):
+                batch[k][:rows.stop - rows.start] = v[rows]
+            targets, weights = next_token_targets(batch["input_ids"], np.ones((self.rows, length), np.float32),
+                                                  batch["segment_ids"])
+            features = {**batch, "targets": np.asarray(targets, np.int32)}
+            if shards > 1:
+                features = load_balance.reorder(features, shards)
+            with jax.set_mesh(self.mesh), axis_rules():
+                placed = {k: jax.device_put(np.ascontiguousarray(v), self.batch_sharding) for k, v in features.items()}
+                targets = placed.pop("targets")
+                nll = np.asarray(self._nll_fn(self.params, placed, targets))
+            if shards > 1:
+                nll = load_balance.unzigzag(nll, shards)
+            out[rows] = (nll * np.asarray(weights))[:rows.stop - rows.start]
+        return out
+
+    @cached_property
+    def _nll_fn(self):
+        return jax.jit(partial(_token_nll, self.model, sequence_shards=self.mesh.shape["sequence"]))
 
     @cached_property
     def _score_fn(self):
