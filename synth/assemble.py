@@ -347,10 +347,12 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
                     started += 1
                     continue
                 negative, score = piece
-                rules.place(negative, score)
+                tokens = ctx.corpus.tokens(negative)
+                origin = Piece("corpus", int(ctx.corpus_chunk_doc[negative]), negative)
                 chunk_id = ctx.corpus.chunk_id(negative, ctx.corpus_chunk_doc)
-                packer.add(ctx.corpus.tokens(negative), ROLE_NEGATIVE,
-                           Piece("corpus", int(ctx.corpus_chunk_doc[negative]), negative), (chunk_id, score))
+                cut = packer.add(tokens, ROLE_NEGATIVE, origin, (chunk_id, score))
+                if cut < len(tokens):  # placed, if only in part: a joiner alone places nothing
+                    rules.place(negative, score)
             if packer.segment_full:
                 break
         packer.stats.meta_chunks_dropped += len(chunks) - started
