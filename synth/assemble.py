@@ -104,14 +104,13 @@ class Joiner:
 class Packer:
     """Appends tokens to the current sequence; a finished sequence is handed out by `take`.
 
-    With `doc_len`, a segment (one extended document) holds at most that many tokens, so several
-    fixed-length documents pack one sequence (64K documents 8 to a 512K sequence, say).
+    A segment (one extended document) holds at most `doc_len` tokens: `seq_len` for one document per
+    sequence, less for several fixed-length documents in one (64K documents 8 to a 512K sequence, say).
     """
 
     def __init__(self, seq_len: int, negative_weight: float, bos_id: int | None, pad_id: int,
-                 doc_len: int | None = None, joiner: Joiner | None = None):
-        self.seq_len, self.bos_id, self.pad_id, self.joiner = seq_len, bos_id, pad_id, joiner
-        self.doc_len = doc_len or seq_len
+                 doc_len: int, joiner: Joiner | None = None):
+        self.seq_len, self.doc_len, self.bos_id, self.pad_id, self.joiner = seq_len, doc_len, bos_id, pad_id, joiner
         self.weight = {ROLE_META: 1.0, ROLE_NEGATIVE: negative_weight}
         self.stats = PackStats()
         self._reset()
@@ -256,15 +255,16 @@ class Extension:
     prefetch_docs: int = 64
 
     @classmethod
-    def build(cls, meta: ChunkStore, corpus: ChunkStore, mining: MiningConfig, seq_len: int,
+    def build(cls, meta: ChunkStore, corpus: ChunkStore, mining: MiningConfig, doc_len: int,
               duplicates: np.ndarray | None) -> "Extension":
-        """`duplicates`: the corpus's near-duplicate documents (`dedup`), None where that is off."""
+        """`doc_len`: tokens per extended document (`OutputConfig.document_len`); `duplicates`: the
+        corpus's near-duplicate documents (`dedup`), None where that is off."""
         lengths = corpus.chunk_lengths()
         mean_negative = float(lengths.mean()) if len(lengths) else 1.0
         # Unless capped, k may grow to what fills the whole target from one meta-chunk.
         max_k = mining.max_k
         if max_k is None:
-            max_k = max(1, math.ceil(seq_len * mining.headroom / mean_negative))
+            max_k = max(1, math.ceil(doc_len * mining.headroom / mean_negative))
         if duplicates is None:
             duplicates = np.zeros(corpus.num_docs, bool)
         return cls(meta=meta, corpus=corpus, corpus_chunk_doc=corpus.chunk_doc(), corpus_duplicates=duplicates,

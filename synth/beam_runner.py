@@ -1,13 +1,13 @@
 """`nextlong-synth --runner beam`: the synthesis stages as one Apache Beam pipeline.
 
-Each stage calls the function the local runner calls, so both write the same examples:
+Each stage calls the function the local runner calls (`synth.stages`), so both write the same examples:
 
 - read: one task per source file, records checked by `corpus.checked_records`; a repeated id is
   settled by grouping on the id (the record first in reading order wins, as the local reader's);
 - number: each document gets its place in reading order from the per-source counts, and with it
   its block (`docs_per_block` consecutive documents), so blocks hold what the local runner's hold;
 - blocks: chunked and embedded by `store.build_block`, tokenizer and embedder loaded once per worker;
-- index: built once from the corpus blocks, or found in the cache (`pipeline.corpus_index`), and its
+- index: built once from the corpus blocks, or found in the cache (`stages.corpus_index`), and its
   recall@10 measured there;
 - shards: `shards.make_shard` per output shard, stores and index opened once per worker.
 
@@ -44,10 +44,10 @@ from synth.corpus import CorpusSpec, Document, ReadStats, checked_records, dupli
 from synth.embed import load_embedder
 from synth.errors import SynthError
 from synth.index.base import META
-from synth.pipeline import (SUMMARY, Collection, check_collections, collection_dir, collection_key, corpus_index,
-                            finish, index_dir, index_recall, near_duplicates, needs_embeddings, prepare)
 from synth.report import RunFigures
 from synth.shards import OpenInputs, ShardInputs, finished_report, make_shard, publish_shard
+from synth.stages import (SUMMARY, Collection, check_collections, collection_dir, collection_key, corpus_index,
+                          finish, index_dir, index_recall, near_duplicates, prepare)
 from synth.staging import Mirror
 from synth.store import (BuildStats, StoreRef, block_path, build_block, count_reused, counted_files,
                          embedding_name)
@@ -100,7 +100,7 @@ class _BuildBlock(beam.DoFn):
     def setup(self):
         self.tokenizer = load_tokenizer(self.config.tokenizer)
         self.embedder = load_embedder(self.config.embedder, self.config.embedding) \
-            if needs_embeddings(self.config) else None
+            if self.config.mining.strategy.embeds else None
         self.mirror = Mirror.of(self.config.output)
 
     def process(self, grouped):
@@ -268,7 +268,7 @@ def _stages(pipeline, config: SynthConfig, keys: dict[str, str], name: str, dim:
     refs = {label: _collection(pipeline, specs[label], label, config, collection_dir(config, key), name, dim)
             for label, key in keys.items()}
     corpus_ref, corpus_key = refs.get("corpus", refs["meta"]), keys.get("corpus", keys["meta"])
-    if config.mining.strategy == "nextlong":
+    if config.mining.strategy.searches_index:
         index_dir = corpus_ref | "index" >> beam.Map(_build_index, beam.pvalue.AsSingleton(refs["meta"]), config,
                                                      corpus_key, fingerprint)
     else:
@@ -289,7 +289,7 @@ def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     options = pipeline_options(beam_options)
     mirror = Mirror.of(config.output)
     tokenizer = prepare(config, mirror)
-    embedder = load_embedder(config.embedder, config.embedding) if needs_embeddings(config) else None
+    embedder = load_embedder(config.embedder, config.embedding) if config.mining.strategy.embeds else None
     name, dim = embedding_name(embedder), embedder.dim if embedder else 0
     specs = {"meta": config.meta} if config.corpus is None else {"meta": config.meta, "corpus": config.corpus}
     keys = {label: collection_key(spec, config, tokenizer) for label, spec in specs.items()}
@@ -306,7 +306,7 @@ def run_beam(config: SynthConfig, beam_options: str = "") -> dict:
     if any(report is None for report in reports):
         raise SynthError("the Beam pipeline finished without writing every shard; run it again to resume")
     figures = RunFigures(
-        counters.get(RECALL_MICROS, 0) / 1e6 if config.mining.strategy == "nextlong" else None,
+        counters.get(RECALL_MICROS, 0) / 1e6 if config.mining.strategy.searches_index else None,
         counters.get(NEAR_DUPLICATES, 0) if config.mining.corpus_dedup is not None else None,
         embedder.window if embedder else None)
     summary = finish(config, tokenizer, meta, corpus, figures, reports, started)

@@ -1,4 +1,5 @@
-"""`nextlong-synth`: the command line over `synth.pipeline.run`."""
+"""`nextlong-synth`: the command line over the local runner (`synth.local_runner`) and the Beam runner
+(`synth.beam_runner`)."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runner == "beam":
             summary = _beam_runner().run_beam(config, args.beam_options)
         else:
-            from synth.pipeline import run
+            from synth.local_runner import run
 
             summary = run(config, workers=args.workers)
         if args.tfds:
@@ -141,7 +142,7 @@ def _index_build(argv: list[str]) -> int:
             flat["meta"] = flat["corpus"]  # only the corpus is read here
         config = build_config(flat)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from synth.pipeline import build_corpus_index
+        from synth.local_runner import build_corpus_index
 
         report = build_corpus_index(config)
     except SynthError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from synth.embed import EMBED_BACKENDS, EmbeddingConfig
 from synth.errors import SynthError
 from synth.index import INDEX_KINDS, IndexConfig
 from synth.staging import local_or_staged
+from synth.strategies import Strategy
 
-STRATEGIES = ("nextlong", "random-negatives", "plain-concat", "knn-concat", "keyword-concat")
+STRATEGIES = tuple(strategy.value for strategy in Strategy)
 META_POSITIONS = ("head", "tail", "random")
 REUSE_SCOPES = ("run", "shard")
 SHORT_META = ("skip", "merge")
@@ -36,7 +38,7 @@ class ChunkingConfig:
 
 @dataclass(frozen=True)
 class MiningConfig:
-    strategy: str = "nextlong"
+    strategy: Strategy = Strategy.NEXTLONG
     k: int | None = None  # negatives per meta-chunk; None: the paper's k from the lengths
     max_k: int | None = None  # cap of the automatic k; None: as many as the target length can hold
     headroom: float = 1.5  # the paper's w: the automatic k aims at headroom x the remaining tokens
@@ -60,7 +62,7 @@ class MiningConfig:
 class OutputConfig:
     out: Path = Path("out")
     seq_len: int = 32768
-    doc_len: int | None = None  # tokens per extended document, several packed per sequence; None: seq_len
+    doc_len: int | None = None  # --doc-len as given; `document_len` is what every stage uses
     negative_weight: float = 1.0
     num_shards: int = 8
     max_sequences: int | None = None
@@ -68,6 +70,12 @@ class OutputConfig:
     cache_dir: Path | None = None  # default: OUT/.cache
     out_url: str | None = None  # where `out` is pushed (`synth.staging`); None: `out` is the output itself
     cache_url: str | None = None  # the same for `cache_dir`
+
+    @property
+    def document_len(self) -> int:
+        """Tokens per extended document: --doc-len packs several into each sequence; without it one
+        document spans the sequence."""
+        return self.doc_len if self.doc_len is not None else self.seq_len
 
     @property
     def cache(self) -> Path:
@@ -108,6 +116,8 @@ def _plain(value):
         return [_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, Enum):
+        return value.value
     return value
 
 
@@ -311,8 +321,10 @@ def build_config(flat: dict) -> SynthConfig:
     doc_len = None if flat["doc-len"] is None else int(flat["doc-len"])
     if doc_len is not None and not 64 <= doc_len <= seq_len:
         raise SynthError(f"--doc-len must be between 64 and --seq-len ({seq_len}) tokens")
-    if doc_len is not None and str(flat["strategy"]).endswith("-concat"):
-        raise SynthError("--doc-len packs extended documents: it goes with nextlong or random-negatives")
+    strategy = Strategy(_choice(flat, "strategy", STRATEGIES))
+    if doc_len is not None and not strategy.extends:
+        extending = " or ".join(s for s in Strategy if s.extends)
+        raise SynthError(f"--doc-len packs extended documents: it goes with {extending}")
     chunking = _chunking(flat)
     if chunking.unit == "tokens" and chunking.size >= seq_len:
         raise SynthError("--chunk-tokens must be smaller than --seq-len")
@@ -349,7 +361,7 @@ def build_config(flat: dict) -> SynthConfig:
         index=IndexConfig(kind=_choice(flat, "index", INDEX_KINDS), seed=int(flat["seed"]),
                           **_index_params(flat["index-params"])),
         mining=MiningConfig(
-            strategy=_choice(flat, "strategy", STRATEGIES), k=k, max_k=max_k,
+            strategy=strategy, k=k, max_k=max_k,
             headroom=float(flat["headroom"]), min_segment_tokens=int(flat["min-segment-tokens"]),
             dedup_threshold=float(flat["dedup-threshold"]), max_reuse=int(flat["max-reuse"]),
             reuse_scope=_choice(flat, "reuse-scope", REUSE_SCOPES),

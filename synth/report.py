@@ -84,7 +84,7 @@ def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport], figur
     negatives = sum(r.negatives for r in reports)
     collections = {"meta": meta} if corpus is meta else {"meta": meta, "corpus": corpus}
     return {
-        "strategy": config.mining.strategy,
+        "strategy": config.mining.strategy.value,
         "seq_len": config.output.seq_len,
         "documents": {
             name: {**c.read.to_dict(), "chunks": c.chunks,
@@ -113,7 +113,7 @@ def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport], figur
             "similarity_histogram": {f"{SIMILARITY_BINS[i]:.2f}": int(n)
                                      for i, n in enumerate(hist) if n},
         },
-        "index": {"kind": config.index.kind if config.mining.strategy == "nextlong" else None,
+        "index": {"kind": config.index.kind if config.mining.strategy.searches_index else None,
                   "recall_at_10": None if figures.recall_at_10 is None else round(figures.recall_at_10, 4)},
         "tokenizer": {"name": config.tokenizer, "vocab_size": tokenizer.vocab_size},
     }

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from synth.assemble import Extension, Joiner, Packer, concatenated_sequences, extended_sequences
+from synth.assemble import Extension, Joiner, Packer, Sequence, concatenated_sequences, extended_sequences
 from synth.baselines import document_vectors, keyword_order, knn_walk
 from synth.config import SynthConfig
 from synth.errors import SynthError
@@ -32,6 +32,7 @@ from synth.overlap import MetaOverlap
 from synth.report import ShardReport
 from synth.staging import Mirror
 from synth.store import StoreRef
+from synth.strategies import Strategy
 from synth.tfrecord import shard_name, to_example, write_json, write_shard
 from synth.tokenizer import TextTokenizer, load_tokenizer
 
@@ -69,8 +70,7 @@ class OpenInputs:
         corpus = meta if inputs.corpus == inputs.meta else inputs.corpus.open()
         config = inputs.config
         return cls(config=config,
-                   extension=Extension.build(meta, corpus, config.mining,
-                                             config.output.doc_len or config.output.seq_len,
+                   extension=Extension.build(meta, corpus, config.mining, config.output.document_len,
                                              np.load(inputs.duplicates) if inputs.duplicates else None),
                    index=load_index(inputs.index_dir) if inputs.index_dir else None,
                    tokenizer=load_tokenizer(inputs.config.tokenizer))
@@ -90,7 +90,7 @@ def _shard_cap(max_sequences: int | None, shard: int, num_shards: int) -> int | 
 
 def shard_file(config: SynthConfig, shard: int) -> str:
     out = config.output
-    return shard_name(config.mining.strategy, shard, out.num_shards, out.compression)
+    return shard_name(config.mining.strategy.value, shard, out.num_shards, out.compression)
 
 
 def report_path(config: SynthConfig, name: str) -> Path:
@@ -113,33 +113,45 @@ def publish_shard(config: SynthConfig, shard: int, mirror: Mirror) -> None:
     mirror.push(config.output.out / name)
 
 
+def _concatenation_order(opened: OpenInputs, shard: int) -> list[int]:
+    """This shard's meta-documents in the order its concatenation baseline packs them (`synth.baselines`)."""
+    config, ext = opened.config, opened.extension
+    strategy, seed = config.mining.strategy, config.mining.seed
+    docs = _shard_order(ext.meta.num_docs, shard, config.output.num_shards, seed)
+    if strategy is Strategy.KNN_CONCAT:
+        vectors = document_vectors(ext.meta.embeddings, ext.meta.doc_chunk_offsets, docs)
+        return [docs[i] for i in knn_walk(vectors, list(range(len(docs))))]
+    if strategy is Strategy.KEYWORD_CONCAT:
+        texts = [opened.tokenizer.decode([t for c in ext.meta.doc_chunks(d) for t in ext.meta.tokens(c).tolist()])
+                 for d in docs]
+        return [docs[i] for i in keyword_order(texts, seed)]
+    return docs
+
+
+def _sequences(opened: OpenInputs, shard: int, packer: Packer, rules: NegativeFilter) -> Iterator[Sequence]:
+    config, ext = opened.config, opened.extension
+    out, mining = config.output, config.mining
+    cap = _shard_cap(out.max_sequences, shard, out.num_shards)
+    if not mining.strategy.extends:
+        return concatenated_sequences(ext.meta, _concatenation_order(opened, shard), packer, cap)
+    source = IndexCandidates(opened.index) if mining.strategy.searches_index else \
+        RandomCandidates(ext.corpus.embeddings, np.random.default_rng([mining.seed, shard, 1]))
+    groups = ext.groups.groups
+    order = _shard_order(len(groups), shard, out.num_shards, mining.seed)
+    packer.stats.meta_documents_skipped = ext.groups.skipped_in_shard(shard, out.num_shards)
+    return extended_sequences(ext, source, rules, [groups[g] for g in order], packer, cap)
+
+
 def make_shard(opened: OpenInputs, shard: int, progress: bool = True) -> ShardReport:
     config, ext = opened.config, opened.extension
     out, mining = config.output, config.mining
     packer = Packer(out.seq_len, out.negative_weight, opened.tokenizer.bos_id, opened.tokenizer.pad_id,
-                    out.doc_len, Joiner.build(mining.joiner, opened.tokenizer))
-    cap = _shard_cap(out.max_sequences, shard, out.num_shards)
+                    out.document_len, Joiner.build(mining.joiner, opened.tokenizer))
     overlap = MetaOverlap(ext.corpus.tokens, mining.shingle_tokens, mining.overlap_threshold)
     rules = NegativeFilter(ext.corpus_chunk_doc, mining.dedup_threshold, mining.max_reuse, overlap,
                            shard=shard, num_shards=out.num_shards, reuse_scope=mining.reuse_scope,
                            duplicate_doc=ext.corpus_duplicates)
-    if mining.strategy.endswith("-concat"):
-        docs = _shard_order(ext.meta.num_docs, shard, out.num_shards, mining.seed)
-        if mining.strategy == "knn-concat":
-            vectors = document_vectors(ext.meta.embeddings, ext.meta.doc_chunk_offsets, docs)
-            docs = [docs[i] for i in knn_walk(vectors, list(range(len(docs))))]
-        elif mining.strategy == "keyword-concat":
-            texts = [opened.tokenizer.decode([t for c in ext.meta.doc_chunks(d) for t in ext.meta.tokens(c).tolist()])
-                     for d in docs]
-            docs = [docs[i] for i in keyword_order(texts, mining.seed)]
-        sequences = concatenated_sequences(ext.meta, docs, packer, cap)
-    else:
-        source = IndexCandidates(opened.index) if mining.strategy == "nextlong" else \
-            RandomCandidates(ext.corpus.embeddings, np.random.default_rng([mining.seed, shard, 1]))
-        groups = ext.groups.groups
-        order = _shard_order(len(groups), shard, out.num_shards, mining.seed)
-        packer.stats.meta_documents_skipped = ext.groups.skipped_in_shard(shard, out.num_shards)
-        sequences = extended_sequences(ext, source, rules, [groups[g] for g in order], packer, cap)
+    sequences = _sequences(opened, shard, packer, rules)
     bar = tqdm(desc=f"shard {shard + 1}/{out.num_shards}", unit="seq", leave=False,
                dynamic_ncols=True, disable=not progress)
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from nextlong_jax.schema import FLOAT_FEATURES, INT_FEATURES, MANIFEST, PROVENANCE_FEATURES, Manifest
 from synth.errors import SynthError
+from synth.strategies import Strategy
 
 
 def write_tfds_metadata(out: Path) -> None:
@@ -23,7 +24,7 @@ def write_tfds_metadata(out: Path) -> None:
     manifest = Manifest.load(out / MANIFEST)
     if manifest.compression != "none":
         raise SynthError("--tfds: TFDS reads uncompressed TFRecords only; synthesize with --compression none")
-    strategy = manifest.extra.get("strategy", "nextlong")
+    strategy = manifest.extra.get("strategy", Strategy.NEXTLONG.value)
     length = manifest.seq_len
     features = tfds.features.FeaturesDict({
         **{name: tfds.features.Tensor(shape=(length,), dtype=np.int64) for name in INT_FEATURES},

@@ -16,7 +16,7 @@ def _negative(chunk: int) -> Piece:
 
 
 def test_packer_roles_weights_segments_positions():
-    packer = Packer(seq_len=12, negative_weight=0.25, bos_id=100, pad_id=0)
+    packer = Packer(seq_len=12, negative_weight=0.25, bos_id=100, pad_id=0, doc_len=12)
     packer.begin_segment(("doc-a",))
     packer.add(np.array([1, 2]), ROLE_META, _meta(0))
     packer.add(np.array([3, 4, 5]), ROLE_NEGATIVE, _negative(0), ("c#0", 0.5))
@@ -35,7 +35,7 @@ def test_packer_roles_weights_segments_positions():
 
 
 def test_packer_truncates_at_exact_length_and_without_bos_first_token_is_unweighted():
-    packer = Packer(seq_len=5, negative_weight=1.0, bos_id=None, pad_id=9)
+    packer = Packer(seq_len=5, negative_weight=1.0, bos_id=None, pad_id=9, doc_len=5)
     packer.begin_segment(("d",))
     assert packer.add(np.array([1, 2, 3]), ROLE_META, _meta(0)) == 0
     assert packer.add(np.array([4, 5, 6, 7]), ROLE_NEGATIVE, _negative(0)) == 2
@@ -48,7 +48,7 @@ def test_packer_truncates_at_exact_length_and_without_bos_first_token_is_unweigh
 
 
 def test_weights_are_consistent_with_roles():
-    packer = Packer(seq_len=64, negative_weight=0.0, bos_id=7, pad_id=0)
+    packer = Packer(seq_len=64, negative_weight=0.0, bos_id=7, pad_id=0, doc_len=64)
     rng = np.random.default_rng(0)
     for doc in range(3):
         packer.begin_segment((str(doc),))
@@ -69,7 +69,7 @@ def test_joiner_goes_between_texts_that_do_not_continue_each_other_and_counts_in
     another document, or of the same one that does not follow on, unless the text before ends in
     whitespace; it takes the role and weight of the chunk it precedes, and the length stays exact."""
     joiner = Joiner(np.array([5]), lambda token: token >= 50)
-    packer = Packer(seq_len=15, negative_weight=0.5, bos_id=100, pad_id=0, joiner=joiner)
+    packer = Packer(seq_len=15, negative_weight=0.5, bos_id=100, pad_id=0, doc_len=15, joiner=joiner)
     packer.begin_segment(("d",))
     packer.add(np.array([1, 2]), ROLE_META, _meta(0))       # after BOS: no joiner
     packer.add(np.array([3]), ROLE_META, _meta(1))          # continues chunk 0: none
@@ -88,7 +88,7 @@ def test_joiner_goes_between_texts_that_do_not_continue_each_other_and_counts_in
 
 
 def test_a_joiner_that_fills_the_segment_cuts_the_whole_chunk():
-    packer = Packer(seq_len=4, negative_weight=1.0, bos_id=None, pad_id=0,
+    packer = Packer(seq_len=4, negative_weight=1.0, bos_id=None, pad_id=0, doc_len=4,
                     joiner=Joiner(np.array([5]), lambda token: False))
     packer.begin_segment(("d",))
     packer.add(np.array([1, 2, 3]), ROLE_META, _meta(0))

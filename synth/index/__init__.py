@@ -44,8 +44,8 @@ def _trainable(config: IndexConfig, n: int) -> bool:
     centroids = BACKENDS[config.kind].centroids(config, n)
     needed = max(MIN_TRAIN_POINTS, POINTS_PER_CENTROID * centroids) if centroids else 0
     if n < needed:
-        log.warning("%s needs at least %d vectors to train, got %d: using exact faiss-flat search",
-                    config.kind, needed, n)
+        log.warning("%s needs at least %d vectors to train, got %d: using exact %s search",
+                    config.kind, needed, n, FLAT)
     return n >= needed
 
 
