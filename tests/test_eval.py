@@ -26,9 +26,9 @@ SHAPE = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden
 
 @pytest.fixture(scope="module")
 def essays():
-    from synth.corpus import CorpusSpec, ReadStats, read_documents
+    from nextlong_jax.eval.probes import corpus_texts
 
-    return [d.text for d in read_documents(CorpusSpec(path="sample:pydocs", max_docs=300), ReadStats())]
+    return corpus_texts("sample:pydocs", 300)
 
 
 @pytest.mark.parametrize("haystack", ["noise", "essay"])
@@ -234,6 +234,18 @@ def _child(hf_dir: str, inputs: str) -> None:
     nll = scorer.token_nll(*(np.asarray(given["packed"][k]) for k in ("input_ids", "positions", "segment_ids")))
     print(json.dumps({"mesh": dict(scorer.mesh.shape), "nll": nll.tolist(),
                       "scores": [[lp.tolist(), rank.tolist()] for lp, rank in scores]}))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from nextlong_jax.eval.cli import main
+
+    monkeypatch.chdir(ROOT)
+    common = ["--config", str(CONFIG), "--out", str(tmp_path / "out")]
+    assert main(["probes", "--ckpt", str(tmp_path / "nothing"), *common]) == 1
+    assert "not a checkpoint step" in capsys.readouterr().err
+    assert main(["probes", "--ckpt", str(tmp_path), "--lengths", "100", "--tasks", "niah_multiquery", *common]) == 1
+    err = capsys.readouterr().err
+    assert "no room for a haystack" in err and len(err.strip().splitlines()) == 1
 
 
 if __name__ == "__main__":

@@ -141,11 +141,10 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
 
 def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
     """Synthesize, train and evaluate every arm; returns the report's path."""
-    from synth.corpus import CorpusSpec, ReadStats, read_documents
     from synth.tfrecord import read_dataset
     from synth.tokenizer import load_tokenizer
 
-    from nextlong_jax.eval.probes import ProbeFactory, ProbeSpec
+    from nextlong_jax.eval.probes import ProbeFactory, ProbeSpec, corpus_texts
 
     started = time.perf_counter()
     train_meta, heldout_meta = _split_meta(cfg, out)
@@ -158,9 +157,8 @@ def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
     for arm in cfg.arms:
         log(f"[ablation] train {arm}")
         _train(cfg, out / "data" / arm, out / "runs" / arm)
-    essays = [d.text for d in read_documents(CorpusSpec(path="sample:pydocs", max_docs=2000), ReadStats())]
     probes = ProbeFactory(ProbeSpec(tasks=cfg.probe_tasks, lengths=cfg.probe_lengths, depths=cfg.probe_depths,
-                                    seed=cfg.seed), load_tokenizer(), essays).all()
+                                    seed=cfg.seed), load_tokenizer(), corpus_texts("sample:pydocs")).all()
     heldout = list(read_dataset(out / "data" / "heldout", with_provenance=True).as_numpy_iterator())
     summaries = []
     for arm in cfg.arms:

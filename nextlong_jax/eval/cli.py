@@ -107,12 +107,12 @@ def _tokenizer_spec(args: argparse.Namespace) -> str:
     return "llama3"
 
 
-def run_probes(args: argparse.Namespace) -> dict:
-    from synth.corpus import CorpusSpec, ReadStats, read_documents
+def run_probes(args: argparse.Namespace) -> str:
+    """Writes the probes' results; returns what to print."""
     from synth.tokenizer import load_tokenizer
     from tqdm.auto import tqdm
 
-    from nextlong_jax.eval.probes import ProbeFactory, ProbeSpec
+    from nextlong_jax.eval.probes import ProbeFactory, ProbeSpec, corpus_texts
     from nextlong_jax.eval.report import save_probes, write_results
     from nextlong_jax.eval.runner import Evaluator
     from nextlong_jax.eval.scoring import verdict
@@ -120,27 +120,29 @@ def run_probes(args: argparse.Namespace) -> dict:
 
     config = load_config(args.config, ["data.source=unused", *args.overrides])
     tokenizer = load_tokenizer(_tokenizer_spec(args))
-    essays = [d.text for d in read_documents(CorpusSpec(path=args.corpus, max_docs=2000), ReadStats())]
     spec = ProbeSpec(tasks=args.tasks, lengths=args.lengths, depths=args.depths, haystack=args.haystack,
                      uuid_values=args.uuid_values, seed=args.seed)
-    probes = ProbeFactory(spec, tokenizer, essays).all()  # a length too short for a task: ValueError
+    probes = ProbeFactory(spec, tokenizer, corpus_texts(args.corpus)).all()  # too short a length: ValueError
     if args.save_probes:
         save_probes(args.save_probes, probes, tokenizer.decode)
-    scorer = Evaluator.load(config, ckpt=args.ckpt, hf=args.hf)
+    evaluator = Evaluator.load(config, ckpt=args.ckpt, hf=args.hf)
     started = time.perf_counter()
-    scores = scorer.score(probes, progress=tqdm(total=len(probes), desc="probes", unit="probe", dynamic_ncols=True))
+    scores = evaluator.score(probes, progress=tqdm(total=len(probes), desc="probes", unit="probe", dynamic_ncols=True))
     seconds = time.perf_counter() - started
     verdicts = [verdict(p, lp, rank) for p, (lp, rank) in zip(probes, scores)]
     about = {"model": str(args.ckpt or args.hf), "config": str(args.config), "overrides": args.overrides,
              "tokenizer": tokenizer.name, "spec": {**spec.__dict__, "corpus": args.corpus},
-             "mesh": dict(scorer.mesh.shape), "attention_backend": scorer.model.config.attention_backend,
-             "seconds": round(seconds, 2),
-             "tokens_per_s": round(sum(p.length for p in probes) / seconds, 1)}
+             "mesh": dict(evaluator.mesh.shape), "attention_backend": evaluator.model.config.attention_backend,
+             "seconds": round(seconds, 2), "tokens_per_s": round(sum(p.length for p in probes) / seconds, 1)}
     written = write_results(args.out, verdicts, about)
-    return {"verdicts": verdicts, "written": written, **about}
+    return ((args.out / "table.md").read_text() + f"\n{len(verdicts)} probes in {about['seconds']} s "
+            f"({about['tokens_per_s']:.0f} tokens/s) on mesh {about['mesh']} with {about['attention_backend']} "
+            "attention; written: " + ", ".join(map(str, written)) + "\n"
+            + json.dumps({"exact": sum(v.exact for v in verdicts) / len(verdicts)}))
 
 
-def run_dependency(args: argparse.Namespace) -> dict:
+def run_dependency(args: argparse.Namespace) -> str:
+    """Writes the dependency measurement; returns what to print."""
     from synth.tfrecord import read_dataset
 
     from nextlong_jax.eval.dependency import measure, write
@@ -154,38 +156,34 @@ def run_dependency(args: argparse.Namespace) -> dict:
     result = measure(evaluator, examples, args.targets_per_segment, args.seed)
     about = {"model": str(args.ckpt or args.hf), "data": str(args.data), "sequences": len(examples),
              "mesh": dict(evaluator.mesh.shape), "seconds": round(time.perf_counter() - started, 2)}
-    return {"result": result, "written": write(args.out, result, about), **about}
+    written = write(args.out, result, about)
+    return ((args.out / "dependency.md").read_text() + f"\n{len(examples)} sequences in {about['seconds']} s on "
+            f"mesh {about['mesh']}; written: " + ", ".join(map(str, written)))
+
+
+def run_ablation(args: argparse.Namespace) -> str:
+    """Synthesizes, trains and evaluates every arm of the preset; returns the report."""
+    from nextlong_jax.eval.ablation import AblationConfig, run_ablation as run
+
+    report = run(AblationConfig.load(args.config), args.out)
+    return report.read_text() + f"\nreport: {report}"
+
+
+COMMANDS = {"probes": run_probes, "dependency": run_dependency, "ablation": run_ablation}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from nextlong_jax.convert import ConversionError
     from nextlong_jax.train_config import ConfigError
     from nextlong_jax.train_setup import TrainError
-    from nextlong_jax.convert import ConversionError
 
     try:
-        if args.command == "ablation":
-            from nextlong_jax.eval.ablation import AblationConfig, run_ablation
-
-            report = run_ablation(AblationConfig.load(args.config), args.out)
-            print(report.read_text())
-            print(f"report: {report}")
-            return 0
-        result = run_probes(args) if args.command == "probes" else run_dependency(args)
+        print(COMMANDS[args.command](args))
     except (ConfigError, TrainError, ConversionError, OSError, ValueError, RuntimeError) as e:
         print(f"nextlong-eval: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    if args.command == "dependency":
-        print((args.out / "dependency.md").read_text())
-        print(f"{result['sequences']} sequences in {result['seconds']} s on mesh {result['mesh']}; written: "
-              + ", ".join(str(p) for p in result["written"]))
-        return 0
-    print((args.out / "table.md").read_text())
-    print(f"{len(result['verdicts'])} probes in {result['seconds']} s ({result['tokens_per_s']:.0f} tokens/s) on mesh "
-          f"{result['mesh']} with {result['attention_backend']} attention; written: "
-          + ", ".join(str(p) for p in result["written"]))
-    print(json.dumps({"exact": sum(v.exact for v in result["verdicts"]) / len(result["verdicts"])}))
     return 0
 
 

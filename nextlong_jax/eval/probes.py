@@ -64,6 +64,14 @@ class ProbeSpec:
     seed: int = 0
 
 
+def corpus_texts(path: str, limit: int = 2000) -> list[str]:
+    """Texts for essay haystacks and common-word lists: the first `limit` documents of a corpus
+    (`synth` paths: files, directories, globs, or the bundled `sample:pydocs`)."""
+    from synth.corpus import CorpusSpec, ReadStats, read_documents
+
+    return [d.text for d in read_documents(CorpusSpec(path=path, max_docs=limit), ReadStats())]
+
+
 class _Pieces:
     """Text pieces tokenized one by one (see the module docstring)."""
 
