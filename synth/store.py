@@ -148,15 +148,21 @@ def _write_block(directory: Path, docs: list[Document], texts_chunks, embeddings
     (tmp / _DOC_SOURCES).write_text(json.dumps([d.source for d in docs], ensure_ascii=False))
     np.save(tmp / embedding_name, embeddings)
     _window_file(tmp, embedding_name).write_text(json.dumps({"chunks_over_window": over_window}))
-    if not (directory / embedding_name).is_file():
-        shutil.rmtree(directory, ignore_errors=True)  # partial, or made for another embedder
+    complete = (directory / _DOC_IDS).is_file()  # a block directory appears whole, by the rename below
+    if complete and not (directory / embedding_name).is_file():
+        # Made for another embedder: add this one's vectors beside its, the embedding file (the marker)
+        # last, so that runs with and without an embedder (nextlong, plain-concat) share one cache.
+        for name in (_window_file(tmp, embedding_name).name, embedding_name):
+            os.replace(tmp / name, directory / name)
+    elif not complete:
+        shutil.rmtree(directory, ignore_errors=True)  # what an interrupted older version left
         try:
             os.replace(tmp, directory)
             return
         except OSError:
             if not (directory / embedding_name).is_file():
                 raise
-    # Another worker made the same block meanwhile, with the same content: keep theirs.
+    # Done above, or another worker made the same block meanwhile, with the same content: keep theirs.
     shutil.rmtree(tmp, ignore_errors=True)
 
 

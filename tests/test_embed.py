@@ -47,3 +47,19 @@ def test_the_summary_warns_about_chunks_the_encoder_cannot_read_whole(tmp_path, 
     assert main([*args[:3], str(tmp_path / "wide"), *args[4:], "--embed-max-tokens", "512"]) == 0
     wide = json.loads((tmp_path / "wide" / "manifest.json").read_text())["counts"]
     assert wide["documents"]["meta"]["chunks_over_embedder_window"] == 0
+
+
+def test_a_run_without_an_embedder_keeps_the_cached_vectors_of_one_with(tmp_path):
+    """plain-concat (no embedder) between two nextlong runs sharing a cache: the blocks keep both
+    embedders' files, and the second nextlong run reuses its vectors instead of embedding again."""
+    common = ["--meta", "sample:pydocs", "--max-meta-docs", "12", "--embedder", "hashing", "--index", "faiss-flat",
+              "--seq-len", "1024", "--chunk-tokens", "64", "--num-shards", "1", "--docs-per-block", "4",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    vectors = sorted((tmp_path / "cache").glob("chunks-*/block-*/emb-hashing*.npy"))
+    written = {p: p.stat().st_mtime_ns for p in vectors}
+    assert len(vectors) == 3
+    assert main([*common, "--out", str(tmp_path / "b"), "--strategy", "plain-concat"]) == 0
+    assert all(len(list(p.parent.glob("emb-*.npy"))) == 2 for p in vectors)  # hashing's and none's
+    assert main([*common, "--out", str(tmp_path / "c")]) == 0
+    assert {p: p.stat().st_mtime_ns for p in vectors} == written
