@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import packed_segments
 from nextlong_jax.model.attention import Blocks, attention
 
 
@@ -18,15 +19,6 @@ def _inputs(b=2, length=96, heads=4, kv_heads=2, d=16, seed=0):
     k = jnp.asarray(rng.standard_normal((b, length, kv_heads, d)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((b, length, kv_heads, d)), jnp.float32)
     return q, k, v
-
-
-def _packed_segments(b, length):
-    seg = np.ones((b, length), np.int32)
-    seg[0, length // 3:] = 2
-    seg[0, 2 * length // 3:] = 3
-    seg[0, -5:] = 0  # padding tail
-    seg[-1, length // 2:] = 2
-    return jnp.asarray(seg)
 
 
 CASES = {
@@ -40,7 +32,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_blockwise_matches_reference_value_and_gradient(case):
     q, k, v = _inputs(length=case["length"], heads=case["heads"], kv_heads=case["kv_heads"])
-    seg = _packed_segments(2, case["length"]) if case["segments"] else None
+    seg = jnp.asarray(packed_segments(2, case["length"])) if case["segments"] else None
     cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
 
     def run(backend):

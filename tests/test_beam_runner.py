@@ -17,9 +17,9 @@ pytest.importorskip("apache_beam")
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from apache_beam.io.filesystem import FileMetadata  # noqa: E402
-from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
 
+from helpers import synth_args, write_corpus  # noqa: E402
+from mirror_filesystem import MirrorFileSystem  # noqa: E402
 from synth.cli import main  # noqa: E402
 from synth.corpus import CorpusSpec, ReadStats, read_documents, resolve_sources  # noqa: E402
 from synth.config import build_config  # noqa: E402
@@ -27,7 +27,6 @@ from synth.errors import SynthError  # noqa: E402
 from synth.shards import OpenInputs, ShardInputs, make_shard  # noqa: E402
 from synth.staging import Mirror, staging_dir  # noqa: E402
 from synth.store import StoreRef  # noqa: E402
-from test_pipeline import synth_args, write_corpus  # noqa: E402
 
 BEAM = ["--runner", "beam", "--beam-options", "--direct_num_workers=2 --direct_running_mode=multi_processing"]
 
@@ -77,46 +76,6 @@ def test_beam_runner_writes_the_local_runners_examples(inputs, tmp_path):
     shards = {p: p.stat().st_mtime_ns for p in beam.glob("*.tfrecord*")}
     assert main(synth_args(meta, beam, *args, *BEAM)) == 0
     assert {p: p.stat().st_mtime_ns for p in beam.glob("*.tfrecord*")} == shards
-
-
-class MirrorFileSystem(LocalFileSystem):
-    """The local disk under a URL scheme: files named by URL go through Beam's filesystem registry, as
-    gs:// or s3:// files do, without a network."""
-
-    PREFIX = "mirror://"
-
-    @classmethod
-    def scheme(cls):
-        return "mirror"
-
-    def _local(self, path):
-        return path.removeprefix(self.PREFIX)
-
-    def exists(self, path):
-        return super().exists(self._local(path))
-
-    def metadata(self, path):
-        found = super().metadata(self._local(path))
-        return FileMetadata(path, found.size_in_bytes, found.last_updated_in_seconds)
-
-    def _url_dirname(self, url):
-        return self.PREFIX + super()._url_dirname(self._local(url))
-
-    def _list(self, prefix):
-        for found in super()._list(self._local(prefix)):
-            yield FileMetadata(self.PREFIX + found.path, found.size_in_bytes, found.last_updated_in_seconds)
-
-    def _path_open(self, path, *args, **kwargs):
-        return super()._path_open(self._local(path), *args, **kwargs)
-
-    def create(self, path, *args, **kwargs):
-        return super().create(self._local(path), *args, **kwargs)
-
-    def rename(self, sources, destinations):
-        return super().rename([self._local(p) for p in sources], [self._local(p) for p in destinations])
-
-    def delete(self, paths):
-        return super().delete([self._local(p) for p in paths])
 
 
 def test_inputs_named_by_url_are_read_through_beam_filesystems(inputs, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
 from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE
 from synth.assemble import Joiner, Packer, Piece
 from synth.chunking import chunk_document
@@ -20,21 +21,13 @@ from synth.inspect import Inspected, inspect, render_html, spans
 from synth.tfrecord import parser, read_dataset, to_example
 from synth.tokenizer import load_tokenizer
 
-TOPICS = ["apple orchard harvest", "river boat current", "python list index", "violin string bow"]
 ROLE_IDS = {name: role for role, name in ROLE_NAMES.items()}
 META_RGB, NEGATIVE_RGB = (0xCD, 0xE3, 0xFF), (0xFF, 0xD8, 0xB0)  # synth.inspect's role backgrounds
 
 
-def write_corpus(path: Path, docs: int, seed: int = 0, paragraphs: int = 6) -> Path:
+def write_corpus(path: Path, docs: int) -> Path:
     """Multi-paragraph documents; '<i>' and '&amp;' in the text must reach the page escaped."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for d in range(docs):
-            topic = TOPICS[d % len(TOPICS)].split()
-            paras = [" ".join(rng.choice(topic + ["the", "of", "<i>", "&amp;", f"w{d}", f"p{p}"], 40)) + "."
-                     for p in range(paragraphs)]
-            f.write(json.dumps({"id": f"doc{d}", "text": "\n".join(paras)}) + "\n")
-    return path
+    return helpers.write_corpus(path, docs, topics=helpers.TOPICS[:4], filler=("the", "of", "<i>", "&amp;"))
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,13 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import packed_segments
 from multidevice import ROOT, run_on_8_devices
 from nextlong_jax.gpu_targets import GPUS, target_config
 from nextlong_jax.model.attention import pallas_gpu
 
 DEVICE_KINDS = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200 141GB HBM3e",
                 "a100": "NVIDIA A100-SXM4-80GB", "b200": "NVIDIA B200"}
-
-
-def _packed_segments(b: int, length: int) -> np.ndarray:
-    """Ragged documents per row and a padding tail (segment 0); the last row is one document."""
-    seg = np.ones((b, length), np.int32)
-    seg[0, 11:] = 2
-    seg[0, 40:] = 3
-    seg[0, -9:] = 0
-    return seg
 
 
 CASES = {  # name: (B, L, H, K, D, block_q, block_k, packed)
@@ -52,7 +44,7 @@ def test_interpret_matches_reference_in_value_and_grads(name):
     q = jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((b, length, kv, d)), jnp.float32) for _ in range(2))
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    seg = jnp.asarray(_packed_segments(b, length) if packed else np.ones((b, length), np.int32))
+    seg = jnp.asarray(packed_segments(b, length) if packed else np.ones((b, length), np.int32))
 
     got, got_vjp = jax.vjp(lambda q, k, v: pallas_gpu.pallas_gpu_attention(
         q, k, v, seg, block_q=bq, block_k=bk, interpret=True), q, k, v)
@@ -199,7 +191,7 @@ def _child_sharded() -> None:
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.standard_normal((4, 64, 4, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((4, 64, 2, 16)), jnp.float32) for _ in range(2))
-    seg = jnp.asarray(np.concatenate([_packed_segments(2, 64)] * 2))
+    seg = jnp.asarray(np.concatenate([packed_segments(2, 64)] * 2))
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     kernel = partial(pallas_gpu.pallas_gpu_attention, block_q=16, block_k=16, interpret=True)
     want = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg), q, k, v)

@@ -10,33 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import TOPICS, synth_args, write_corpus
 from synth.chunking import chunk_document
 from synth.cli import main
 from synth.config import build_config
 from synth.tfrecord import read_dataset
 from synth.tokenizer import load_tokenizer
-
-TOPICS = ["apple orchard harvest", "river boat current", "python list index", "violin string bow",
-          "glacier ice snow", "market price trade", "rocket fuel orbit", "bread flour oven"]
-
-
-def write_corpus(path: Path, docs: int, seed: int = 0, paragraphs: int = 6) -> Path:
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for d in range(docs):
-            topic = TOPICS[d % len(TOPICS)].split()
-            paras = []
-            for p in range(paragraphs):
-                words = rng.choice(topic + ["the", "a", "of", "and", f"w{d}", f"p{p}"], 40)
-                paras.append(" ".join(words) + ".")
-            f.write(json.dumps({"id": f"doc{d}", "text": "\n".join(paras)}) + "\n")
-    return path
-
-
-def synth_args(meta, out, *extra):
-    return ["--meta", str(meta), "--out", str(out), "--tokenizer", "llama3",
-            "--embedder", "hashing", "--index", "faiss-flat", "--seq-len", "1024",
-            "--chunk-tokens", "64", "--num-shards", "2", "--docs-per-block", "8", *extra]
 
 
 def shard_bytes(out: Path) -> dict[str, object]:

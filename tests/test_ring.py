@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import packed_segments
 from multidevice import run_on_8_devices
 from nextlong_jax import load_balance
 
@@ -65,16 +66,6 @@ def test_ring_llama_loss_and_grads_match_single_device():
     assert "model ok" in run_on_8_devices(__file__, "model")
 
 
-def _packed_segments(b: int, length: int) -> np.ndarray:
-    """Several documents per row, ragged boundaries, a padding tail (segment 0)."""
-    seg = np.ones((b, length), np.int32)
-    seg[0, 13:] = 2
-    seg[0, 40:] = 3
-    seg[0, -7:] = 0
-    seg[-1, length // 2 + 3:] = 2
-    return seg
-
-
 def _child_attention() -> None:
     import jax
 
@@ -95,7 +86,7 @@ def _child_attention() -> None:
         q = jnp.asarray(rng.standard_normal((b, length, heads, 8)), jnp.float32)
         k, v = (jnp.asarray(rng.standard_normal((b, length, kv_heads, 8)), jnp.float32) for _ in range(2))
         ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-        seg = jnp.asarray(_packed_segments(b, length) if packed else np.ones((b, length), np.int32))
+        seg = jnp.asarray(packed_segments(b, length) if packed else np.ones((b, length), np.int32))
 
         def ring(q, k, v):
             if not zigzag:
@@ -133,7 +124,7 @@ def _child_model() -> None:
     b, length, shards = 4, 64, 4
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (b, length)).astype(np.int32)
-    segments = _packed_segments(b, length)
+    segments = packed_segments(b, length)
     starts = np.concatenate([np.ones((b, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
     index = np.arange(length)[None].repeat(b, 0)
     positions = (index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)).astype(np.int32)

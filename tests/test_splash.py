@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import packed_segments
 from multidevice import ROOT, run_on_8_devices
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention import Blocks, splash
@@ -79,17 +80,6 @@ def test_splash_compiles_for_tpu_v5p():
     assert "tpu compile ok" in proc.stdout
 
 
-def _packed_segments(b: int, length: int) -> np.ndarray:
-    """Several documents per row with ragged boundaries, and a padding tail (segment 0)."""
-    seg = np.ones((b, length), np.int32)
-    seg[0, 100:] = 2
-    seg[0, 333:] = 3
-    seg[0, -77:] = 0
-    seg[-1, length // 2 + 5:] = 2
-    seg[-1, -130:] = 0
-    return seg
-
-
 def _child_attention() -> None:
     import jax
     import jax.numpy as jnp
@@ -112,7 +102,7 @@ def _child_attention() -> None:
         q = jnp.asarray(rng.standard_normal((b, length, heads, head_dim)), jnp.float32)
         k, v = (jnp.asarray(rng.standard_normal((b, length, kv_heads, head_dim)), jnp.float32) for _ in range(2))
         ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-        seg = jnp.asarray(_packed_segments(b, length))
+        seg = jnp.asarray(packed_segments(b, length))
 
         want, want_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg), q, k, v)
         want_grads = want_vjp(ct)

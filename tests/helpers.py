@@ -1,0 +1,45 @@
+"""What several test modules build their inputs with: packed segment ids for the attention kernels,
+and small synthesis corpora with the command line that turns them into an output quickly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TOPICS = ("apple orchard harvest", "river boat current", "python list index", "violin string bow",
+          "glacier ice snow", "market price trade", "rocket fuel orbit", "bread flour oven")
+
+
+def packed_segments(b: int, length: int) -> np.ndarray:
+    """int32 [b, length] segment ids as packed data has them: row 0 three documents and a padding tail
+    (segment 0), the last row two documents and padding, rows between one document. Boundaries fall
+    off the power-of-two block edges the kernels tile by."""
+    seg = np.ones((b, length), np.int32)
+    seg[0, length // 5 + 1:] = 2
+    seg[0, 3 * length // 5 + 2:] = 3
+    seg[0, length - length // 9 - 1:] = 0
+    seg[-1, length // 2 + 3:] = 2
+    seg[-1, length - length // 8 - 1:] = 0
+    return seg
+
+
+def write_corpus(path: Path, docs: int, seed: int = 0, paragraphs: int = 6, topics: tuple[str, ...] = TOPICS,
+                 filler: tuple[str, ...] = ("the", "a", "of", "and")) -> Path:
+    """JSONL of `docs` documents, each of `paragraphs` 40-word paragraphs drawn from its topic's words,
+    `filler` and its own marker words: documents of one topic are similar, so negatives are found."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for d in range(docs):
+            topic = topics[d % len(topics)].split()
+            paras = [" ".join(rng.choice(topic + [*filler, f"w{d}", f"p{p}"], 40)) + "." for p in range(paragraphs)]
+            f.write(json.dumps({"id": f"doc{d}", "text": "\n".join(paras)}) + "\n")
+    return path
+
+
+def synth_args(meta, out, *extra) -> list[str]:
+    """`nextlong-synth` arguments for a quick run: hashing embedder, exact index, 1024-token sequences."""
+    return ["--meta", str(meta), "--out", str(out), "--tokenizer", "llama3",
+            "--embedder", "hashing", "--index", "faiss-flat", "--seq-len", "1024",
+            "--chunk-tokens", "64", "--num-shards", "2", "--docs-per-block", "8", *extra]
