@@ -1,9 +1,10 @@
 """Training input: TFRecord shards written by synthesis -> per-host numpy batches.
 
-What the shards hold is the contract in `nextlong_jax.schema`; provenance features are ignored.
-No shard is trusted blindly: against a manifest, every shard's size (and on request its sha256)
-is checked before step 1; without one, a shard that fails to read mid-run is named, with the
-record where it broke, instead of surfacing as TensorFlow's traceback.
+What the shards hold is the contract in `nextlong_jax.schema`, read through `nextlong_jax.output_reader`;
+provenance features are ignored. No shard is trusted blindly: against a manifest, local or at a URL,
+every shard's size (and on request its sha256) is checked before step 1; without one, a shard that
+fails to read mid-run is named, with the record where it broke, instead of surfacing as TensorFlow's
+traceback.
 
 Order is a pure function of (files, seed): files are shuffled per epoch, read interleaved, and
 records pass a seeded shuffle buffer. Resuming skips the records already consumed, before parsing,
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from nextlong_jax.schema import (FLOAT_FEATURES, INT_FEATURES, MANIFEST, ROLE_NEGATIVE, TRAINING_FEATURES, Manifest,
-                                 ManifestError, file_sha256, segment_starts)
+from nextlong_jax.output_reader import check_shards, names_output, parser, read_output
+from nextlong_jax.schema import FLOAT_FEATURES, ROLE_NEGATIVE, TRAINING_FEATURES, ManifestError, segment_starts
 from nextlong_jax.train_config import DataConfig
 
 
@@ -34,25 +34,23 @@ class Shards:
 
 
 def find_shards(source: str, seq_len: int, verify_sha256: bool = False) -> Shards:
-    """Shards from a synthesis output dir, its manifest.json, or a glob of .tfrecord(.gz) files."""
-    import tensorflow as tf
-
+    """Shards from a synthesis output (its directory or manifest.json, a local path or a URL), checked
+    against its manifest (`output_reader.check_shards`), or from a glob of .tfrecord(.gz) files."""
     if not source:
         raise DataError("no dataset given (--data GLOB_OR_MANIFEST)")
-    path = Path(source)
-    if path.is_dir() or path.suffix == ".json":
-        manifest_path = path / MANIFEST if path.is_dir() else path
-        if not manifest_path.is_file():
-            raise DataError(f"no {MANIFEST} at {manifest_path}")
+    if names_output(source):
         try:
-            manifest = Manifest.load(manifest_path)
+            output = read_output(source)
+            if output.manifest.seq_len != seq_len:
+                raise DataError(f"{output.manifest_path}: sequences are {output.manifest.seq_len} tokens but "
+                                f"data.seq_len={seq_len}")
+            check_shards(output, verify_sha256)
         except ManifestError as e:
             raise DataError(str(e)) from None
-        if manifest.seq_len != seq_len:
-            raise DataError(f"{manifest_path}: sequences are {manifest.seq_len} tokens but data.seq_len={seq_len}")
-        check_against_manifest(manifest, manifest_path.parent, verify_sha256)
-        files, compression = tuple(str(p) for p in manifest.paths(manifest_path.parent)), manifest.tf_compression
+        files, compression = output.shard_files, output.manifest.tf_compression
     else:
+        import tensorflow as tf
+
         # tf.io.gfile, not glob: pod hosts read shards from object stores (gs://...) as well.
         files = tuple(sorted(tf.io.gfile.glob(source)))
         gz = {f.endswith(".gz") for f in files}
@@ -61,26 +59,7 @@ def find_shards(source: str, seq_len: int, verify_sha256: bool = False) -> Shard
         compression = "GZIP" if gz == {True} else ""
     if not files:
         raise DataError(f"no TFRecord shards match {source}")
-    missing = [f for f in files if not tf.io.gfile.exists(f)]
-    if missing:
-        raise DataError(f"shard {missing[0]} is missing ({len(missing)} missing in all)")
     return Shards(files, compression)
-
-
-def check_against_manifest(manifest: Manifest, root: Path, verify_sha256: bool) -> None:
-    """Every listed shard is present with the size (and, if asked, the sha256) the manifest states.
-
-    A copy cut short by an interrupted transfer is caught here, before any compile or step.
-    """
-    for shard, path in zip(manifest.shards, manifest.paths(root)):
-        if not path.is_file():
-            raise DataError(f"shard {path} is listed in {MANIFEST} but missing")
-        size = path.stat().st_size
-        if shard.bytes is not None and size != shard.bytes:
-            raise DataError(f"shard {path} is {size} bytes but {MANIFEST} says {shard.bytes}: an incomplete "
-                            "or altered copy; copy it again")
-        if verify_sha256 and file_sha256(path) != shard.sha256:
-            raise DataError(f"shard {path} does not match the sha256 in {MANIFEST}: corrupted; copy it again")
 
 
 def locate_damage(shards: Shards) -> str:
@@ -146,12 +125,10 @@ def _records(shards: Shards, config: DataConfig, index: int):
 def _dataset(sources: list[Shards], config: DataConfig, per_host_batch: int, skip_records: int):
     import tensorflow as tf
 
-    spec = {name: tf.io.FixedLenFeature([config.seq_len], tf.int64) for name in INT_FEATURES}
-    spec.update({name: tf.io.FixedLenFeature([config.seq_len], tf.float32) for name in FLOAT_FEATURES})
+    parse_example = parser(config.seq_len)
 
     def parse(record):
-        example = tf.io.parse_single_example(record, spec)
-        return {k: tf.cast(v, tf.int32) if v.dtype == tf.int64 else v for k, v in example.items()}
+        return {k: tf.cast(v, tf.int32) if v.dtype == tf.int64 else v for k, v in parse_example(record).items()}
 
     streams = [_records(shards, config, i) for i, shards in enumerate(sources)]
     # Drawn per sequence with a seeded generator: the mixed stream is a pure function of the seed,

@@ -2,7 +2,8 @@
 
 A synthesis output directory holds TFRecord shards, one `tf.train.Example` per training sequence,
 and `manifest.json`. Both sides import the names, roles, rules and manifest from here, and only
-here; this module needs neither TensorFlow nor JAX, so either side imports it cheaply.
+here; this module needs neither TensorFlow nor JAX, so either side imports it cheaply. Every reader
+reads an output through `nextlong_jax.output_reader`.
 
 Features, each of exactly `seq_len` values per sequence: `input_ids`, `token_roles`,
 `segment_ids`, `positions` (int64) and `loss_weights` (float32); provenance, variable length:
@@ -15,9 +16,9 @@ last two still read (as empty lists) and older readers read newer outputs.
 from __future__ import annotations
 
 import hashlib
-import json
+import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -40,7 +41,7 @@ READABLE_VERSIONS = (1, 2)
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the file."""
+    """A manifest that cannot be used, or shards that do not match it; the message names the file."""
 
 
 def segment_starts(segment_ids: np.ndarray) -> np.ndarray:
@@ -55,13 +56,21 @@ def segment_starts(segment_ids: np.ndarray) -> np.ndarray:
     return starts & (segment_ids != 0)
 
 
-def file_sha256(path: Path) -> str:
-    """The digest a manifest states for a shard file: the writer records it, the reader checks it."""
+def stream_sha256(stream: BinaryIO) -> str:
+    """The digest a manifest states for a shard file, of its bytes read from `stream`: the writer
+    records it, the reader checks it."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_url(location: str) -> bool:
+    """Whether a location (an input, the output, a shard) is a URL (gs://, s3://, ...) rather than a local path."""
+    return bool(_URL.match(location))
 
 
 @dataclass(frozen=True)
@@ -88,9 +97,6 @@ class Manifest:
         """As `tf.data` spells it."""
         return "GZIP" if self.compression == "gzip" else ""
 
-    def paths(self, root: Path) -> list[Path]:
-        return [root / shard.file for shard in self.shards]
-
     def to_dict(self) -> dict:
         return {**self.extra, "format": FORMAT, "format_version": self.version, "seq_len": self.seq_len,
                 "compression": self.compression, "shards": [asdict(s) for s in self.shards]}
@@ -110,16 +116,6 @@ class Manifest:
             raise ManifestError(f"{where}: not a synthesis manifest (bad or missing {e})") from None
         known = {"format", "format_version", "seq_len", "compression", "shards"}
         return cls(seq_len, compression, shards, version, {k: v for k, v in data.items() if k not in known})
-
-    @classmethod
-    def load(cls, path: Path) -> Manifest:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise ManifestError(f"{path}: unreadable manifest ({e})") from None
-        if not isinstance(data, dict):
-            raise ManifestError(f"{path}: not a synthesis manifest (not a JSON object)")
-        return cls.from_dict(data, str(path))
 
 
 def _version(data: dict) -> object:

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from nextlong_jax.schema import is_url
 from synth.errors import SynthError
-from synth.files import Location, is_url, match_urls, open_binary, signature, size, url_files
+from synth.files import Location, match_urls, open_binary, signature, size, url_files
 
 FORMATS = ("auto", "jsonl", "parquet", "text", "tfds")
 SAMPLE_PREFIX = "sample:"

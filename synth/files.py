@@ -7,14 +7,11 @@ Local paths never touch Beam, so the local runner needs no Beam install unless g
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from pathlib import Path
 from typing import BinaryIO
 
 from synth.errors import SynthError
-
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 Location = Path | str  # a local path, or a URL
 
@@ -28,10 +25,6 @@ def temporary_name(name: str) -> str:
 
 def temporary_sibling(path: Path) -> Path:
     return path.with_name(temporary_name(path.name))
-
-
-def is_url(path: str) -> bool:
-    return bool(_URL.match(path))
 
 
 def beam_filesystems():

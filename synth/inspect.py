@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nextlong_jax.output_reader import parser, read_output
 from nextlong_jax.schema import MANIFEST, ROLE_NAMES, ROLE_NEGATIVE, ROLE_PAD, Manifest, ManifestError
 from synth.errors import SynthError
 from synth.tokenizer import TextTokenizer, load_tokenizer
@@ -66,24 +67,21 @@ def read_example(out: Path, index: int) -> tuple[Manifest, str, int, int, dict]:
     """(manifest, shard file, record within it, total sequences, parsed example) of sequence `index`."""
     import tensorflow as tf
 
-    from synth.tfrecord import parser
-
-    if not (out / MANIFEST).is_file():
-        raise SynthError(f"{out / MANIFEST} not found: not a synthesis output, or its run has not finished")
     try:
-        manifest = Manifest.load(out / MANIFEST)
+        output = read_output(out)
     except ManifestError as e:
         raise SynthError(str(e)) from None
+    manifest = output.manifest
     total = sum(shard.sequences for shard in manifest.shards)
     if not 0 <= index < total:
         raise SynthError(f"--index {index} is out of range: {out} holds {total} sequences"
                          + (f" (0 to {total - 1})" if total else ""))
     record = index
-    for shard in manifest.shards:
+    for shard, path in zip(manifest.shards, output.shard_files):
         if record < shard.sequences:
             break
         record -= shard.sequences
-    dataset = tf.data.TFRecordDataset(str(out / shard.file), compression_type=manifest.tf_compression)
+    dataset = tf.data.TFRecordDataset(path, compression_type=manifest.tf_compression)
     raw = next(iter(dataset.skip(record).take(1)))
     example = {k: v.numpy() for k, v in parser(manifest.seq_len, with_provenance=True)(raw).items()}
     return manifest, shard.file, record, total, example

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nextlong_jax.schema import is_url
 from synth.errors import SynthError
-from synth.files import beam_filesystems, is_url, match_urls, open_binary, temporary_name, temporary_sibling
+from synth.files import beam_filesystems, match_urls, open_binary, temporary_name, temporary_sibling
 
 if TYPE_CHECKING:
     from synth.config import OutputConfig

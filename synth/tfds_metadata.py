@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nextlong_jax.schema import FLOAT_FEATURES, INT_FEATURES, MANIFEST, PROVENANCE_FEATURES, Manifest
+from nextlong_jax.output_reader import read_output
+from nextlong_jax.schema import FLOAT_FEATURES, INT_FEATURES, PROVENANCE_FEATURES, ManifestError
 from synth.errors import SynthError
 from synth.strategies import Strategy
 
@@ -21,7 +22,10 @@ def write_tfds_metadata(out: Path) -> None:
         import tensorflow_datasets as tfds
     except ImportError:
         raise SynthError("--tfds needs tensorflow-datasets: pip install 'nextlong-jax[tfds]'") from None
-    manifest = Manifest.load(out / MANIFEST)
+    try:
+        manifest = read_output(out).manifest
+    except ManifestError as e:
+        raise SynthError(str(e)) from None
     if manifest.compression != "none":
         raise SynthError("--tfds: TFDS reads uncompressed TFRecords only; synthesize with --compression none")
     strategy = manifest.extra.get("strategy", Strategy.NEXTLONG.value)

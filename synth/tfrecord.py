@@ -1,4 +1,5 @@
-"""TFRecord output, written to the contract in `nextlong_jax.schema` (also the README's "Output format").
+"""TFRecord output, written to the contract in `nextlong_jax.schema` (also the README's "Output format"),
+and read back through the contract's one reader (`nextlong_jax.output_reader`).
 
 One `tf.train.Example` per training sequence. Shards are named
 `PREFIX-00000-of-00008.tfrecord` (`.tfrecord.gz` with GZIP), written under a temporary name and
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from nextlong_jax.schema import FLOAT_FEATURES, INT_FEATURES, MANIFEST, PROVENANCE_FEATURES, Manifest, file_sha256
+from nextlong_jax.output_reader import parser, read_output
+from nextlong_jax.schema import FLOAT_FEATURES, INT_FEATURES, PROVENANCE_FEATURES, stream_sha256
 from synth.assemble import Sequence
 from synth.files import temporary_sibling
 
@@ -60,30 +62,8 @@ def write_shard(path: Path, examples, compression: str) -> tuple[int, str]:
         for example in examples:
             writer.write(example)
             count += 1
-    return count, file_sha256(path)
-
-
-def feature_spec(seq_len: int) -> dict:
-    spec = {name: tf.io.FixedLenFeature([seq_len], tf.int64) for name in INT_FEATURES}
-    spec.update({name: tf.io.FixedLenFeature([seq_len], tf.float32) for name in FLOAT_FEATURES})
-    kinds = {"bytes": tf.string, "int64": tf.int64, "float32": tf.float32}
-    spec.update({name: tf.io.VarLenFeature(kinds[kind]) for name, kind in PROVENANCE_FEATURES.items()})
-    return spec
-
-
-def parser(seq_len: int, with_provenance: bool = False):
-    """Parses one serialized example into a dict of dense tensors. Provenance features (variable
-    length) are dropped unless asked for, so that the rest batch as dense [seq_len] tensors."""
-    spec = feature_spec(seq_len)
-    if not with_provenance:
-        spec = {k: v for k, v in spec.items() if k not in PROVENANCE_FEATURES}
-
-    def parse(record):
-        example = tf.io.parse_single_example(record, spec)
-        return {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
-                for k, v in example.items()}
-
-    return parse
+    with open(path, "rb") as f:
+        return count, stream_sha256(f)
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -93,11 +73,9 @@ def write_json(path: Path, value: dict) -> None:
 
 
 def read_dataset(source: str | Path, with_provenance: bool = False) -> tf.data.Dataset:
-    """A `tf.data.Dataset` of parsed sequences (see `parser`) from an output directory or its manifest.json."""
-    source = Path(source)
-    manifest_path = source / MANIFEST if source.is_dir() else source
-    manifest = Manifest.load(manifest_path)
-    files = [str(p) for p in manifest.paths(manifest_path.parent)]
-    dataset = tf.data.TFRecordDataset(files, compression_type=manifest.tf_compression)
-    return dataset.map(parser(manifest.seq_len, with_provenance), num_parallel_calls=tf.data.AUTOTUNE,
+    """A `tf.data.Dataset` of parsed sequences (see `output_reader.parser`) from an output directory or its
+    manifest.json: a local path, or a URL whose shards tf.data reads (gs://)."""
+    output = read_output(source)
+    dataset = tf.data.TFRecordDataset(list(output.shard_files), compression_type=output.manifest.tf_compression)
+    return dataset.map(parser(output.manifest.seq_len, with_provenance), num_parallel_calls=tf.data.AUTOTUNE,
                        deterministic=True)

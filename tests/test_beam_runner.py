@@ -20,6 +20,7 @@ import tensorflow as tf  # noqa: E402
 
 from helpers import synth_args, write_corpus  # noqa: E402
 from mirror_filesystem import MirrorFileSystem  # noqa: E402
+from nextlong_jax.data import find_shards  # noqa: E402
 from synth.cli import main  # noqa: E402
 from synth.corpus import CorpusSpec, ReadStats, read_documents, resolve_sources  # noqa: E402
 from synth.config import build_config  # noqa: E402
@@ -116,6 +117,9 @@ def test_output_and_cache_at_a_url(inputs, tmp_path, capsys):
     assert f"output: {url}/manifest.json" in capsys.readouterr().out
 
     assert _examples(remote) == _examples(tmp_path / "local")
+    # Training on the output at its URL finds the shards there and checks them against the manifest.
+    shards = find_shards(url, 1024, verify_sha256=True).files
+    assert shards == tuple(f"{url}/{p.name}" for p in sorted(remote.glob("*.tfrecord")))
     counts = json.loads((remote / "manifest.json").read_text())["counts"]
     assert counts == json.loads((tmp_path / "local" / "manifest.json").read_text())["counts"]
     assert counts["index"]["recall_at_10"] > 0.5 and counts["corpus_near_duplicate_documents"] is not None

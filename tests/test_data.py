@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from nextlong_jax.data import BatchIterator, DataError, apply_negative_weight, find_shards, host_shards
+from nextlong_jax.data import BatchIterator, DataError, Shards, apply_negative_weight, find_shards, host_shards
 from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
 from nextlong_jax.train_config import DataConfig
 
@@ -131,6 +131,38 @@ def test_manifest_versions_are_checked(shards):
         del shard["bytes"]
     (shards / MANIFEST).write_text(json.dumps(old))
     assert len(find_shards(str(shards), SEQ).files) == 3
+
+
+def test_an_output_at_a_url_is_checked_as_a_local_one(shards):
+    """The manifest at a URL (read through Beam's filesystems; here the stand-in scheme mirror://) is
+    found from the output's URL or its manifest's, and every shard is checked against it before step 1."""
+    pytest.importorskip("apache_beam")
+    from mirror_filesystem import MirrorFileSystem
+
+    url = MirrorFileSystem.PREFIX + str(shards)
+    local = find_shards(str(shards), SEQ)
+    for source in (url, f"{url}/{MANIFEST}"):
+        assert find_shards(source, SEQ, verify_sha256=True) == Shards(
+            tuple(MirrorFileSystem.PREFIX + f for f in local.files), local.compression)
+    with pytest.raises(DataError, match="manifest.json: sequences are 16 tokens but data.seq_len=32"):
+        find_shards(url, 32)
+    with pytest.raises(DataError, match=r"^mirror://\S+/elsewhere/manifest.json not found"):
+        find_shards(f"{url}/elsewhere", SEQ)
+
+    path = shards / "s-1.tfrecord"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"^shard mirror://\S+s-1.tfrecord is \d+ bytes but manifest.json says \d+"):
+        find_shards(url, SEQ)
+    flipped = bytearray(whole)
+    flipped[-10] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    find_shards(url, SEQ)  # sizes agree
+    with pytest.raises(DataError, match=r"^shard mirror://\S+s-1.tfrecord does not match the sha256 in manifest.json"):
+        find_shards(url, SEQ, verify_sha256=True)
+    path.unlink()
+    with pytest.raises(DataError, match=r"^shard mirror://\S+s-1.tfrecord is listed in manifest.json but missing"):
+        find_shards(url, SEQ)
 
 
 def test_a_weighted_mixture_draws_by_its_weights_and_resumes_exactly(tmp_path):

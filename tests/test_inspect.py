@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import helpers
+from nextlong_jax.output_reader import parser
 from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE
 from synth.assemble import Joiner, Packer, Piece
 from synth.chunking import chunk_document
@@ -18,7 +19,7 @@ from synth.cli import main
 from synth.embed import HashingEmbedder
 from synth.errors import SynthError
 from synth.inspect import Inspected, inspect, render_html, spans
-from synth.tfrecord import parser, read_dataset, to_example
+from synth.tfrecord import read_dataset, to_example
 from synth.tokenizer import load_tokenizer
 
 ROLE_IDS = {name: role for role, name in ROLE_NAMES.items()}

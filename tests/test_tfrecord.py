@@ -1,9 +1,10 @@
 import numpy as np
 import tensorflow as tf
 
+from nextlong_jax.output_reader import feature_spec
 from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
 from synth.assemble import Sequence
-from synth.tfrecord import feature_spec, read_dataset, shard_name, to_example, write_json, write_shard
+from synth.tfrecord import read_dataset, shard_name, to_example, write_json, write_shard
 
 
 def _sequence(rng, seq_len, n_neg):
@@ -53,14 +54,20 @@ def test_shards_parse_back_with_plain_tf_data(tmp_path):
 
 
 def test_writer_and_reader_share_one_contract():
-    """Synthesis writes and training reads through the same objects of `nextlong_jax.schema`."""
-    import nextlong_jax.data as reader
+    """Synthesis writes through the objects of `nextlong_jax.schema`, and every reader of an output
+    (training, `read_dataset`, `inspect`) finds, checks and parses it through `nextlong_jax.output_reader`."""
+    import nextlong_jax.data as training
+    import nextlong_jax.output_reader as reader
     import nextlong_jax.schema as schema
     import synth.assemble as packer
+    import synth.inspect as inspect
+    import synth.stages as stages
     import synth.tfrecord as writer
 
     assert writer.INT_FEATURES is reader.INT_FEATURES is schema.INT_FEATURES
     assert writer.FLOAT_FEATURES is reader.FLOAT_FEATURES is schema.FLOAT_FEATURES
-    assert writer.Manifest is reader.Manifest is schema.Manifest
-    assert packer.segment_starts is reader.segment_starts is schema.segment_starts
+    assert stages.Manifest is reader.Manifest is schema.Manifest
+    assert writer.read_output is training.read_output is inspect.read_output is reader.read_output
+    assert writer.parser is training.parser is inspect.parser is reader.parser
+    assert packer.segment_starts is training.segment_starts is schema.segment_starts
     assert (packer.ROLE_META, packer.ROLE_NEGATIVE) == (schema.ROLE_META, schema.ROLE_NEGATIVE) == (1, 2)
