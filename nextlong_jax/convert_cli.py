@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+from nextlong_jax.dtypes import DTYPES
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ckpt", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--tokenizer", type=Path, help="tokenizer directory (or single file) to copy in")
-    b.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast tensors (default: as stored)")
+    b.add_argument("--dtype", choices=DTYPES, help="cast tensors (default: as stored)")
     b.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     v = sub.add_parser("verify", help="compare logits of the HF model and the checkpoint")
     v.add_argument("--hf", type=Path, required=True)

@@ -1,4 +1,5 @@
-"""Accelerator chips as their makers publish them: dense bf16 peak (MFU's denominator) and HBM.
+"""Accelerator chips as their makers publish them: dense bf16 peak (MFU's denominator) and HBM, and
+how slices and hosts of them are named (`nextlong_jax.topology`). This table is the one list of chips.
 
 Chips are recognised by `Device.device_kind` as the chip itself reports it, which is not always
 its marketing name: a v5p says "TPU v5", a v5e "TPU v5 lite", a v6e "TPU v6 lite", an Ironwood "TPU7x". Compile-only
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import jax
+if TYPE_CHECKING:
+    import jax
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,11 @@ class Chip:
     kind: str  # regular expression matched in full against `Device.device_kind`
     bf16_flops: float  # dense, per device
     hbm_bytes: int  # published decimal gigabytes, per device
+    platform: str  # "tpu" or "gpu"
+    cores: int = 1  # TPU: TensorCores per chip, the unit of a slice name's number (a v5p-8 is 4 chips)
+    grid_rank: int = 1  # TPU: dimensions of a slice's chip grid (the ICI torus or mesh)
+    devices: int = 1  # jax devices per chip
+    plannable: bool = True  # compile-only devices exist for it (GPUs: a target in `nextlong_jax.gpu_targets`)
 
     @property
     def hbm_gib(self) -> float:
@@ -31,19 +39,23 @@ class Chip:
 
 GB = 10**9
 CHIPS: tuple[Chip, ...] = (
-    Chip("v4", r"TPU v4", 275e12, 32 * GB),
-    Chip("v5p", r"TPU v5", 459e12, 95 * GB),
-    Chip("v5e", r"TPU v5 lite", 197e12, 16 * GB),
-    Chip("v6e", r"TPU v6 lite", 918e12, 32 * GB),
-    Chip("tpu7x", r"TPU7x", 2307e12 / 2, 192 * GB // 2),  # Ironwood: 2,307 TF bf16 and 192 GB per chip
-    Chip("h100", r"NVIDIA H100.*", 989e12, 80 * GB),
-    Chip("h200", r"NVIDIA H200.*", 989e12, 141 * GB),
-    Chip("a100", r"NVIDIA A100.*80GB.*", 312e12, 80 * GB),
-    Chip("a100-40gb", r"NVIDIA A100.*", 312e12, 40 * GB),
-    Chip("b200", r"NVIDIA B200.*", 2250e12, 180 * GB),
-    Chip("l40s", r"NVIDIA L40S.*", 362e12, 48 * GB),
+    Chip("v4", r"TPU v4", 275e12, 32 * GB, "tpu", cores=2, grid_rank=3),
+    Chip("v5p", r"TPU v5", 459e12, 95 * GB, "tpu", cores=2, grid_rank=3),
+    Chip("v5e", r"TPU v5 lite", 197e12, 16 * GB, "tpu", cores=1, grid_rank=2),
+    Chip("v6e", r"TPU v6 lite", 918e12, 32 * GB, "tpu", cores=1, grid_rank=2),
+    # Ironwood: 2,307 TF bf16 and 192 GB per chip, seen by jax as one device per die
+    Chip("tpu7x", r"TPU7x", 2307e12 / 2, 192 * GB // 2, "tpu", cores=2, grid_rank=3, devices=2),
+    Chip("h100", r"NVIDIA H100.*", 989e12, 80 * GB, "gpu"),
+    Chip("h200", r"NVIDIA H200.*", 989e12, 141 * GB, "gpu"),
+    Chip("a100", r"NVIDIA A100.*80GB.*", 312e12, 80 * GB, "gpu"),
+    Chip("a100-40gb", r"NVIDIA A100.*", 312e12, 40 * GB, "gpu", plannable=False),
+    Chip("b200", r"NVIDIA B200.*", 2250e12, 180 * GB, "gpu"),
+    Chip("l40s", r"NVIDIA L40S.*", 362e12, 48 * GB, "gpu", plannable=False),
 )
 CHIPS_BY_NAME = {chip.name: chip for chip in CHIPS}
+# The chips `nextlong_jax.topology` names slices (TPUs) and hosts (GPUs) of.
+TPUS = tuple(chip.name for chip in CHIPS if chip.platform == "tpu" and chip.plannable)
+GPUS = tuple(chip.name for chip in CHIPS if chip.platform == "gpu" and chip.plannable)
 
 
 def chip_of(device: jax.Device) -> Chip | None:

@@ -1,12 +1,11 @@
 """Named accelerator topologies as compile-only devices, so a CPU machine can plan a TPU or GPU run.
 
-Accepted names (case-insensitive), optionally prefixed by a count `Nx` (N slices of a TPU slice,
-N hosts of a GPU host):
+Accepted names (case-insensitive; `FORMS` lists them from the chip table in `nextlong_jax.hardware`),
+optionally prefixed by a count `Nx` (N slices of a TPU slice, N hosts of a GPU host):
 
-- TPU slices as Google Cloud names them: `v4-128`, `v5p-256`, `tpu7x-64` (TensorCores: two per
-  chip), `v5e-256`, `v6e-64` (chips); or libtpu's chip grid, `v5p:4x4x2`.
-- GPU hosts: `h100-8`, `h200-8`, `a100-8`, `b200-8` (GPUs per host), from the target descriptions
-  in `nextlong_jax.gpu_targets`.
+- TPU slices as Google Cloud names them, `v5p-256`: the number counts TensorCores for chips with
+  two (v4, v5p, tpu7x) and chips for the others (v5e, v6e); or libtpu's chip grid, `v5p:4x4x2`.
+- GPU hosts, `h100-8` (GPUs per host), from the target descriptions in `nextlong_jax.gpu_targets`.
 
 `compile_only_devices` needs jax to start on the CPU (`JAX_PLATFORMS=cpu`), so that concrete
 arrays stay on the host while programs are compiled for the named chips: call
@@ -20,14 +19,19 @@ import os
 import re
 from dataclasses import dataclass
 
-from nextlong_jax.hardware import CHIPS_BY_NAME, Chip
+from nextlong_jax.hardware import CHIPS_BY_NAME, GPUS, TPUS, Chip
 
-TPU_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1, "tpu7x": 2}  # the unit of the slice name's number
-TPU_GRID_RANK = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2, "tpu7x": 3}
-DEVICES_PER_CHIP = {"tpu7x": 2}  # jax sees each Ironwood die as a device
-GPU_CHIPS = ("h100", "h200", "a100", "b200")
-FORMS = ("v4-128, v5p-256, v5e-256, v6e-64, tpu7x-64, v5p:4x4x2, h100-8, h200-8, a100-8, b200-8; "
-         "a leading count such as 2xv5p-256 or 4xh100-8 for several slices or hosts")
+
+def _forms() -> str:
+    """The accepted names, from the chip table: what the --topology help and its errors say."""
+    counted_in_cores = [n for n in TPUS if CHIPS_BY_NAME[n].cores > 1]
+    counted_in_chips = [n for n in TPUS if CHIPS_BY_NAME[n].cores == 1]
+    return (f"a TPU slice {', '.join(f'{n}-N' for n in TPUS)} (N: TensorCores of {', '.join(counted_in_cores)}; "
+            f"chips of {', '.join(counted_in_chips)}) or its chip grid such as v5p:4x4x2; a GPU host "
+            f"{', '.join(f'{n}-N' for n in GPUS)} (N: GPUs); prefixed Nx for N slices or hosts, e.g. 2xv5p-256")
+
+
+FORMS = _forms()
 
 
 class TopologyError(ValueError):
@@ -43,18 +47,18 @@ class Topology:
 
     @property
     def platform(self) -> str:
-        return "gpu" if self.chip.name in GPU_CHIPS else "tpu"
+        return self.chip.platform
 
     @property
     def num_devices(self) -> int:
-        return math.prod(self.grid) * self.count * DEVICES_PER_CHIP.get(self.chip.name, 1)
+        return math.prod(self.grid) * self.count * self.chip.devices
 
 
-def _tpu_grid(chip: str, chips: int) -> tuple[int, ...]:
+def _tpu_grid(chip: Chip, chips: int) -> tuple[int, ...]:
     """The usual chip grid of a slice: 2x2x1 for 4 chips, then doubling the smallest dimension."""
-    rank = TPU_GRID_RANK[chip]
+    rank = chip.grid_rank
     if chips < 1 or chips & (chips - 1) or (rank == 3 and chips < 4):
-        raise TopologyError(f"{chip} slices have a power-of-two number of chips{' (4 or more)' * (rank == 3)}, "
+        raise TopologyError(f"{chip.name} slices have a power-of-two number of chips{' (4 or more)' * (rank == 3)}, "
                             f"not {chips}")
     grid = [2, 2, 1] if rank == 3 and chips == 4 else [1] * rank
     while math.prod(grid) < chips:
@@ -70,20 +74,22 @@ def parse_topology(text: str) -> Topology:
         count, body = int(m[1]), m[2]
     if count < 1:
         raise TopologyError(f"topology {text!r}: the count must be at least 1")
-    if m := re.fullmatch(r"(v4|v5p|v5e|v6e|tpu7x):(\d+(?:x\d+)+)", body):
+    tpus, gpus = "|".join(TPUS), "|".join(GPUS)
+    if m := re.fullmatch(rf"({tpus}):(\d+(?:x\d+)+)", body):
+        chip = CHIPS_BY_NAME[m[1]]
         grid = tuple(int(n) for n in m[2].split("x"))
-        if len(grid) != TPU_GRID_RANK[m[1]] or min(grid) < 1:
-            raise TopologyError(f"topology {text!r}: {m[1]} grids have {TPU_GRID_RANK[m[1]]} dimensions")
-        return Topology(text, CHIPS_BY_NAME[m[1]], grid, count)
-    if m := re.fullmatch(r"(v4|v5p|v5e|v6e|tpu7x)-(\d+)", body):
-        cores = int(m[2])
-        if cores % TPU_CORES_PER_CHIP[m[1]]:
-            raise TopologyError(f"topology {text!r}: {m[1]} slice sizes count {TPU_CORES_PER_CHIP[m[1]]} per chip")
+        if len(grid) != chip.grid_rank or min(grid) < 1:
+            raise TopologyError(f"topology {text!r}: {chip.name} grids have {chip.grid_rank} dimensions")
+        return Topology(text, chip, grid, count)
+    if m := re.fullmatch(rf"({tpus})-(\d+)", body):
+        chip, cores = CHIPS_BY_NAME[m[1]], int(m[2])
+        if cores % chip.cores:
+            raise TopologyError(f"topology {text!r}: {chip.name} slice sizes count {chip.cores} per chip")
         try:
-            return Topology(text, CHIPS_BY_NAME[m[1]], _tpu_grid(m[1], cores // TPU_CORES_PER_CHIP[m[1]]), count)
+            return Topology(text, chip, _tpu_grid(chip, cores // chip.cores), count)
         except TopologyError as e:
             raise TopologyError(f"topology {text!r}: {e}") from None
-    if m := re.fullmatch(rf"({'|'.join(GPU_CHIPS)})-(\d+)", body):
+    if m := re.fullmatch(rf"({gpus})-(\d+)", body):
         if int(m[2]) < 1:
             raise TopologyError(f"topology {text!r}: a host has at least one GPU")
         return Topology(text, CHIPS_BY_NAME[m[1]], (int(m[2]),), count)

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nextlong_jax.topology import FORMS
+
 PREEMPTED = 128 + 15  # the shell's code for "ended by SIGTERM"
 EXIT_CODES = (f"exit codes: 0 trained to train.steps (--compile-only: compiled and fits); 1 a user error, or a plan "
               f"that does not compile or fit (one line on stderr); {PREEMPTED} stopped by SIGTERM after saving a "
@@ -123,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: compile the full train step for --topology on this machine (a CPU is "
                         "enough) and print per-chip memory against HBM, the attention kernels in the program and "
                         "model FLOPs per step; the last line is one JSON object")
-    p.add_argument("--topology", help="with --compile-only (default: the config's mesh.topology): a TPU slice "
-                   "(v4-128, v5p-256, v5e-256, v6e-64, tpu7x-64, v5p:4x4x2) or GPU host (h100-8, h200-8, a100-8, "
-                   "b200-8), prefixed Nx for N slices or hosts")
+    p.add_argument("--topology", help=f"with --compile-only (default: the config's mesh.topology): {FORMS}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
     return p
 

@@ -1,9 +1,9 @@
 """Compile-only NVIDIA GPU devices, so GPU programs can be lowered and compiled on a CPU machine.
 
-Each `<gpu>.txtpb` beside this file is an XLA `GpuTargetConfigProto` taken from openxla/xla (see
-its header for the source commit and what was dropped to suit the installed XLA). With the
-`jax-cuda12-plugin` installed, jax builds devices from it that `jax.jit(...).lower(...).compile()`
-accepts, with no GPU or CUDA driver present. Run with `JAX_PLATFORMS=cpu` so concrete arrays stay on
+Each `<gpu>.txtpb` beside this file, one per GPU of `nextlong_jax.hardware.GPUS`, is an XLA
+`GpuTargetConfigProto` taken from openxla/xla (see its header for the source commit and what was
+dropped to suit the installed XLA). With the `jax-cuda12-plugin` installed, jax builds devices from
+it that `jax.jit(...).lower(...).compile()` accepts, with no GPU or CUDA driver present. Run with `JAX_PLATFORMS=cpu` so concrete arrays stay on
 the CPU; the returned devices report platform "gpu" and the GPU's marketing name as `device_kind`.
 """
 
@@ -13,7 +13,7 @@ from importlib import resources
 
 import jax
 
-GPUS: tuple[str, ...] = ("h100", "h200", "a100", "b200")
+from nextlong_jax.hardware import GPUS
 
 
 def target_config(gpu: str) -> str:

@@ -6,14 +6,25 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-from nextlong_jax.model.attention import Backend, Blocks
+from nextlong_jax.dtypes import DTYPES
+from nextlong_jax.model.attention import RESIDUAL_NAMES, Backend, Blocks
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ATTENTION_BACKENDS = tuple(b.value for b in Backend)
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
-DTYPES = ("float32", "bfloat16", "float16")
+NO_REMAT = "none"  # every activation kept for the backward pass: nothing recomputed
+# Each other remat_policy: what jax.checkpoint keeps of a decoder layer for the backward pass.
+REMAT_SAVES = {
+    "full": None,  # nothing but the layer's inputs
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The layer's attention residuals: the backward pass then re-runs the projections and the MLP
+    # but not the attention forward (about [B, L, H, D] per layer more memory).
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES),
+}
+REMAT_POLICIES = (NO_REMAT, *REMAT_SAVES)
 
 # config.json keys read as-is; rope keys are parsed separately, and the rest (hidden_act, biases, torch
 # dtype, ...) are either validated by the converter or only matter to torch.

@@ -9,24 +9,15 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nextlong_jax.model.attention import RESIDUAL_NAMES, attention
-from nextlong_jax.model.config import LlamaConfig
+from nextlong_jax.model.attention import attention
+from nextlong_jax.model.config import NO_REMAT, REMAT_SAVES, LlamaConfig
 from nextlong_jax.model.loss import next_token_loss
 from nextlong_jax.model.rope import apply_rope, rope_tables
 from nextlong_jax.sharding import ambient_shards
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing but layer inputs
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Keep each layer's attention residuals: the backward pass then re-runs the projections and the
-    # MLP but not the attention forward (about [B, L, H, D] per layer more memory).
-    "save_attention": jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES),
-}
 _init = nn.initializers.normal(stddev=0.02)
 constrain = nn.with_logical_constraint
 
@@ -124,8 +115,8 @@ class Llama(nn.Module):
             self.lm_head = self.param("lm_head", nn.with_logical_partitioning(_init, ("embed", "vocab")),
                                       (c.hidden_size, c.vocab_size), c.jnp_param_dtype)
         layer = DecoderLayer
-        if c.remat_policy != "none":
-            layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        if c.remat_policy != NO_REMAT:
+            layer = nn.remat(layer, policy=REMAT_SAVES[c.remat_policy], prevent_cse=False)
         # One traced layer whatever the depth; scan_layers=False unrolls it, keeping the param layout.
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,

@@ -1,10 +1,11 @@
-"""Run a single-device attention kernel under the ambient mesh: one call per device, on its batch
-rows and heads.
+"""Attention kernels under the ambient mesh: one call per device, on its shard of q, k, v and the
+segment ids, in the layout the model's logical axes give them.
 
 XLA cannot partition a Pallas (Mosaic or Triton) custom call: in a sharded `jit` the TPU compiler
 refuses it, and the GPU compiler all-gathers the whole batch onto every device. `shard_map` hands
 each device its own rows and heads instead. Attention needs nothing across either, and a query
 head and its kv head live on the same `tensor` shard (both axes split into contiguous blocks).
+Ring and splash attention add the sequence axis, and exchange across it themselves.
 """
 
 from __future__ import annotations
@@ -22,14 +23,24 @@ def spec(*names: str | None) -> jax.sharding.PartitionSpec:
     return nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
 
 
+def on_each_device(local: Callable, mesh, *more_specs) -> Callable:
+    """`local(q, k, v, segment_ids, *more)` on each device's shard: q [B, L, H, D], k/v [B, L, K, D] and
+    segment_ids [B, L] as the model shards them, `more` as `more_specs` say; the output shards like q.
+
+    check_vma is off: Pallas calls declare outputs without the per-axis variance it demands, and the
+    ring's loop states start as constants (not device-varying), which would need an explicit pcast
+    in every cond and scan carry; every value in `local` is per-device anyway.
+    """
+    q_spec = spec("batch", "length", "heads", "head_dim")
+    kv_spec = spec("batch", "length", "kv_heads", "head_dim")
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", "length"), *more_specs),
+                         out_specs=q_spec, check_vma=False)
+
+
 def per_device(kernel: Callable, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray
                ) -> jnp.ndarray:
     """kernel(q, k, v, segment_ids) on each device's shard; without a mesh, called directly."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(q, k, v, segment_ids)
-    q_spec = spec("batch", "length", "heads", "head_dim")
-    kv_spec = spec("batch", "length", "kv_heads", "head_dim")
-    # check_vma off: Pallas calls declare outputs without device-varying axis information.
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", "length")),
-                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+    return on_each_device(kernel, mesh)(q, k, v, segment_ids)

@@ -29,7 +29,7 @@ from jax import lax
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention import flash
 from nextlong_jax.model.attention.blockwise import blockwise_attention
-from nextlong_jax.model.attention.per_device import spec
+from nextlong_jax.model.attention.per_device import on_each_device, spec
 from nextlong_jax.sharding import ambient_shards
 
 F32 = jnp.float32
@@ -69,14 +69,7 @@ def ring_attention(
                     axis, shards, block)
         return flash.tokens_major(out).astype(v.dtype)
 
-    q_spec = spec("batch", "length", "heads", "head_dim")
-    kv_spec = spec("batch", "length", "kv_heads", "head_dim")
-    # check_vma off: the loop states start as constants (not device-varying) and would need an
-    # explicit pcast in every cond and scan carry; every value in `local` is per-device anyway.
-    in_specs = (q_spec, kv_spec, kv_spec, spec("batch", "length"), spec("length"))
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
-        q, k, v, segment_ids, token_index)
+    return on_each_device(local, jax.sharding.get_abstract_mesh(), spec("length"))(q, k, v, segment_ids, token_index)
 
 
 def _rotate(tree, axis: str, shards: int):

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention.blocks import Blocks
-from nextlong_jax.model.attention.per_device import spec
+from nextlong_jax.model.attention.per_device import on_each_device
 from nextlong_jax.sharding import ambient_shards
 
 RESIDUAL_NAME = "splash_residuals"
@@ -94,15 +94,9 @@ def splash_attention(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v, segment_ids, kernel)
-    q_spec = spec("batch", "length", "heads", "head_dim")
-    kv_spec = spec("batch", "length", "kv_heads", "head_dim")
     # Table rows follow query blocks, so they shard like the length; heads share one table.
     kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(None, axis if shards > 1 else None)))
-    in_specs = (q_spec, kv_spec, kv_spec, spec("batch", "length"), kernel_spec)
-    # check_vma off: splash's pallas_calls declare outputs without the per-axis variance that
-    # check_vma demands (jax raises); every value in `local` is per-device anyway.
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
-        q, k, v, segment_ids, kernel)
+    return on_each_device(local, mesh, kernel_spec)(q, k, v, segment_ids, kernel)
 
 
 def _clamp(blocks: Blocks, length: int, shards: int) -> Blocks:
