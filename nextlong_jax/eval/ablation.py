@@ -235,7 +235,11 @@ def write_report(cfg: AblationConfig, out: Path, summaries: list[dict], seconds:
                      + f" | {100 * s['exact']:.1f} | {100 * s['string_match_all']:.1f} | {s['answer_logprob']:.3f} | "
                      f"{s['dependency_gap']:+.4f} | {s['final_meta_loss']:.3f} |")
     best = max(summaries, key=lambda s: (s["exact"], s["dependency_gap"]))
-    lines += ["", f"Best here by exact match, then dependency gap: **{best['arm']}**.", "", PAPER, "",
+    verdict = (f"Best here by exact match, then dependency gap: **{best['arm']}**." if best["exact"] > 0 else
+               "No arm answers a single probe at this scale, so the probes cannot order them; compare the "
+               "dependency gaps with their spread across distances (dependency.json) before reading an order "
+               "into them.")
+    lines += ["", verdict, "", PAPER, "",
               *[f"![{name}]({name})" for name in plots],
               "", "Per arm: eval/ARM/table.md, heatmap-TASK.png, dependency.png; runs/ARM/loss.png."]
     (out / REPORT).write_text("\n".join(lines) + "\n")
