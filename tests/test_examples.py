@@ -133,7 +133,12 @@ def test_eval_example_parses_and_its_config_loads(where, tool, args, monkeypatch
 
     monkeypatch.chdir(ROOT)
     parsed = build_parser().parse_args(args)  # `make demo` runs one for real
-    load_config(parsed.config, ["data.source=unused", *parsed.overrides])
+    if parsed.command == "ablation":
+        from nextlong_jax.eval.ablation import AblationConfig
+
+        load_config(AblationConfig.load(parsed.config).train_config, ["data.source=unused"])
+    else:
+        load_config(parsed.config, ["data.source=unused", *parsed.overrides])
 
 
 TRAIN_EXAMPLES = [e for e in EXAMPLES if e[1] == "nextlong-train"]
