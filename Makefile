@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench clean
 
 # The demo: synthesize from the bundled corpus, train the tiny model a few steps on it, export the
 # checkpoint to a Hugging Face directory, check that transformers gives the same logits, and ask the
@@ -28,6 +28,11 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# The inner loop (a few minutes): everything but the modules tests/conftest.py marks compile,
+# multiprocess or slow. CI runs `make test`.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not compile and not multiprocess and not slow"
 
 install: $(VENV)/.installed
 

@@ -14,6 +14,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+# Markers by module, one table (pyproject.toml describes them): `make test-fast`, a contributor's inner
+# loop, leaves these modules out; `make test` (CI) runs everything.
+# A module, or one test of it ("module::test").
+MARKERS = {
+    "compile": ("test_preset_plans", "test_compile_only", "test_splash::test_splash_compiles_for_tpu_v5p"),
+    "multiprocess": ("test_train_multihost", "test_presets", "test_train_sharded", "test_train_ring",
+                     "test_train_init", "test_sharding", "test_jax_encoder"),
+    "slow": ("test_beam_runner", "test_ablation", "test_train_run", "test_examples", "test_eval",
+             "test_pipeline::test_kill_and_resume_is_byte_identical"),
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        for marker, places in MARKERS.items():
+            if module in places or f"{module}::{item.originalname}" in places:
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from synth.tokenizer import load_tokenizer
