@@ -19,6 +19,7 @@ from helpers import packed_segments
 from multidevice import ROOT, run_on_8_devices
 from nextlong_jax.gpu_targets import GPUS, target_config
 from nextlong_jax.model.attention import pallas_gpu
+from nextlong_jax.model.attention.blocks import Blocks
 
 DEVICE_KINDS = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200 141GB HBM3e",
                 "a100": "NVIDIA A100-SXM4-80GB", "b200": "NVIDIA B200"}
@@ -47,7 +48,7 @@ def test_interpret_matches_reference_in_value_and_grads(name):
     seg = jnp.asarray(packed_segments(b, length) if packed else np.ones((b, length), np.int32))
 
     got, got_vjp = jax.vjp(lambda q, k, v: pallas_gpu.pallas_gpu_attention(
-        q, k, v, seg, block_q=bq, block_k=bk, interpret=True), q, k, v)
+        q, k, v, seg, blocks=Blocks(bq, bk, bq, bk), interpret=True), q, k, v)
     want, want_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg), q, k, v)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert bool(jnp.isfinite(got).all())  # padding rows see themselves: no empty softmax
@@ -65,7 +66,7 @@ def test_segments_really_separate_documents():
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal((1, 32, 2, 16)), jnp.float32) for _ in range(3))
     seg = jnp.asarray(np.repeat(np.array([[1, 2]], np.int32), 16, axis=1))
-    run = lambda k: pallas_gpu.pallas_gpu_attention(q, k, v, seg, block_q=8, block_k=8, interpret=True)
+    run = lambda k: pallas_gpu.pallas_gpu_attention(q, k, v, seg, blocks=Blocks(8, 8, 8, 8), interpret=True)
     base, moved = run(k), run(k.at[:, :16].multiply(3.0))
     np.testing.assert_array_equal(np.asarray(base[:, 16:]), np.asarray(moved[:, 16:]))
     assert float(jnp.abs(base[:, 1:16] - moved[:, 1:16]).max()) > 1e-3
@@ -80,7 +81,7 @@ def test_rejects_unsupported_inputs():
     with pytest.raises(ValueError, match="K \\| H"):
         pallas_gpu.pallas_gpu_attention(q, kv, kv, seg, interpret=True)
     with pytest.raises(ValueError, match="powers of two"):
-        pallas_gpu.pallas_gpu_attention(q[:, :, :2], kv, kv, seg, block_q=24, interpret=True)
+        pallas_gpu.pallas_gpu_attention(q[:, :, :2], kv, kv, seg, blocks=Blocks(q=24), interpret=True)
     with pytest.raises(ValueError, match="segment_ids"):
         pallas_gpu.pallas_gpu_attention(q[:, :, :2], kv, kv, seg[:, :16], interpret=True)
 
@@ -165,9 +166,10 @@ def _child_compile() -> None:
         compiled = step.lower(*args).compile()
         seconds = time.perf_counter() - start
         text = compiled.as_text()
-        kernels = set(re.findall(r'name = "(mha_\w+)"', text))
+        kernels = set(re.findall(r'name = "(nextlong_mha_\w+)"', text))
         assert text.count('custom_call_target="__gpu$xla.gpu.triton"') >= 3, gpu
-        assert kernels == {"mha_forward", "mha_preprocess_backward", "mha_backward"}, (gpu, kernels)
+        assert kernels == {"nextlong_mha_forward", "nextlong_mha_backward_dq", "nextlong_mha_backward_dkv"}, (
+            gpu, kernels)
         assert "all-gather" not in text, gpu  # each device keeps its own batch row
         assert f"{length},{length}" not in text, gpu  # no [L, L] mask or score array anywhere
         memory = compiled.memory_analysis()
@@ -193,7 +195,7 @@ def _child_sharded() -> None:
     k, v = (jnp.asarray(rng.standard_normal((4, 64, 2, 16)), jnp.float32) for _ in range(2))
     seg = jnp.asarray(np.concatenate([packed_segments(2, 64)] * 2))
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    kernel = partial(pallas_gpu.pallas_gpu_attention, block_q=16, block_k=16, interpret=True)
+    kernel = partial(pallas_gpu.pallas_gpu_attention, blocks=Blocks(16, 16, 16, 16), interpret=True)
     want = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg), q, k, v)
     with jax.set_mesh(make_mesh(data=2, fsdp=2, tensor=2)), axis_rules():
         got = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: per_device(kernel, q, k, v, seg), q, k, v))(q, k, v)
