@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from helpers import packed_segments
 from multidevice import ROOT, run_on_8_devices
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention import Blocks, splash
+from nextlong_jax.model.attention.backends import SPLASH_RESIDUALS
 
 
 @pytest.mark.parametrize("length,shards,bq,bk", [(1024, 1, 128, 128), (1024, 1, 256, 512), (1024, 2, 256, 128),
@@ -45,14 +45,26 @@ def test_mask_tables_equal_splash_process_mask(length, shards, bq, bk):
                 np.testing.assert_array_equal(g, w, err_msg=f"{field} dkv={dkv} shrink={shrink}")
 
 
-def test_kernel_is_built_once_and_fast():
+def test_kernel_is_built_once_from_the_vectorised_tables(monkeypatch):
+    """A 64K kernel's tables come from `_mask_info` (numpy, milliseconds), never from splash's own
+    per-block `process_mask` (~20 s at 64K on 2 cores), and a second lookup builds nothing."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as info_lib
+
+    def refused(*args, **kwargs):
+        raise AssertionError("splash's per-block process_mask was called")
+
+    for name in ("_process_mask", "process_mask", "process_mask_dkv", "process_dynamic_mask",
+                 "process_dynamic_mask_dkv"):
+        monkeypatch.setattr(info_lib, name, refused)
+    built = []
+    vectorised = splash._mask_info
+    monkeypatch.setattr(splash, "_mask_info", lambda *a, **kw: built.append(kw["dkv"]) or vectorised(*a, **kw))
     blocks = Blocks(512, 512, 512, 512)
     splash._kernel.cache_clear()
-    start = time.perf_counter()
     first = splash._kernel(65536, 4, blocks, False)
-    assert time.perf_counter() - start < 2.0  # splash's own process_mask: ~20 s here
+    assert built == [False, False, True]  # forward, dq, dkv: one table each
     assert splash._kernel(65536, 4, blocks, False) is first
-    assert splash._kernel.cache_info().misses == 1
+    assert splash._kernel.cache_info().misses == 1 and built == [False, False, True]
     # Every trace of the attention looks the kernel up: retracing builds nothing.
     import jax
     import jax.numpy as jnp
@@ -162,7 +174,7 @@ def _child_tpu() -> None:
         assert kernels(loss, mesh, args) == 3, shape  # forward, dq, dK/dV
         print(shape, "ok", flush=True)
     # Under remat the backward re-runs the forward kernel, unless the kernel's residuals are saved.
-    saved = jax.checkpoint_policies.save_only_these_names(splash.RESIDUAL_NAME)
+    saved = jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS)
     assert kernels(jax.checkpoint(loss, policy=saved), mesh, args) == 3
     assert kernels(jax.checkpoint(loss), mesh, args) == 4
     print("tpu compile ok")
