@@ -178,9 +178,16 @@ def _child_compile() -> None:
     args = (jax.ShapeDtypeStruct((b, length, heads, head_dim), jnp.bfloat16, sharding=q_sh),
             *(jax.ShapeDtypeStruct((b, length, kv_heads, head_dim), jnp.bfloat16, sharding=kv_sh),) * 2,
             jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=logical_sharding(mesh, ("batch", "length"))))
+    def compile_(fn):
+        with jax.set_mesh(mesh):  # abstract arrays only: concrete ones would go to the compile-only GPUs
+            return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2))).lower(*args).compile()
+
+    def forward_kernels(compiled) -> int:
+        return sum("custom_call_target" in line and "nextlong_mha_forward" in line
+                   for line in compiled.as_text().splitlines())
+
     start = time.perf_counter()
-    with jax.set_mesh(mesh):  # abstract arrays only: concrete ones would go to the compile-only GPUs
-        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+    compiled = compile_(loss)
     seconds = time.perf_counter() - start
     text = compiled.as_text()
     kernels = kernel_names(text)
@@ -189,6 +196,11 @@ def _child_compile() -> None:
     assert "all-gather" in text and "reduce-scatter" in text  # K/V gathered; dK/dV back to their owners
     assert f"{length},{length}" not in text  # no [L, L] mask or score array anywhere
     print(kernels, f"compile {seconds:.1f}s temp MiB", round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1))
+    # Under remat the backward re-runs the forward kernel, unless its named residuals are saved.
+    saved = jax.checkpoint_policies.save_only_these_names(pallas_gpu.RESIDUAL_NAME)
+    assert forward_kernels(compiled) == 1
+    assert forward_kernels(compile_(jax.checkpoint(loss))) == 2
+    assert forward_kernels(compile_(jax.checkpoint(loss, policy=saved))) == 1
     print("compile ok")
 
 

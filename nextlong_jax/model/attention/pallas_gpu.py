@@ -37,6 +37,8 @@ the gathered K and V are 2 x L x K x D x itemsize per example per device, 2 x 51
 = 2 GiB at 512K tokens with 8 kv heads in bf16 (the backward holds dK/dV of that size too, before
 the reduce-scatter), and the gather moves (S-1)/S of it over the interconnect once per layer per
 pass; with 8 kv heads against 32 query heads it is a quarter of what gathering queries would move.
+The gathered K/V are the kernel's residuals for the backward (re-gathered where remat drops them);
+its own residuals (output, lse) are named RESIDUAL_NAME, for a remat policy that keeps them.
 Zig-zag order gives every device the same causal work; packed documents' skipping applies too.
 
 Limits, and what the wrapper does about them:
@@ -47,9 +49,10 @@ Limits, and what the wrapper does about them:
     query rows see nothing and are dropped.
   * Shared memory bounds block x D x itemsize when compiled. Measured on the H100 target: bf16/fp16
     with D=128 and forward blocks 128 fit, D=256 needs blocks of 64; float32 compiles (dots may
-    run in TF32) but D=128 needs blocks of 64. Forward blocks above MAX_BLOCK and backward blocks
-    above MAX_BWD_BLOCK (the backward kernels hold two f32 accumulators beside four tiles) are
-    clamped rather than failing; a tile still too large fails at compile with RESOURCE_EXHAUSTED.
+    run in TF32) but D=128 needs blocks of 64 (all four). Forward blocks above MAX_BLOCK and
+    backward blocks above MAX_BWD_BLOCK_Q/KV are clamped rather than failing (the backward kernels
+    hold float32 accumulators beside their tiles); a tile still too large fails at compile with
+    RESOURCE_EXHAUSTED (on a B200, D=256 needs backward blocks of 32).
     Query blocks are also clamped to one zig-zag chunk (a block spanning a device's early and late
     chunk would scan every key either needs). `Blocks.fused_bwd` does not apply: dq has its own
     kernel (a fused one would write a partial dq per key block).
@@ -68,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from nextlong_jax import load_balance
@@ -75,14 +79,16 @@ from nextlong_jax.model.attention.blocks import Blocks
 from nextlong_jax.model.attention.per_device import on_each_device, spec
 from nextlong_jax.sharding import ambient_shards
 
+RESIDUAL_NAME = "pallas_gpu_residuals"
 # Segment id of the rows and keys added to reach a whole number of blocks: no real token has it.
 _PAD_SEGMENT = -1
 # Largest forward tile whose blocks of q, k and v fit a GPU's shared memory at head_dim 128 in bf16:
 # configs written for TPU (512) or CPU blocks are clamped to it rather than failing to compile.
 MAX_BLOCK = 128
-# The backward kernels keep two float32 [block, D] accumulators beside their tiles: 128 exceeds a
-# B200's 227 KiB per block at D=128 bf16 (measured with jax's mha backward, which has the same tiles).
-MAX_BWD_BLOCK = 64
+# Backward tiles (query rows, keys). Measured on the compile-only targets at D=128 bf16: (64, 128)
+# fits every GPU here; (128, 128) fits an H100 but asks a B200 for 290 KiB of its 227 KiB.
+MAX_BWD_BLOCK_Q = 64
+MAX_BWD_BLOCK_KV = 128
 # Finite, so a block whose entries are all masked keeps the online softmax NaN-free.
 _MASK_VALUE = -1e30
 _LOG2E = math.log2(math.e)
@@ -288,14 +294,14 @@ class _Config(NamedTuple):
     interpret: bool
 
 
-def _specs(b_axis, h_axis, lq, lk, groups, d, block_q, by_query: bool):
+def _specs(lq: int, lk: int, groups: int, d: int, block: int, by_query: bool):
     """BlockSpecs of (q, k, v, q_seg, kv_seg, q_index) for a grid (block, example, head)."""
     if by_query:  # one query block of one query head; all keys of its kv head
-        q = pl.BlockSpec((None, block_q, None, d), lambda j, b, h: (b, j, h, 0))
+        q = pl.BlockSpec((None, block, None, d), lambda j, b, h: (b, j, h, 0))
         kv = pl.BlockSpec((None, lk, None, d), lambda j, b, h: (b, 0, h // groups, 0))
     else:  # one key block of one kv head; all query rows of its group's heads
         q = pl.BlockSpec((None, lq, groups, d), lambda i, b, h: (b, 0, h, 0))
-        kv = pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0))
+        kv = pl.BlockSpec((None, block, None, d), lambda i, b, h: (b, i, h, 0))
     return [q, kv, kv, pl.BlockSpec((None, lq), lambda i, b, h: (b, 0)),
             pl.BlockSpec((None, lk), lambda i, b, h: (b, 0)), pl.BlockSpec((lq,), lambda i, b, h: (0,))]
 
@@ -309,7 +315,7 @@ def _forward(q, k, v, q_seg, kv_seg, q_index, ranges: _Ranges, cfg: _Config):
                                block_kv=cfg.block_kv)
     return pl.pallas_call(
         kernel, grid=(nq, b, h),
-        in_specs=[range_spec, range_spec, *_specs(b, h, lq, lk, groups, d, cfg.block_q, True)],
+        in_specs=[range_spec, range_spec, *_specs(lq, lk, groups, d, cfg.block_q, True)],
         out_specs=[pl.BlockSpec((None, cfg.block_q, None, d), lambda j, b, h: (b, j, h, 0)),
                    pl.BlockSpec((None, None, cfg.block_q), lambda j, b, h: (b, h, j))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
@@ -333,7 +339,7 @@ def _backward(q, k, v, q_seg, kv_seg, q_index, out, lse, do, dq_ranges: _Ranges,
     range_spec = pl.BlockSpec((None, nq), lambda j, b, h: (b, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block_q=bq, block_kv=bk), grid=(nq, b, h),
-        in_specs=[range_spec, range_spec, *_specs(b, h, lq, lk, groups, d, bq, True), q_block, row_spec, row_spec],
+        in_specs=[range_spec, range_spec, *_specs(lq, lk, groups, d, bq, True), q_block, row_spec, row_spec],
         out_specs=q_block, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params, interpret=cfg.interpret, name="nextlong_mha_backward_dq",
     )(*dq_ranges, q, k, v, q_seg, kv_seg, q_index, do, lse, delta)
@@ -345,7 +351,7 @@ def _backward(q, k, v, q_seg, kv_seg, q_index, out, lse, do, dq_ranges: _Ranges,
                                chunks=cfg.chunks)
     dk, dv = pl.pallas_call(
         kernel, grid=(nk, b, kv_heads),
-        in_specs=[range_spec, range_spec, *_specs(b, h, lq, lk, groups, d, bk, False),
+        in_specs=[range_spec, range_spec, *_specs(lq, lk, groups, d, bk, False),
                   pl.BlockSpec((None, lq, groups, d), lambda i, b, h: (b, 0, h, 0)), group_rows, group_rows],
         out_specs=[kv_block, kv_block], out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         compiler_params=params, interpret=cfg.interpret, name="nextlong_mha_backward_dkv",
@@ -360,6 +366,8 @@ def _flash(q, k, v, q_seg, kv_seg, q_index, ranges, dq_ranges, dkv_ranges, cfg):
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, q_index, ranges, dq_ranges, dkv_ranges, cfg):
     out, lse = _forward(q, k, v, q_seg, kv_seg, q_index, ranges, cfg)
+    # Named, so a remat policy can keep them: the backward needs lse too, not only the output.
+    out, lse = (checkpoint_name(x, RESIDUAL_NAME) for x in (out, lse))
     return out, (q, k, v, q_seg, kv_seg, q_index, dq_ranges, dkv_ranges, out, lse)
 
 
@@ -407,7 +415,8 @@ def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, *, blocks: 
     # Query blocks within one chunk (rounded up: the chunk is padded to it), keys within the keys.
     q_cap, kv_cap = _next_power_of_two(chunk), _next_power_of_two(lk)
     cfg = _Config(min(blocks.q, MAX_BLOCK, q_cap), min(blocks.kv, MAX_BLOCK, kv_cap),
-                  min(blocks.q_bwd, MAX_BWD_BLOCK, q_cap), min(blocks.kv_bwd, MAX_BWD_BLOCK, kv_cap), chunks, _LOG2E / math.sqrt(d), interpret)
+                  min(blocks.q_bwd, MAX_BWD_BLOCK_Q, q_cap), min(blocks.kv_bwd, MAX_BWD_BLOCK_KV, kv_cap), chunks,
+                  _LOG2E / math.sqrt(d), interpret)
 
     # Pad each chunk of query rows, and the keys, to whole blocks (powers of two: the larger block
     # is a multiple of the smaller). Padded query rows repeat their chunk's last index (runs stay
