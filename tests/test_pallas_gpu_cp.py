@@ -8,6 +8,7 @@ Mesh and GPU checks run in child interpreters (device count and platform are fix
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -114,18 +115,22 @@ def test_sequence_sharded_fwd_bwd_compiles_to_triton_for_8_h100s():
 def _child_sharded() -> None:
     import jax
     import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
 
     from nextlong_jax.model.attention.reference import reference_attention
     from nextlong_jax.sharding import make_mesh
 
     rng = np.random.default_rng(0)
-    cases = {  # name: (mesh axes, B, L, H, K, D, blocks)
+    cases = {  # name: (mesh axes, B, L, H, K, D, blocks, called inside the caller's own shard_map)
         # 128 tokens over 4 shards: chunks of 16 rows, one query block each
-        "fsdp2-sequence4": (dict(fsdp=2, sequence=4), 2, 128, 4, 2, 16, Blocks(16, 16, 16, 16)),
+        "fsdp2-sequence4": (dict(fsdp=2, sequence=4), 2, 128, 4, 2, 16, Blocks(16, 16, 16, 16), False),
         # chunks of 20 rows pad to 32; keys 80 pad to 96; heads split over tensor, GQA kept
-        "fsdp2-tensor2-sequence2-ragged": (dict(fsdp=2, tensor=2, sequence=2), 2, 80, 4, 2, 16, Blocks(16, 32, 16, 16)),
+        "fsdp2-tensor2-sequence2-ragged": (dict(fsdp=2, tensor=2, sequence=2), 2, 80, 4, 2, 16,
+                                           Blocks(16, 32, 16, 16), False),
+        # every axis already manual: the rows' original indices come from the device's sequence index
+        "inside-shard_map-sequence4": (dict(fsdp=2, sequence=4), 2, 128, 4, 2, 16, Blocks(16, 16, 16, 16), True),
     }
-    for name, (axes, b, length, heads, kv_heads, d, blocks) in cases.items():
+    for name, (axes, b, length, heads, kv_heads, d, blocks, inside) in cases.items():
         mesh = make_mesh(**axes)
         shards = mesh.shape["sequence"]
         q = jnp.asarray(rng.standard_normal((b, length, heads, d)), jnp.float32)
@@ -137,10 +142,14 @@ def _child_sharded() -> None:
         # The kernel takes the zig-zag layout; the reference answers in the original order.
         zq, zk, zv, zseg, zct = (load_balance.zigzag(x, shards) for x in (q, k, v, seg, ct))
 
+        attend = functools.partial(pallas_gpu.pallas_gpu_attention, blocks=blocks, interpret=True)
+        if inside:
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=(P("fsdp", "sequence"),) * 4,
+                                   out_specs=P("fsdp", "sequence"), check_vma=False)
+
         @jax.jit
         def run(q, k, v, ct):
-            out, pullback = jax.vjp(lambda q, k, v: pallas_gpu.pallas_gpu_attention(
-                q, k, v, zseg, blocks=blocks, interpret=True), q, k, v)
+            out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, zseg), q, k, v)
             return out, pullback(ct)
 
         with jax.set_mesh(mesh):

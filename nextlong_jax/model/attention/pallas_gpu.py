@@ -133,14 +133,13 @@ def _first_key_of_segment(q_segment: jnp.ndarray, kv_segment: jnp.ndarray) -> jn
     return jax.vmap(one)(q_segment, kv_segment)
 
 
-def _query_ranges(q_segment, kv_segment, q_index, block_q: int, block_kv: int) -> _Ranges:
-    """Per query block, the key blocks [lo, hi) that can hold a visible entry."""
-    b, lq = q_segment.shape
-    nk = kv_segment.shape[1] // block_kv
-    first = _first_key_of_segment(q_segment, kv_segment) // block_kv  # [B, Lq]
+def _query_ranges(first_key, q_index, block_q: int, block_kv: int, kv_length: int) -> _Ranges:
+    """Per query block, the key blocks [lo, hi) that can hold a visible entry; first_key [B, Lq] is
+    `_first_key_of_segment` (computed once for the forward's and the backward's blocks)."""
+    b, lq = first_key.shape
     last = jnp.broadcast_to((q_index.astype(jnp.int32) // block_kv + 1)[None], (b, lq))
-    lo = first.reshape(b, lq // block_q, block_q).min(-1)
-    hi = jnp.minimum(last.reshape(b, lq // block_q, block_q).max(-1), nk)
+    lo = (first_key // block_kv).reshape(b, lq // block_q, block_q).min(-1)
+    hi = jnp.minimum(last.reshape(b, lq // block_q, block_q).max(-1), kv_length // block_kv)
     return _Ranges(lo, jnp.maximum(hi, lo))
 
 
@@ -182,7 +181,7 @@ def visited_steps(segment_ids, q_index=None, *, block_q: int, block_kv: int, kv_
     segment_ids = jnp.asarray(segment_ids, jnp.int32)
     kv = segment_ids if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
     index = jnp.arange(segment_ids.shape[1]) if q_index is None else jnp.asarray(q_index)
-    ranges = _query_ranges(segment_ids, kv, index, block_q, block_kv)
+    ranges = _query_ranges(_first_key_of_segment(segment_ids, kv), index, block_q, block_kv, kv.shape[1])
     dkv = _key_ranges(ranges, chunks, kv.shape[1] // block_kv)
     return Steps(int(jnp.sum(ranges.hi - ranges.lo)), int(jnp.sum(dkv.hi - dkv.lo)))
 
@@ -412,8 +411,9 @@ def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, *, blocks: 
         raise ValueError(f"{lq} query rows do not split into {chunks} equal chunks")
 
     chunk = lq // chunks
-    # Query blocks within one chunk (rounded up: the chunk is padded to it), keys within the keys.
-    q_cap, kv_cap = _next_power_of_two(chunk), _next_power_of_two(lk)
+    # Query blocks within one chunk (rounded up: the chunk is padded to it), keys within the keys;
+    # never below 16 for that, Triton's smallest dot.
+    q_cap, kv_cap = max(_next_power_of_two(chunk), 16), max(_next_power_of_two(lk), 16)
     cfg = _Config(min(blocks.q, MAX_BLOCK, q_cap), min(blocks.kv, MAX_BLOCK, kv_cap),
                   min(blocks.q_bwd, MAX_BWD_BLOCK_Q, q_cap), min(blocks.kv_bwd, MAX_BWD_BLOCK_KV, kv_cap), chunks,
                   _LOG2E / math.sqrt(d), interpret)
@@ -444,8 +444,9 @@ def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, *, blocks: 
     if d_pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad))) for x in (q, k, v))
 
-    ranges = _query_ranges(q_seg, kv_seg, q_index, cfg.block_q, cfg.block_kv)
-    dq_ranges = _query_ranges(q_seg, kv_seg, q_index, cfg.block_q_bwd, cfg.block_kv_bwd)
+    first_key = _first_key_of_segment(q_seg, kv_seg)
+    ranges = _query_ranges(first_key, q_index, cfg.block_q, cfg.block_kv, lk + kv_pad)
+    dq_ranges = _query_ranges(first_key, q_index, cfg.block_q_bwd, cfg.block_kv_bwd, lk + kv_pad)
     dkv_ranges = _key_ranges(dq_ranges, chunks, (lk + kv_pad) // cfg.block_kv_bwd)
     out = _flash(q, k, v, q_seg, kv_seg, q_index, ranges, dq_ranges, dkv_ranges, cfg)[..., :d]
     if q_pad:
