@@ -172,7 +172,8 @@ class Steps(NamedTuple):
 
 def visited_steps(segment_ids, q_index=None, *, block_q: int, block_kv: int, kv_segment_ids=None,
                   chunks: int = 1) -> Steps:
-    """How many block pairs the kernels visit for these rows, per kv head (multiply by heads).
+    """How many (query block, key block) pairs the kernels visit for these rows, for one query head
+    (each kernel repeats them for every head).
 
     segment_ids [B, Lq] of the query rows, q_index [Lq] their original indices (default
     0..Lq-1), kv_segment_ids [B, Lk] of the keys in original order (default: the query ids);
