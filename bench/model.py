@@ -69,7 +69,8 @@ def bench_models(args) -> dict:
                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     torch_model = hf_model(hf_dict, std=0.02)
     torch_model.config._attn_implementation = "sdpa"  # torch's fastest CPU path, causal kernel
-    config = LlamaConfig.from_hf_dict(hf_dict, remat_policy=args.remat, attention_block_size=args.block)
+    config = LlamaConfig.from_hf_dict(hf_dict, remat_policy=args.remat, attention_backend="blockwise",
+                                      attention_block_size=args.block)
     params = params_from_hf(torch_model, config)
     model = Llama(config)
     length = args.seq_len

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 from nextlong_jax.hardware import published_bf16_peak  # noqa: E402
 from nextlong_jax.host_data import global_batch  # noqa: E402
 from nextlong_jax.model import LlamaConfig  # noqa: E402
-from nextlong_jax.model.attention import resolve_backend  # noqa: E402
+from nextlong_jax.model.attention import resolve  # noqa: E402
 from nextlong_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from nextlong_jax.train_config import MODEL_PRESETS, Config, DataConfig, MeshConfig  # noqa: E402
 from nextlong_jax.train_setup import build, init_state, jit_step  # noqa: E402
@@ -102,7 +102,8 @@ def accelerator_main(args: argparse.Namespace) -> None:
     measured = matmul_peak(8192 if device.platform != "cpu" else 1024, dtype="bfloat16")
     results = {}
     for backend in ("pallas_gpu", "blockwise"):  # what GPU training runs, and the pure-JAX baseline
-        config = Config(model=model.replace(attention_backend=backend), mesh=MeshConfig(1, 1, 1, 1),
+        # On a CPU (a smoke test of this path) pallas_gpu runs auto's choice instead.
+        config = Config(model=model.replace(attention_backend=backend, attention_allow_fallback=True), mesh=MeshConfig(1, 1, 1, 1),
                         data=DataConfig(seq_len=args.seq_len, batch_size=1))
         try:
             memory = step_memory_mib(config, mesh)
@@ -110,7 +111,7 @@ def accelerator_main(args: argparse.Namespace) -> None:
         except Exception as e:  # a backend failing to compile here is a result to report, not a crash
             results[backend] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             continue
-        results[backend] = {"ran_as": resolve_backend(backend, device.platform).value, "seconds": seconds,
+        results[backend] = {"ran_as": resolve(backend, device.platform, allow_fallback=True).value, "seconds": seconds,
                             "tokens_per_s": args.seq_len / seconds,
                             "model_tflops": flops / seconds / 1e12,
                             "mfu": flops / seconds / peak if peak else None,

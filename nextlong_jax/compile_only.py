@@ -79,7 +79,7 @@ def plan(config: Config, topology: Topology) -> Plan:
     total = sizes["argument"] + sizes["temp"] + sizes["output"] - sizes["alias"]
     tokens = config.data.batch_size * config.data.seq_len
     return Plan(topology=topology.name, chip=topology.chip.name, devices=mesh.size,
-                mesh={k: int(v) for k, v in mesh.shape.items()}, attention_backend=setup.model.config.attention_backend,
+                mesh={k: int(v) for k, v in mesh.shape.items()}, attention_backend=setup.model.config.attention_backend.value,
                 attention_kernels=kernel_names(compiled.as_text()),
                 **{f"{name}_gib": round(value, 3) for name, value in sizes.items()}, total_gib=round(total, 3),
                 hbm_gib=round(topology.chip.hbm_gib, 2), fits=total <= topology.chip.hbm_gib,

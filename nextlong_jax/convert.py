@@ -198,12 +198,14 @@ def verify(hf_dir: Path, ckpt_dir: Path, *, seq_len: int = 64, batch: int = 2, s
     import torch
     import transformers
 
+    from nextlong_jax.model.attention import Backend
     from nextlong_jax.model.llama import Llama
 
     config, params = load_checkpoint(ckpt_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"no config.json in {hf_dir}")
-    config = config.replace(param_dtype="float32", dtype="float32")
+    # Parity is about the weights, not the kernel: pure-JAX attention on whatever this host is.
+    config = config.replace(param_dtype="float32", dtype="float32", attention_backend=Backend.BLOCKWISE)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     transformers.utils.logging.disable_progress_bar()
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()

@@ -20,7 +20,7 @@ import optax
 
 from nextlong_jax import load_balance
 from nextlong_jax.schema import ROLE_META, ROLE_NEGATIVE
-from nextlong_jax.model.attention import SEQUENCE_PARALLEL, Backend
+from nextlong_jax.model.attention.backends import require_sequence_parallel
 from nextlong_jax.model.llama import Llama
 from nextlong_jax.model.loss import next_token_targets, target_loss
 
@@ -38,10 +38,7 @@ def _hidden_and_head(module: Llama, input_ids, positions, segment_ids):
 def check_sequence_parallel(model: Llama, sequence_shards: int) -> None:
     """Sequence-parallel attention takes its mesh from the ambient context at trace time; without it the
     model would silently run single-device attention on zig-zag-ordered tokens, i.e. a wrong causal mask."""
-    if Backend(model.config.attention_backend) not in SEQUENCE_PARALLEL:
-        raise ValueError(f"mesh.sequence={sequence_shards} needs a sequence-parallel model.attention_backend "
-                         f"({', '.join(sorted(b.value for b in SEQUENCE_PARALLEL))}), "
-                         f"not {model.config.attention_backend!r}")
+    require_sequence_parallel(model.config.attention_backend, sequence_shards)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or dict(mesh.shape).get("sequence") != sequence_shards:
         raise ValueError(f"sequence-parallel step traced outside `jax.set_mesh` of a mesh with sequence="

@@ -8,6 +8,7 @@ Unknown keys and ill-typed values fail with the dotted key in the message.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,6 +157,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
                 return RopeScaling(**value)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{key}: {e}") from None
+    elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(m.value for m in hint)}") from None
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -15,15 +15,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nextlong_jax.schema import FLOAT_FEATURES, TRAINING_FEATURES
-from nextlong_jax.model.attention import DENSE_MASK, SEQUENCE_PARALLEL, Backend, resolve_backend
+from nextlong_jax.model.attention import BackendError, resolve
+from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.llama import Llama
 from nextlong_jax.optimizer import build_optimizer
 from nextlong_jax.sharding import logical_sharding, logical_shardings, make_mesh
 from nextlong_jax.step import TrainState, make_train_step
 from nextlong_jax.train_config import Config
-
-# Longest sequence a dense-mask backend may take: its [L, L] mask and bias are 1 GiB per row here.
-DENSE_MASK_MAX_LEN = 16384
 
 
 class TrainError(RuntimeError):
@@ -63,26 +61,22 @@ def build_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> M
     if config.data.batch_size % shards:
         raise TrainError(f"data.batch_size={config.data.batch_size} must divide by data*fsdp*grad_accum={shards}")
     sequence = mesh.shape["sequence"]
-    backend = resolved_backend(config, mesh)
-    if sequence > 1 and backend not in SEQUENCE_PARALLEL:
-        raise TrainError(f"mesh.sequence={sequence} needs a sequence-parallel model.attention_backend "
-                         f"({', '.join(sorted(b.value for b in SEQUENCE_PARALLEL))}), "
-                         f"got {config.model.attention_backend!r}")
     if config.data.seq_len % (2 * sequence):
         raise TrainError(f"data.seq_len={config.data.seq_len} must divide by 2*mesh.sequence={2 * sequence} "
                          "(zig-zag load balancing)")
-    if backend in DENSE_MASK and config.data.seq_len > DENSE_MASK_MAX_LEN:
-        gib = config.data.seq_len**2 * 5 / 2**30  # bool mask + f32 bias per row
-        raise TrainError(f"model.attention_backend={backend.value} builds an [L, L] mask for packed documents "
-                         f"(~{gib:.0f} GiB per sequence at data.seq_len={config.data.seq_len}); above "
-                         f"{DENSE_MASK_MAX_LEN} tokens use pallas_gpu on GPUs, splash on TPUs, blockwise or ring")
     return mesh
 
 
-def resolved_backend(config: Config, mesh: Mesh) -> Backend:
-    """The attention backend compiled for the mesh's platform (not necessarily this host's)."""
-    return resolve_backend(config.model.attention_backend, mesh.devices.flat[0].platform,
-                           sequence_parallel=mesh.shape["sequence"] > 1)
+def resolved_model(config: Config, mesh: Mesh) -> LlamaConfig:
+    """The model config with its attention backend resolved, once, for the platform the mesh's devices
+    are (what the program is compiled for, not necessarily this host)."""
+    try:
+        backend = resolve(config.model.attention_backend, mesh.devices.flat[0].platform,
+                          sequence_shards=mesh.shape["sequence"], length=config.data.seq_len,
+                          allow_fallback=config.model.attention_allow_fallback)
+    except BackendError as e:
+        raise TrainError(str(e)) from None
+    return config.model.replace(attention_backend=backend)
 
 
 class Setup(NamedTuple):
@@ -94,11 +88,6 @@ class Setup(NamedTuple):
     batch_sharding: NamedSharding
 
 
-def _init_model(model: Llama) -> Llama:
-    """The same parameters with a backend that runs anywhere on init's one-row dummy batch."""
-    return Llama(model.config.replace(attention_backend=Backend.BLOCKWISE.value))
-
-
 def _abstract_key() -> jax.ShapeDtypeStruct:
     # Not a concrete key: inside `jax.set_mesh` of compile-only devices a concrete array would be
     # placed on devices that cannot hold it.
@@ -107,12 +96,12 @@ def _abstract_key() -> jax.ShapeDtypeStruct:
 
 def build(config: Config, mesh: Mesh) -> Setup:
     """Model, optimizer and shardings; call inside `jax.set_mesh(mesh)` and `axis_rules()`."""
-    model = Llama(config.model.replace(attention_backend=resolved_backend(config, mesh).value))
+    model = Llama(resolved_model(config, mesh))
     tx, schedule = build_optimizer(config.optimizer, config.train.steps)
 
     def boxed_state(rng):
         ids = jnp.zeros((1, 8), jnp.int32)  # parameter shapes do not depend on the length
-        params = _init_model(model).init(rng, ids, ids, ids)["params"]
+        params = model.init(rng, ids, ids, ids)["params"]
         return params, tx.init(params)
 
     # Optimizer state built from boxed params keeps the logical names, so it shards like the params.
@@ -131,7 +120,7 @@ def _fresh_state(setup: Setup, seed_key: jax.Array, params: Any | None = None) -
     init_key, train_key = seed_keys(seed_key)
     if params is None:
         ids = jnp.zeros((1, 8), jnp.int32)
-        params = nn.unbox(_init_model(setup.model).init(init_key, ids, ids, ids)["params"])
+        params = nn.unbox(setup.model.init(init_key, ids, ids, ids)["params"])
     return TrainState(params, setup.tx.init(params), train_key)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -61,30 +64,76 @@ def test_bfloat16_inputs_stay_close_to_float32_reference():
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=5e-2)
 
 
-@pytest.mark.parametrize("backend,platform", [("cudnn", "cpu"), ("pallas_gpu", "tpu"), ("splash", "cuda")])
-def test_kernel_for_another_platform_falls_back_with_warning(backend, platform, caplog):
-    from nextlong_jax.model.attention import Backend, _warned, resolve_backend
+@pytest.mark.parametrize("platform,unsharded,sharded", [("tpu", "splash", "splash"), ("cuda", "pallas_gpu", "pallas_gpu"),
+                                                      ("gpu", "pallas_gpu", "pallas_gpu"), ("cpu", "blockwise", "ring")])
+def test_auto_resolves_per_target_platform(platform, unsharded, sharded):
+    from nextlong_jax.model.attention import resolve
 
-    _warned.clear()
+    assert resolve("auto", platform).value == unsharded
+    assert resolve("auto", platform, sequence_shards=4).value == sharded
+
+
+@pytest.mark.parametrize("backend,platform", [("cudnn", "cpu"), ("pallas_gpu", "tpu"), ("splash", "cuda")])
+def test_kernel_for_another_platform_is_refused_in_one_line(backend, platform):
+    from nextlong_jax.model.attention import BackendError, resolve
+
+    with pytest.raises(BackendError) as e:
+        resolve(backend, platform)
+    assert "\n" not in str(e.value) and f"model.attention_backend={backend} runs on" in str(e.value)
+    assert "use auto" in str(e.value) and "attention_allow_fallback" in str(e.value)
+
+
+@pytest.mark.parametrize("backend,platform,want", [("cudnn", "cpu", "blockwise"), ("pallas_gpu", "tpu", "splash"),
+                                                   ("splash", "cuda", "pallas_gpu")])
+def test_allow_fallback_runs_autos_choice_with_a_warning(backend, platform, want, caplog):
+    from nextlong_jax.model.attention import resolve
+
     with caplog.at_level(logging.WARNING):
-        assert resolve_backend(backend, platform) == Backend.BLOCKWISE
-        assert resolve_backend(backend, platform, sequence_parallel=True) == Backend.RING
-    assert f"attention backend '{backend}' needs a" in caplog.text and "falling back to 'blockwise'" in caplog.text
+        assert resolve(backend, platform, allow_fallback=True).value == want
+    assert f"model.attention_backend={backend} runs on" in caplog.text and f"running {want}" in caplog.text
 
 
 @pytest.mark.parametrize("backend,platform", [("splash", "tpu"), ("pallas_gpu", "cuda"), ("cudnn", "gpu"),
                                               ("ring", "cpu"), ("blockwise", "tpu")])
 def test_backend_for_its_platform_is_kept(backend, platform):
-    from nextlong_jax.model.attention import resolve_backend
+    from nextlong_jax.model.attention import resolve
 
-    assert resolve_backend(backend, platform).value == backend
+    assert resolve(backend, platform).value == backend
+
+
+def test_sharded_length_and_dense_masks_are_refused():
+    from nextlong_jax.model.attention import BackendError, resolve
+
+    with pytest.raises(BackendError, match="mesh.sequence=2 needs a backend that takes a sharded length"):
+        resolve("blockwise", "cpu", sequence_shards=2)
+    assert resolve("ring", "cpu", sequence_shards=2).value == "ring"
+    with pytest.raises(BackendError, match="cudnn builds an \\[L, L\\] mask"):
+        resolve("cudnn", "gpu", length=32768)
+    assert resolve("cudnn", "gpu", length=16384).value == "cudnn"
+
+
+def test_config_and_data_modules_load_no_kernel():
+    code = ("import sys, nextlong_jax.train_config, nextlong_jax.data, nextlong_jax.train_setup, nextlong_jax.step; "
+            "print(sorted(m for m in sys.modules if m.endswith(('attention.splash', 'attention.pallas_gpu', "
+            "'attention.cudnn')) or 'pallas.ops' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_auto_must_be_resolved_before_attention_runs():
+    from nextlong_jax.model.attention import BackendError
+
+    q, k, v = _inputs(length=8)
+    with pytest.raises(BackendError, match="resolved"):
+        attention(q, k, v, backend="auto")
 
 
 def test_unknown_backend_is_an_error():
     q, k, v = _inputs(length=8)
     with pytest.raises(ValueError, match="nope"):
         attention(q, k, v, backend="nope")
-    from nextlong_jax.model.attention import resolve_backend
+    from nextlong_jax.model.attention import resolve
 
-    with pytest.raises(ValueError, match="unknown attention backend 'nope' \\(known: reference, blockwise"):
-        resolve_backend("nope", "cpu")
+    with pytest.raises(ValueError, match="unknown attention backend 'nope' \\(known: auto, reference, blockwise"):
+        resolve("nope", "cpu")

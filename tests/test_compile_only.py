@@ -95,7 +95,12 @@ def test_cli_plans_prints_json_and_refuses_what_does_not_fit():
     dense = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "h100-8",
                  "data.batch_size=8", "data.seq_len=32768", "model.max_position_embeddings=32768",
                  "model.attention_backend=cudnn")
-    assert dense.returncode == 1 and "cudnn builds an [L, L] mask" in dense.stderr and "use pallas_gpu" in dense.stderr
+    assert dense.returncode == 1 and "cudnn builds an [L, L] mask" in dense.stderr and "use auto" in dense.stderr
+    # A kernel the target cannot run is refused in one line, not compiled as something slower.
+    wrong = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "h100-8",
+                 "data.batch_size=8", *REDUCED, "model.attention_backend=splash")
+    assert wrong.returncode == 1 and wrong.stderr.strip().splitlines()[-1].startswith(
+        "nextlong-train: error: model.attention_backend=splash runs on tpu, but this program is compiled for gpu")
     unnamed = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only")
     assert unnamed.returncode == 1 and "names no mesh.topology: pass --topology" in unnamed.stderr
     bad = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v9-8")
@@ -123,21 +128,21 @@ def _plans(target: str) -> None:
     from nextlong_jax.train_config import load_config
 
     prepare_environment()
-    cases = {  # (mesh overrides, backend) -> kernel names that must be in the program
-        "tpu": [(["mesh.fsdp=4"], "splash", "splash_mha_fwd"),
-                (["mesh.fsdp=2", "mesh.tensor=2"], "splash", "splash_mha_dkv"),
-                (["mesh.fsdp=2", "mesh.sequence=2"], "splash", "splash_mha_dq"),  # context parallel
-                (["mesh.fsdp=2", "mesh.sequence=2"], "ring", None)],
-        "gpu": [(["mesh.fsdp=8"], "pallas_gpu", "mha_forward"),
-                (["mesh.fsdp=4", "mesh.tensor=2"], "pallas_gpu", "mha_backward")],
+    cases = {  # (mesh overrides, backend asked for, backend that runs, a kernel that must be in the program)
+        "tpu": [(["mesh.fsdp=4"], "auto", "splash", "splash_mha_fwd"),
+                (["mesh.fsdp=2", "mesh.tensor=2"], "splash", "splash", "splash_mha_dkv"),
+                (["mesh.fsdp=2", "mesh.sequence=2"], "auto", "splash", "splash_mha_dq"),  # context parallel
+                (["mesh.fsdp=2", "mesh.sequence=2"], "ring", "ring", None)],
+        "gpu": [(["mesh.fsdp=8"], "auto", "pallas_gpu", "mha_forward"),
+                (["mesh.fsdp=4", "mesh.tensor=2"], "pallas_gpu", "pallas_gpu", "mha_backward")],
     }[target]
     topology = parse_topology("v5p-8" if target == "tpu" else "h100-8")
-    for mesh, backend, kernel in cases:
+    for mesh, backend, runs, kernel in cases:
         config = load_config(ROOT / "configs/train/tiny-cpu.yaml",
                              [*REDUCED, *mesh, f"model.attention_backend={backend}", "data.batch_size=16",
                               "optimizer.grad_accum=2"])
         p = plan(config, topology)
-        assert p.attention_backend == backend, p
+        assert p.attention_backend == runs, p
         if kernel:
             assert any(kernel in k for k in p.attention_kernels), (mesh, p.attention_kernels)
         else:  # the pure-JAX ring: XLA's own ops, no kernel

@@ -27,7 +27,8 @@ TOL = 1e-4
 
 
 def _ours(hf_dict, model, **overrides):
-    config = LlamaConfig.from_hf_dict(dict(hf_dict), attention_block_size=32, **overrides)
+    config = LlamaConfig.from_hf_dict(dict(hf_dict), attention_backend="blockwise",
+                                      attention_block_size=32, **overrides)
     return config, params_from_hf(model, config)
 
 
@@ -69,7 +70,8 @@ def test_packed_segments_match_each_document_alone():
 @pytest.fixture(scope="module")
 def small():
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, attention_block_size=16, logits_block_size=24)
+                         num_attention_heads=4, num_key_value_heads=2, attention_backend="blockwise", attention_block_size=16,
+                         logits_block_size=24)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (2, 40)).astype(np.int32)
     segments = np.array([[1] * 25 + [2] * 12 + [0] * 3, [1] * 40], np.int32)

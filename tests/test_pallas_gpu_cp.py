@@ -20,6 +20,7 @@ from helpers import packed_segments
 from multidevice import ROOT, run_on_8_devices
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention import pallas_gpu
+from nextlong_jax.model.attention.backends import PALLAS_GPU_RESIDUALS
 from nextlong_jax.model.attention.blocks import Blocks
 
 
@@ -206,7 +207,7 @@ def _child_compile() -> None:
     assert f"{length},{length}" not in text  # no [L, L] mask or score array anywhere
     print(kernels, f"compile {seconds:.1f}s temp MiB", round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1))
     # Under remat the backward re-runs the forward kernel, unless its named residuals are saved.
-    saved = jax.checkpoint_policies.save_only_these_names(pallas_gpu.RESIDUAL_NAME)
+    saved = jax.checkpoint_policies.save_only_these_names(PALLAS_GPU_RESIDUALS)
     assert forward_kernels(compiled) == 1
     assert forward_kernels(compile_(jax.checkpoint(loss))) == 2
     assert forward_kernels(compile_(jax.checkpoint(loss, policy=saved))) == 1

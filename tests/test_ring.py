@@ -118,7 +118,8 @@ def _child_model() -> None:
     from nextlong_jax.sharding import axis_rules, logical_sharding, logical_shardings, make_mesh
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_block_size=8)
+                         num_attention_heads=4, num_key_value_heads=2, attention_backend="blockwise",
+                         attention_block_size=8)
     ring_config = config.replace(attention_backend="ring")
     model, ring_model = Llama(config), Llama(ring_config)
     b, length, shards = 4, 64, 4

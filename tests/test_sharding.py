@@ -47,7 +47,8 @@ def _child() -> None:
 
     assert jax.device_count() == 8
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_block_size=16)
+                         num_attention_heads=4, num_key_value_heads=2, attention_backend="blockwise",
+                         attention_block_size=16)
     model = Llama(config)
     b, length = 4, 64
     rng = np.random.default_rng(0)

@@ -20,6 +20,7 @@ from helpers import packed_segments
 from multidevice import ROOT, run_on_8_devices
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention import Blocks, splash
+from nextlong_jax.model.attention.backends import SPLASH_RESIDUALS
 
 
 @pytest.mark.parametrize("length,shards,bq,bk", [(1024, 1, 128, 128), (1024, 1, 256, 512), (1024, 2, 256, 128),
@@ -173,7 +174,7 @@ def _child_tpu() -> None:
         assert kernels(loss, mesh, args) == 3, shape  # forward, dq, dK/dV
         print(shape, "ok", flush=True)
     # Under remat the backward re-runs the forward kernel, unless the kernel's residuals are saved.
-    saved = jax.checkpoint_policies.save_only_these_names(splash.RESIDUAL_NAME)
+    saved = jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS)
     assert kernels(jax.checkpoint(loss, policy=saved), mesh, args) == 3
     assert kernels(jax.checkpoint(loss), mesh, args) == 4
     print("tpu compile ok")

@@ -14,7 +14,7 @@ from nextlong_jax.step import TrainState, loss_sums, make_train_step
 from nextlong_jax.train_config import ConfigError, OptimizerConfig, config_from_dict, load_config
 
 TINY = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, attention_block_size=8, logits_block_size=4)
+                   num_key_value_heads=2, attention_backend="blockwise", attention_block_size=8, logits_block_size=4)
 
 
 def test_yaml_preset_and_dotted_overrides(tmp_path):

@@ -110,7 +110,7 @@ def _child() -> None:
 
     from nextlong_jax.sharding import axis_rules, make_mesh
     from nextlong_jax.host_data import global_batch
-    from nextlong_jax.train_setup import TrainError, build, build_mesh, init_state, jit_step
+    from nextlong_jax.train_setup import TrainError, build, build_mesh, init_state, jit_step, resolved_model
     from nextlong_jax.train_config import MeshConfig
 
     batch = _batch()
@@ -141,10 +141,10 @@ def _child() -> None:
 
     blockwise = dataclasses.replace(config, model=config.model.replace(attention_backend="blockwise"))
     try:
-        build_mesh(blockwise)
+        resolved_model(blockwise, build_mesh(blockwise))
         raise AssertionError("a sequence-parallel mesh accepted blockwise attention")
     except TrainError as e:
-        assert "sequence-parallel model.attention_backend" in str(e)
+        assert "mesh.sequence=4 needs a backend that takes a sharded length" in str(e), e
     print("ring step ok", got, "max param error", worst)
 
 

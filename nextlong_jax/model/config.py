@@ -11,9 +11,9 @@ import jax.numpy as jnp
 
 from nextlong_jax.dtypes import DTYPES
 from nextlong_jax.model.attention import RESIDUAL_NAMES, Backend, Blocks
+from nextlong_jax.model.attention.backends import parse as parse_backend
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-ATTENTION_BACKENDS = tuple(b.value for b in Backend)
 NO_REMAT = "none"  # every activation kept for the backward pass: nothing recomputed
 # Each other remat_policy: what jax.checkpoint keeps of a decoder layer for the backward pass.
 REMAT_SAVES = {
@@ -83,7 +83,9 @@ class LlamaConfig:
     # Training-side knobs below: not part of the HF config.
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay in float32
-    attention_backend: str = "blockwise"
+    # `auto`, or a backend by name (`attention.backends`); the trainer resolves it for its platform.
+    attention_backend: Backend = Backend.AUTO
+    attention_allow_fallback: bool = False  # a named kernel the platform lacks runs `auto`'s choice
     attention_block_size: int = 512  # query block (the only block of blockwise and ring)
     attention_block_kv: int | None = None  # key/value block of the kernels; None: attention_block_size
     attention_block_q_bwd: int | None = None  # backward kernels' blocks; None: the forward ones
@@ -103,6 +105,7 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling.from_hf(self.rope_scaling))
+        object.__setattr__(self, "attention_backend", parse_backend(self.attention_backend))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.num_attention_heads % self.num_key_value_heads:
@@ -113,7 +116,7 @@ class LlamaConfig:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES),
-                              ("attention_backend", ATTENTION_BACKENDS), ("remat_policy", REMAT_POLICIES)):
+                              ("remat_policy", REMAT_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} not in {allowed}")
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from nextlong_jax.model.attention import attention
+from nextlong_jax.model.attention import Backend, attention
 from nextlong_jax.model.config import NO_REMAT, REMAT_SAVES, LlamaConfig
 from nextlong_jax.model.loss import next_token_loss
 from nextlong_jax.model.rope import apply_rope, rope_tables
@@ -76,7 +76,9 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        out = attention(q, k, v, segment_ids, backend=c.attention_backend, blocks=c.attention_blocks)
+        # Init needs only parameter shapes: reference attention runs anywhere on its dummy row.
+        backend = Backend.REFERENCE if self.is_initializing() else c.attention_backend
+        out = attention(q, k, v, segment_ids, backend=backend, blocks=c.attention_blocks)
         return _project(out, _weight(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed")), contract=2)
 
 

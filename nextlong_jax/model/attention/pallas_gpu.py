@@ -38,7 +38,7 @@ the gathered K and V are 2 x L x K x D x itemsize per example per device, 2 x 51
 the reduce-scatter), and the gather moves (S-1)/S of it over the interconnect once per layer per
 pass; with 8 kv heads against 32 query heads it is a quarter of what gathering queries would move.
 The gathered K/V are the kernel's residuals for the backward (re-gathered where remat drops them);
-its own residuals (output, lse) are named RESIDUAL_NAME, for a remat policy that keeps them.
+its own residuals (output, lse) are named `backends.PALLAS_GPU_RESIDUALS`, for a remat policy that keeps them.
 Zig-zag order gives every device the same causal work; packed documents' skipping applies too.
 
 Limits, and what the wrapper does about them:
@@ -75,11 +75,11 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from nextlong_jax import load_balance
+from nextlong_jax.model.attention.backends import PALLAS_GPU_RESIDUALS
 from nextlong_jax.model.attention.blocks import Blocks
 from nextlong_jax.model.attention.per_device import on_each_device, spec
 from nextlong_jax.sharding import ambient_shards
 
-RESIDUAL_NAME = "pallas_gpu_residuals"
 # Segment id of the rows and keys added to reach a whole number of blocks: no real token has it.
 _PAD_SEGMENT = -1
 # Largest forward tile whose blocks of q, k and v fit a GPU's shared memory at head_dim 128 in bf16:
@@ -367,7 +367,7 @@ def _flash(q, k, v, q_seg, kv_seg, q_index, ranges, dq_ranges, dkv_ranges, cfg):
 def _flash_fwd(q, k, v, q_seg, kv_seg, q_index, ranges, dq_ranges, dkv_ranges, cfg):
     out, lse = _forward(q, k, v, q_seg, kv_seg, q_index, ranges, cfg)
     # Named, so a remat policy can keep them: the backward needs lse too, not only the output.
-    out, lse = (checkpoint_name(x, RESIDUAL_NAME) for x in (out, lse))
+    out, lse = (checkpoint_name(x, PALLAS_GPU_RESIDUALS) for x in (out, lse))
     return out, (q, k, v, q_seg, kv_seg, q_index, dq_ranges, dkv_ranges, out, lse)
 
 

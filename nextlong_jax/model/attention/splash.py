@@ -22,7 +22,7 @@ Three things make the bare kernel usable in the sharded trainer:
   shards, blocks, interpret). Tables stay numpy so building never places arrays on a device.
 
 The kernel's residuals (output [H, L, D] and log-sum-exp [H, L] per example) carry the checkpoint
-name `RESIDUAL_NAME`: a remat policy that saves it skips re-running the forward kernel in the
+name `backends.SPLASH_RESIDUALS`: a remat policy that saves it skips re-running the forward kernel in the
 backward pass (saving only the attention output does not, the backward kernels need the lse too).
 
 Limits: blocks are multiples of 128 (TPU lanes) dividing the local lengths; the tables live in the
@@ -43,11 +43,11 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nextlong_jax import load_balance
+from nextlong_jax.model.attention.backends import SPLASH_RESIDUALS
 from nextlong_jax.model.attention.blocks import Blocks
 from nextlong_jax.model.attention.per_device import on_each_device
 from nextlong_jax.sharding import ambient_shards
 
-RESIDUAL_NAME = "splash_residuals"
 LANES = 128  # the kernel tiles sequence blocks on 128 TPU lanes: every block is a multiple
 
 
@@ -137,7 +137,7 @@ def _kernel(length: int, shards: int, blocks: Blocks, interpret: bool) -> sk.Spl
     dkv = _mask_info(q_sequence, length, (blocks.q_bwd, blocks.kv_bwd), shards, dkv=True, shrink=not fused)
     return sk.SplashAttentionKernel(
         fwd, dq, dkv, block_sizes=sizes, is_mqa=False, save_residuals=False, mask_value=sk.DEFAULT_MASK_VALUE,
-        attn_logits_soft_cap=None, residual_checkpoint_name=RESIDUAL_NAME, mask_function=_causal,
+        attn_logits_soft_cap=None, residual_checkpoint_name=SPLASH_RESIDUALS, mask_function=_causal,
         interpret=interpret)
 
 

@@ -1,0 +1,129 @@
+"""The attention backends as one table, and the one place a configured backend becomes the one that runs.
+
+Nothing here imports a kernel: each record names its kernel and `Spec.load` imports it on first
+use, so reading a config or a data pipeline never loads Pallas. A backend is resolved once, when
+the trainer (or a plan, or the evaluator) knows the platform it compiles for, and the model then
+carries the `Backend` member, never a name to be looked up again.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+# A dense-mask backend's [L, L] mask and bias are 1 GiB per sequence at this length.
+DENSE_MASK_MAX_LEN = 16384
+# Checkpoint names of what attention keeps for its backward pass: a remat policy saving them spares
+# recomputing attention there. The kernels name their own residuals (output and log-sum-exp, both
+# needed by their backward kernels); the pure-JAX backends' output carries ATTENTION_OUT.
+ATTENTION_OUT = "attention_out"
+SPLASH_RESIDUALS = "splash_residuals"
+PALLAS_GPU_RESIDUALS = "pallas_gpu_residuals"
+RESIDUAL_NAMES = (ATTENTION_OUT, SPLASH_RESIDUALS, PALLAS_GPU_RESIDUALS)
+
+
+class BackendError(ValueError):
+    """A backend the configuration names cannot run where it is compiled for."""
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"  # the platform's fastest: see `resolve`
+    REFERENCE = "reference"  # plain softmax over [L, L] scores: the tests' ground truth
+    BLOCKWISE = "blockwise"  # flash-style pure JAX, any platform
+    RING = "ring"  # blockwise passed around the `sequence` mesh axis, any platform
+    SPLASH = "splash"  # Pallas TPU kernel; over `sequence`, all-gather context parallelism
+    PALLAS_GPU = "pallas_gpu"  # Pallas Triton kernel with segment ids; over `sequence`, all-gather
+    CUDNN = "cudnn"  # cuDNN fused attention; packed documents need a dense [L, L] mask
+
+
+@dataclass(frozen=True)
+class Spec:
+    platforms: frozenset[str]  # platform families it compiles for ("cpu", "tpu", "gpu")
+    sequence_parallel: bool  # takes a length sharded over the `sequence` mesh axis
+    dense_mask: bool  # holds an [L, L] mask per sequence (refused above DENSE_MASK_MAX_LEN)
+    block_fields: tuple[str, ...]  # the `Blocks` fields it reads
+    kernel: str  # "module:function", imported by `load`
+
+    def load(self) -> Callable:
+        module, _, name = self.kernel.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_ANY = frozenset({"cpu", "tpu", "gpu"})
+_HERE = "nextlong_jax.model.attention"
+BACKENDS: dict[Backend, Spec] = {
+    Backend.REFERENCE: Spec(_ANY, False, True, (), f"{_HERE}.reference:reference_attention"),
+    Backend.BLOCKWISE: Spec(_ANY, False, False, ("q",), f"{_HERE}.blockwise:blockwise_attention"),
+    Backend.RING: Spec(_ANY, True, False, ("q",), f"{_HERE}.ring:ring_attention"),
+    Backend.SPLASH: Spec(frozenset({"tpu"}), True, False,
+                         ("q", "kv", "q_bwd", "kv_bwd", "fused_bwd"),
+                         f"{_HERE}.splash:splash_attention"),
+    Backend.PALLAS_GPU: Spec(frozenset({"gpu"}), True, False, ("q", "kv", "q_bwd", "kv_bwd"),
+                             f"{_HERE}.pallas_gpu:pallas_gpu_attention"),
+    Backend.CUDNN: Spec(frozenset({"gpu"}), False, True, (), f"{_HERE}.cudnn:cudnn_attention"),
+}
+# What `auto` runs, per platform family: (unsharded length, length sharded over `sequence`).
+AUTO = {"tpu": (Backend.SPLASH, Backend.SPLASH), "gpu": (Backend.PALLAS_GPU, Backend.PALLAS_GPU),
+        "cpu": (Backend.BLOCKWISE, Backend.RING)}
+
+
+def platform_family(platform: str) -> str:
+    """jax names GPUs by their runtime ("cuda", "rocm"); backends only care that it is a GPU."""
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def parse(name: str | Backend) -> Backend:
+    try:
+        return Backend(name)
+    except ValueError:
+        raise BackendError(f"unknown attention backend {name!r} (known: {', '.join(b.value for b in Backend)})") from None
+
+
+def _names(backends) -> str:
+    return ", ".join(b.value for b in backends)
+
+
+def require_sequence_parallel(backend: Backend, sequence_shards: int) -> None:
+    """Refuse a backend that would run single-device attention on a sharded (zig-zag) length."""
+    if sequence_shards > 1 and not (backend is Backend.AUTO or BACKENDS[backend].sequence_parallel):
+        raise BackendError(f"mesh.sequence={sequence_shards} needs a backend that takes a sharded length "
+                           f"({_names(b for b, s in BACKENDS.items() if s.sequence_parallel)} or auto), "
+                           f"not model.attention_backend={backend.value}")
+
+
+def resolve(name: str | Backend, platform: str, *, sequence_shards: int = 1, length: int = 0,
+            allow_fallback: bool = False) -> Backend:
+    """The backend that runs when compiling for `platform` ("cpu", "tpu", "gpu", "cuda", ...).
+
+    `auto` is the platform's choice (`AUTO`). A named backend runs as named, or is refused in one
+    line when the platform cannot compile it, the length is sharded over `sequence_shards` > 1 and
+    it cannot take that, or it holds a dense mask over more than DENSE_MASK_MAX_LEN tokens.
+    `allow_fallback` turns the platform refusal into a warning and runs `auto`'s choice instead.
+    """
+    family = platform_family(platform)
+    sharded = sequence_shards > 1
+    backend = parse(name)
+    choice = AUTO.get(family, AUTO["cpu"])[sharded]
+    if backend is Backend.AUTO:
+        return choice
+    spec = BACKENDS[backend]
+    if family not in spec.platforms:
+        runs_here = _names(b for b, s in BACKENDS.items() if family in s.platforms)
+        message = (f"model.attention_backend={backend.value} runs on {'/'.join(sorted(spec.platforms))}, but this "
+                   f"program is compiled for {family}: use auto ({choice.value} here) or one of {runs_here}")
+        if not allow_fallback:
+            raise BackendError(message + " (model.attention_allow_fallback=true runs auto's choice instead)")
+        logger.warning("%s; running %s (attention_allow_fallback)", message, choice.value)
+        return choice
+    require_sequence_parallel(backend, sequence_shards)
+    if spec.dense_mask and length > DENSE_MASK_MAX_LEN:
+        gib = length**2 * 5 / 2**30  # bool mask + f32 bias per row
+        raise BackendError(f"model.attention_backend={backend.value} builds an [L, L] mask for packed documents "
+                           f"(~{gib:.0f} GiB per sequence at {length} tokens); above {DENSE_MASK_MAX_LEN} tokens "
+                           f"use auto or one of {_names(b for b, s in BACKENDS.items() if not s.dense_mask)}")
+    return backend
