@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The test install carries libtpu and the CUDA plugin (to compile for TPUs and GPUs); without this
 # jax would first probe for those chips, noisily, before settling on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the run, which every child interpreter inherits: the training
+# runs of test_train_run, test_train_init and test_train_multihost start the same small programs many
+# times (a resume compiles what the first run compiled). jax keys an entry by the program, the compile
+# options, the devices and the jax/XLA versions, so a hit is the executable a fresh compile would give.
+# A clean clone starts empty; a directory of your own (JAX_COMPILATION_CACHE_DIR) is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nextlong-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# A size limit turns on jax's file lock around each read and write of an entry: two training processes
+# at once (the two hosts, a run and its reference) must not read an entry the other is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 
 # Markers by module, one table (pyproject.toml describes them): `make test-fast`, a contributor's inner
