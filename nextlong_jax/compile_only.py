@@ -13,6 +13,7 @@ import time
 
 import jax
 
+from nextlong_jax.compilers import installed
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.topology import Topology, compile_only_devices
 from nextlong_jax.train_config import Config
@@ -35,9 +36,11 @@ class Plan:
     alias_gib: float  # outputs written over donated arguments (the state), counted once
     total_gib: float
     hbm_gib: float  # the chip's published HBM
-    fits: bool
+    budget_gib: float  # what a run may use per chip (GPU: jax's allocator share of what CUDA reports)
+    fits: bool  # total_gib <= budget_gib
     model_tflops_per_step: float
     compile_seconds: float
+    compilers: dict[str, str | None]  # versions of jax, jaxlib, libtpu and the CUDA plugin that compiled it
 
     def summary(self) -> str:
         kernels = ", ".join(self.attention_kernels) or "none (XLA ops)"
@@ -46,7 +49,8 @@ class Plan:
             f"attention {self.attention_backend}; kernels in the program: {kernels}",
             f"per chip: arguments {self.argument_gib:.2f} GiB + temporaries {self.temp_gib:.2f} GiB + outputs "
             f"{self.output_gib:.2f} GiB - aliased {self.alias_gib:.2f} GiB = {self.total_gib:.2f} GiB of "
-            f"{self.hbm_gib:.1f} GiB HBM: {'fits' if self.fits else 'DOES NOT FIT'}",
+            f"{self.budget_gib:.1f} GiB usable ({self.hbm_gib:.1f} GiB HBM published): "
+            f"{'fits' if self.fits else 'DOES NOT FIT'}",
             f"model {self.model_tflops_per_step:.1f} TFLOP per step; compiled in {self.compile_seconds:.0f} s",
         ])
 
@@ -82,6 +86,7 @@ def plan(config: Config, topology: Topology) -> Plan:
                 mesh={k: int(v) for k, v in mesh.shape.items()}, attention_backend=setup.model.config.attention_backend.value,
                 attention_kernels=kernel_names(compiled.as_text()),
                 **{f"{name}_gib": round(value, 3) for name, value in sizes.items()}, total_gib=round(total, 3),
-                hbm_gib=round(topology.chip.hbm_gib, 2), fits=total <= topology.chip.hbm_gib,
+                hbm_gib=round(topology.chip.hbm_gib, 2), budget_gib=round(topology.chip.budget_gib, 2),
+                fits=total <= topology.chip.budget_gib, compilers=installed(),
                 model_tflops_per_step=round(config.model.flops_per_token(config.data.seq_len) * tokens / 1e12, 1),
                 compile_seconds=round(seconds, 1))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 
+from nextlong_jax.compilers import runtime_mismatch
 from nextlong_jax.data import BatchIterator, find_shards, host_shards, resume_batches
 from nextlong_jax.hardware import published_bf16_peak
 from nextlong_jax.warm_start import initial_state
@@ -19,7 +20,7 @@ from nextlong_jax.host_data import global_batch, host_rows
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.train_config import Config
 from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_mesh, jit_step,
-                                      maybe_initialize_distributed, seed_keys)
+                                      start_runtime, seed_keys)
 
 
 class Reporter:
@@ -37,8 +38,10 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
     state too if `init_optimizer`), if given; see `warm_start`."""
     from nextlong_jax.checkpoint import Checkpointer, Preemption
 
-    maybe_initialize_distributed()
+    start_runtime()
     mesh = build_mesh(config)
+    if (platform := mesh.devices.flat[0].platform) != "cpu" and (mismatch := runtime_mismatch(platform)):
+        reporter.message(f"warning: {mismatch}")
     sources = [find_shards(s, config.data.seq_len, config.data.verify_sha256) for s in config.data.sources]
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = config.model.flops_per_token(config.data.seq_len) * tokens_per_step

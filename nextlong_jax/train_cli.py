@@ -159,7 +159,7 @@ def compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
     print(json.dumps({"compiled": True, **dataclasses.asdict(result)}), flush=True)
     if not result.fits:
         print(f"nextlong-train: error: needs {result.total_gib:.1f} GiB per chip, more than the "
-              f"{result.hbm_gib:.1f} GiB of a {result.chip}", file=sys.stderr)
+              f"{result.budget_gib:.1f} GiB usable of a {result.chip}", file=sys.stderr)
     return 0 if result.fits else 1
 
 
@@ -204,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     from nextlong_jax.convert import ConversionError
     from nextlong_jax.data import DataError
     from nextlong_jax.train import train
-    from nextlong_jax.train_setup import TrainError, maybe_initialize_distributed
+    from nextlong_jax.train_setup import TrainError, start_runtime
     from nextlong_jax.train_config import ConfigError, load_config
 
     log = None
     try:
         config = load_config(args.config, overrides)
-        maybe_initialize_distributed()  # before anything asks jax about devices or processes
+        start_runtime()  # before anything asks jax about devices or processes
         import jax
         import tensorflow as tf
 

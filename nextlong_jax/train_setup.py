@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nextlong_jax.hardware import claim_gpu_memory
 from nextlong_jax.schema import FLOAT_FEATURES, TRAINING_FEATURES
 from nextlong_jax.model.attention import BackendError, resolve
 from nextlong_jax.model.config import LlamaConfig
@@ -28,12 +29,14 @@ class TrainError(RuntimeError):
     """A user-facing reason the run cannot start or continue."""
 
 
-def maybe_initialize_distributed() -> None:
-    """Join the other hosts when the environment describes a multi-host job.
+def start_runtime() -> None:
+    """Before jax's backend starts: claim the GPU memory plans count on (`hardware.claim_gpu_memory`),
+    and join the other hosts when the environment describes a multi-host job.
 
     Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID,
     the same on every host but the id. Managed (TPU pod slice, SLURM, Open MPI): jax reads its own.
     """
+    claim_gpu_memory()
     env = os.environ
     explicit = env.get("JAX_COORDINATOR_ADDRESS")
     managed = ("," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("SLURM_NTASKS", "1")) > 1

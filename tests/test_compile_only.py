@@ -79,7 +79,8 @@ def test_cli_plans_prints_json_and_refuses_what_does_not_fit():
     plan = json.loads(fits.stdout.strip().splitlines()[-1])
     assert plan["fits"] and plan["devices"] == 4 and plan["chip"] == "v5p" and plan["attention_backend"] == "splash"
     assert any("splash_mha_fwd" in k for k in plan["attention_kernels"])
-    assert plan["total_gib"] > 0 and plan["hbm_gib"] == 88.48 and plan["model_tflops_per_step"] > 0
+    assert plan["total_gib"] > 0 and plan["hbm_gib"] == plan["budget_gib"] == 88.48 and plan["model_tflops_per_step"] > 0
+    assert plan["compilers"]["jax"] == "0.10.2" and plan["compilers"]["libtpu"].startswith("0.0.42")
     # 2 x 1.05B embedding parameters in fp32 with two Adam moments: ~25 GB of state on one 16 GB chip.
     huge = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v5e-1",
                 "data.batch_size=1", "data.seq_len=128", "model.hidden_size=8192", "model.num_attention_heads=64",
@@ -154,3 +155,48 @@ def _plans(target: str) -> None:
 
 if __name__ == "__main__":
     _kinds() if sys.argv[1] == "kinds" else _plans(sys.argv[2])
+
+
+def test_extras_pin_the_compilers_the_plans_were_made_with():
+    import tomllib
+
+    from nextlong_jax.compilers import PLANNED_WITH, installed, runtime_mismatch
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = {}
+    for extra in ("tpu", "gpu", "aot"):
+        for requirement in extras[extra]:
+            name, _, version = requirement.partition("==")
+            pins.setdefault(name.split("[")[0], set()).add(version.rstrip(".*"))
+    for name, planned in PLANNED_WITH.items():
+        if name != "jaxlib":  # jax pins its own jaxlib
+            assert pins[name] == {planned}, (name, pins[name])
+    # The test install is the plans' install: nothing to warn about on either platform.
+    assert installed()["jax"] == PLANNED_WITH["jax"]
+    assert runtime_mismatch("tpu") is None and runtime_mismatch("cuda") is None
+
+
+def test_a_different_compiler_is_one_warning_line(monkeypatch):
+    from nextlong_jax import compilers
+
+    monkeypatch.setattr(compilers, "installed", lambda: {**dict.fromkeys(compilers.PLANNED_WITH, "0.10.2"),
+                                                         "libtpu": "0.0.30", "jax-cuda12-plugin": None})
+    tpu = compilers.runtime_mismatch("tpu")
+    assert tpu.startswith("this run compiles with libtpu 0.0.30 (planned with 0.0.42)") and "\n" not in tpu
+    assert "jax-cuda12-plugin missing" in compilers.runtime_mismatch("cuda")
+    assert compilers.runtime_mismatch("cpu") is None
+
+
+def test_gpu_plans_count_the_allocators_share_of_what_cuda_reports(monkeypatch):
+    from nextlong_jax.hardware import GPU_MEMORY_FRACTION_ENV, claim_gpu_memory
+
+    monkeypatch.delenv(GPU_MEMORY_FRACTION_ENV, raising=False)
+    h100 = CHIPS_BY_NAME["h100"]
+    assert round(h100.hbm_gib, 1) == 74.5 and round(h100.usable_bytes / 2**30, 1) == 79.1
+    assert round(h100.budget_gib, 2) == round(0.95 * 79.11, 2)
+    assert CHIPS_BY_NAME["v5p"].budget_gib == CHIPS_BY_NAME["v5p"].hbm_gib  # no allocator share on TPU
+    claim_gpu_memory()
+    assert os.environ[GPU_MEMORY_FRACTION_ENV] == "0.95"
+    monkeypatch.setenv(GPU_MEMORY_FRACTION_ENV, "0.8")  # the user's choice stands, and the plan follows it
+    claim_gpu_memory()
+    assert os.environ[GPU_MEMORY_FRACTION_ENV] == "0.8" and round(h100.budget_gib, 1) == round(0.8 * 79.11, 1)

@@ -27,7 +27,7 @@ from nextlong_jax.sharding import axis_rules
 from nextlong_jax.step import check_sequence_parallel
 from nextlong_jax.train_config import Config
 from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_mesh,
-                                      maybe_initialize_distributed)
+                                      start_runtime)
 
 # What evaluation takes from the training config: how the model runs, not what it is (the
 # architecture and rope come from the checkpoint or HF directory).
@@ -89,7 +89,7 @@ class Evaluator:
         """Exactly one of `ckpt` (RUN/checkpoints/STEP) or `hf` (a local HF Llama directory)."""
         from nextlong_jax.warm_start import checkpoint_params, hf_params
 
-        maybe_initialize_distributed()
+        start_runtime()
         stored = stored_model(ckpt, hf)
         model_config = stored.replace(**{f: getattr(config.model, f) for f in RUNTIME_FIELDS})
         # One row per batch shard; no optimizer steps, so no accumulation.
