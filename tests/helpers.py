@@ -43,3 +43,40 @@ def synth_args(meta, out, *extra) -> list[str]:
     return ["--meta", str(meta), "--out", str(out), "--tokenizer", "llama3",
             "--embedder", "hashing", "--index", "faiss-flat", "--seq-len", "1024",
             "--chunk-tokens", "64", "--num-shards", "2", "--docs-per-block", "8", *extra]
+
+
+def context_parallel_errors(attend, mesh, rng: np.random.Generator, b: int, length: int, heads: int, kv_heads: int,
+                            head_dim: int, segments: np.ndarray, *, atol: float, grad_atol: float,
+                            grad_rtol: float, name: str) -> list[float]:
+    """Run `attend(q, k, v, segment_ids)` under `mesh` on zig-zag-ordered float32 inputs and check its
+    output and dq/dk/dv against the unsharded reference in the original order; returns the max
+    |error| of each. For the context-parallel kernels (the length sharded over `sequence`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nextlong_jax import load_balance
+    from nextlong_jax.model.attention.reference import reference_attention
+
+    shards = mesh.shape["sequence"]
+    q = jnp.asarray(rng.standard_normal((b, length, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, length, kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    seg = jnp.asarray(segments)
+    want, pullback = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg), q, k, v)
+    zq, zk, zv, zseg, zct = (load_balance.zigzag(x, shards) for x in (q, k, v, seg, ct))
+
+    @jax.jit
+    def run(q, k, v, ct):
+        out, kernel_pullback = jax.vjp(lambda q, k, v: attend(q, k, v, zseg), q, k, v)
+        return out, kernel_pullback(ct)
+
+    with jax.set_mesh(mesh):
+        out, grads = run(zq, zk, zv, zct)
+    assert len(out.sharding.device_set) == mesh.size, name
+    got = [load_balance.unzigzag(x, shards) for x in (out, *grads)]
+    errors = []
+    for g, w, which in zip(got, (want, *pullback(ct)), ("out", "dq", "dk", "dv")):
+        tolerance = dict(atol=atol) if which == "out" else dict(atol=grad_atol, rtol=grad_rtol)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), **tolerance, err_msg=f"{name} {which}")
+        errors.append(float(jnp.abs(g - w).max()))
+    return errors

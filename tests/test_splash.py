@@ -9,6 +9,7 @@ initialises, and the pytest process keeps its single CPU device for every other 
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import packed_segments
+from helpers import context_parallel_errors, packed_segments
 from multidevice import ROOT, run_on_8_devices
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention import Blocks, splash
@@ -93,10 +94,6 @@ def test_splash_compiles_for_tpu_v5p():
 
 
 def _child_attention() -> None:
-    import jax
-    import jax.numpy as jnp
-
-    from nextlong_jax.model.attention.reference import reference_attention
     from nextlong_jax.sharding import make_mesh
 
     rng = np.random.default_rng(0)
@@ -109,36 +106,12 @@ def _child_attention() -> None:
         "sequence4-fsdp": (dict(data=1, fsdp=2, tensor=1, sequence=4), 1024, blocks._replace(kv=256, kv_bwd=256)),
     }
     for name, (axes, length, case_blocks) in cases.items():
-        mesh = make_mesh(**axes)
-        shards = mesh.shape["sequence"]
-        q = jnp.asarray(rng.standard_normal((b, length, heads, head_dim)), jnp.float32)
-        k, v = (jnp.asarray(rng.standard_normal((b, length, kv_heads, head_dim)), jnp.float32) for _ in range(2))
-        ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-        seg = jnp.asarray(packed_segments(b, length))
-
-        want, want_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg), q, k, v)
-        want_grads = want_vjp(ct)
-        # The kernel takes the zig-zag layout; the reference answers in the original order.
-        zq, zk, zv, zseg, zct = (load_balance.zigzag(x, shards) for x in (q, k, v, seg, ct))
-
-        @jax.jit
-        def run(q, k, v, ct):
-            out, pullback = jax.vjp(lambda q, k, v: splash.splash_attention(
-                q, k, v, zseg, blocks=case_blocks, interpret=True), q, k, v)
-            return out, pullback(ct)
-
-        with jax.set_mesh(mesh):
-            out, grads = run(zq, zk, zv, zct)
-        assert len(out.sharding.device_set) == 8, name
+        attend = functools.partial(splash.splash_attention, blocks=case_blocks, interpret=True)
         # float32 throughout; the kernel sums in another order (online softmax over 128-blocks,
         # q pre-scaled): ~2e-6 on out and dq, ~8e-6 on dk/dv measured. A wrong mask errs by ~0.5.
-        np.testing.assert_allclose(np.asarray(out), np.asarray(load_balance.zigzag(want, shards)), atol=2e-5,
-                                   err_msg=name)
-        for g, w, which in zip(grads, want_grads, "qkv"):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(load_balance.zigzag(w, shards)), atol=5e-5,
-                                       rtol=1e-4, err_msg=f"{name} d{which}")
-        errors = [float(jnp.abs(g - load_balance.zigzag(w, shards)).max()) for g, w in zip((out, *grads),
-                                                                                         (want, *want_grads))]
+        errors = context_parallel_errors(attend, make_mesh(**axes), rng, b, length, heads, kv_heads, head_dim,
+                                         packed_segments(b, length), atol=2e-5, grad_atol=5e-5, grad_rtol=1e-4,
+                                         name=name)
         print(name, "ok; max |error| of out, dq, dk, dv:", " ".join(f"{e:.1e}" for e in errors), flush=True)
     print("splash ok")
 
