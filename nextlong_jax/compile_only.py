@@ -40,6 +40,8 @@ class Plan:
     fits: bool  # total_gib <= budget_gib
     model_tflops_per_step: float
     compile_seconds: float
+    xla_flags: dict[str, str | int | bool]  # the config's compiler options for this platform (`Config.xla`)
+    host_gib: float  # per chip, in pinned host memory (remat_policy offload's layer inputs), not in total_gib
     compilers: dict[str, str | None]  # versions of jax, jaxlib, libtpu and the CUDA plugin that compiled it
 
     def summary(self) -> str:
@@ -52,6 +54,8 @@ class Plan:
             f"{self.budget_gib:.1f} GiB usable ({self.hbm_gib:.1f} GiB HBM published): "
             f"{'fits' if self.fits else 'DOES NOT FIT'}",
             f"model {self.model_tflops_per_step:.1f} TFLOP per step; compiled in {self.compile_seconds:.0f} s",
+            f"compiler flags: {', '.join(f'{k}={v}' for k, v in self.xla_flags.items()) or 'none'}; "
+            f"pinned host memory {self.host_gib:.2f} GiB per chip",
         ])
 
 
@@ -89,4 +93,5 @@ def plan(config: Config, topology: Topology) -> Plan:
                 hbm_gib=round(topology.chip.hbm_gib, 2), budget_gib=round(topology.chip.budget_gib, 2),
                 fits=total <= topology.chip.budget_gib, compilers=installed(),
                 model_tflops_per_step=round(config.model.flops_per_token(config.data.seq_len) * tokens / 1e12, 1),
-                compile_seconds=round(seconds, 1))
+                compile_seconds=round(seconds, 1), xla_flags=setup.compiler_options,
+                host_gib=round(getattr(stats, "host_temp_size_in_bytes", 0) / GIB, 3))

@@ -1,7 +1,7 @@
 """Training configuration: frozen dataclasses read from YAML, with dotted `key=value` overrides.
 
 The YAML mirrors the dataclass tree (`model`, `mesh`, `data`, `loss`, `optimizer`, `checkpoint`,
-`train`). `model.preset` names a base architecture whose fields the rest of `model` overrides.
+`train`, `xla`). `model.preset` names a base architecture whose fields the rest of `model` overrides.
 Unknown keys and ill-typed values fail with the dotted key in the message.
 """
 
@@ -121,6 +121,26 @@ class TrainRunConfig:
     peak_flops_per_device: float = 0.0
 
 
+FlagValue = str | int | bool
+
+
+@dataclass(frozen=True)
+class XlaConfig:
+    """Compiler options per platform family, passed to XLA (libtpu on TPU) as the train step's
+    `compiler_options` when it compiles, in a run and in `--compile-only` alike; the plan records
+    those it used. Only the target's family applies, so a GPU preset extending a TPU one inherits
+    TPU flags harmlessly. A name the compiler does not know fails the compile ("No such compile option").
+    """
+
+    tpu: dict[str, FlagValue] = field(default_factory=dict)  # e.g. xla_tpu_scoped_vmem_limit_kib: 98304
+    gpu: dict[str, FlagValue] = field(default_factory=dict)  # e.g. xla_gpu_enable_latency_hiding_scheduler: true
+    cpu: dict[str, FlagValue] = field(default_factory=dict)
+
+    def options(self, family: str) -> dict[str, FlagValue]:
+        """The flags for a platform family ("tpu", "gpu", "cpu")."""
+        return dict(getattr(self, family, {}) or {})
+
+
 @dataclass(frozen=True)
 class Config:
     model: LlamaConfig = field(default_factory=LlamaConfig)
@@ -130,6 +150,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainRunConfig = field(default_factory=TrainRunConfig)
+    xla: XlaConfig = field(default_factory=XlaConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +172,10 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     elif origin is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(_check_type(key, v, typing.get_args(hint)[0]) for v in value)
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_hint, value_hint = typing.get_args(hint)
+            return {_check_type(key, k, key_hint): _check_type(f"{key}.{k}", v, value_hint) for k, v in value.items()}
     elif hint is RopeScaling:
         if isinstance(value, dict):
             try:

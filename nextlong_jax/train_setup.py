@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nextlong_jax.hardware import claim_gpu_memory
 from nextlong_jax.schema import FLOAT_FEATURES, TRAINING_FEATURES
 from nextlong_jax.model.attention import BackendError, resolve
+from nextlong_jax.model.attention.backends import platform_family
 from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.llama import Llama
 from nextlong_jax.optimizer import build_optimizer
@@ -89,6 +90,8 @@ class Setup(NamedTuple):
     mesh: Mesh
     state_shardings: TrainState
     batch_sharding: NamedSharding
+    # `config.xla`'s flags for the mesh's platform, passed to every compile of the step (`jit_step`)
+    compiler_options: dict[str, str | int | bool] = {}
 
 
 def _abstract_key() -> jax.ShapeDtypeStruct:
@@ -110,7 +113,8 @@ def build(config: Config, mesh: Mesh) -> Setup:
     # Optimizer state built from boxed params keeps the logical names, so it shards like the params.
     params, opt_state = logical_shardings(jax.eval_shape(boxed_state, _abstract_key()), mesh)
     return Setup(model, tx, schedule, mesh, TrainState(params, opt_state, NamedSharding(mesh, PartitionSpec())),
-                 logical_sharding(mesh, ("batch", "length")))
+                 logical_sharding(mesh, ("batch", "length")),
+                 config.xla.options(platform_family(mesh.devices.flat[0].platform)))
 
 
 def seed_keys(seed_key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -151,4 +155,5 @@ def jit_step(setup: Setup, grad_accum: int) -> Callable:
     replicated = NamedSharding(setup.mesh, PartitionSpec())
     return jax.jit(make_train_step(setup.model, setup.tx, grad_accum, setup.mesh.shape["sequence"]),
                    in_shardings=(setup.state_shardings, setup.batch_sharding),
-                   out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+                   out_shardings=(setup.state_shardings, replicated), donate_argnums=0,
+                   compiler_options=setup.compiler_options or None)

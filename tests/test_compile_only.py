@@ -108,6 +108,20 @@ def test_cli_plans_prints_json_and_refuses_what_does_not_fit():
     assert bad.returncode == 1 and "unknown topology 'v9-8'" in bad.stderr
 
 
+def test_preset_compiler_flags_reach_the_compile():
+    """`xla.tpu` flags go to libtpu as the step's compiler options: one it does not know fails the
+    compile in one line, one it knows is recorded in the plan; another platform's flags are not passed."""
+    small = ["--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v5p-8", "data.batch_size=4",
+             *REDUCED, "data.seq_len=512", "model.num_hidden_layers=1"]
+    bogus = _cli(*small, "xla.tpu.xla_tpu_no_such_flag=1")
+    assert bogus.returncode == 1 and "No such compile option: 'xla_tpu_no_such_flag'" in bogus.stderr.splitlines()[-1]
+    known = _cli(*small, "xla.tpu.xla_tpu_scoped_vmem_limit_kib=65536", "xla.gpu.xla_gpu_no_such_flag=1")
+    assert known.returncode == 0, known.stderr[-2000:]
+    plan = json.loads(known.stdout.strip().splitlines()[-1])
+    assert plan["xla_flags"] == {"xla_tpu_scoped_vmem_limit_kib": 65536}
+    assert "compiler flags: xla_tpu_scoped_vmem_limit_kib=65536" in known.stdout
+
+
 def _kinds() -> None:
     from nextlong_jax.hardware import chip_of
     from nextlong_jax.topology import compile_only_devices

@@ -148,6 +148,7 @@ def baseline(small):
 
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False, remat_policy="none"), dict(remat_policy="dots"),
+                                     dict(remat_policy="save_attention"), dict(remat_policy="offload"),
                                      dict(attention_backend="reference")])
 def test_variants_leave_loss_and_gradient_unchanged(small, baseline, variant):
     config, params, batch = small

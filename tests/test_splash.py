@@ -75,9 +75,13 @@ def test_kernel_is_built_once_from_the_vectorised_tables(monkeypatch):
         jax.make_jaxpr(lambda q, k, v: splash.splash_attention(q, k, v, seg, blocks=blocks, interpret=True))(q, kv, kv)
     assert splash._kernel.cache_info().misses == 2
     # Blocks are clamped to the layout before the lookup: oversized ones hit the same kernel.
-    assert splash._clamp(Blocks(4096, 512, 4096, 512), 4096, 4) == (512, 512, 512, 512, False)
+    assert splash._clamp(Blocks(4096, 512, 4096, 512), 4096, 4) == (512, 512, 512, 512, False, 512, 512)
     with pytest.raises(ValueError, match="multiple of 128"):
         splash._clamp(Blocks(192, 512, 512, 512), 4096, 1)
+    # Compute blocks default to the fetched kv blocks and must divide them.
+    assert splash._clamp(Blocks(2048, 2048, 2048, 2048, kv_compute=512), 8192, 1)[5:] == (512, 2048)
+    with pytest.raises(ValueError, match="kv_bwd_compute=384 must be a multiple of 128 dividing 1024"):
+        splash._clamp(Blocks(512, 1024, 512, 1024, kv_bwd_compute=384), 4096, 1)
 
 
 def test_splash_matches_reference_on_8_devices():
@@ -104,6 +108,8 @@ def _child_attention() -> None:
         "fused-bwd": (dict(data=2, fsdp=2, tensor=2, sequence=1), 512, blocks._replace(kv=256, fused_bwd=True)),
         "fsdp-tensor-sequence": (dict(data=1, fsdp=2, tensor=2, sequence=2), 512, blocks),
         "sequence4-fsdp": (dict(data=1, fsdp=2, tensor=1, sequence=4), 1024, blocks._replace(kv=256, kv_bwd=256)),
+        "kv-compute": (dict(data=2, fsdp=2, tensor=2, sequence=1), 512,
+                       blocks._replace(kv=256, kv_bwd=256, kv_compute=128, kv_bwd_compute=128)),
     }
     for name, (axes, length, case_blocks) in cases.items():
         attend = functools.partial(splash.splash_attention, blocks=case_blocks, interpret=True)

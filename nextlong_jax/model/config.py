@@ -15,6 +15,8 @@ from nextlong_jax.model.attention.backends import parse as parse_backend
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 NO_REMAT = "none"  # every activation kept for the backward pass: nothing recomputed
+# Checkpoint name of a decoder layer's input (llama.py names it): what `offload` moves to host memory.
+LAYER_INPUT = "decoder_layer_input"
 # Each other remat_policy: what jax.checkpoint keeps of a decoder layer for the backward pass.
 REMAT_SAVES = {
     "full": None,  # nothing but the layer's inputs
@@ -23,8 +25,16 @@ REMAT_SAVES = {
     # The layer's attention residuals: the backward pass then re-runs the projections and the MLP
     # but not the attention forward (about [B, L, H, D] per layer more memory).
     "save_attention": jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES),
+    # MaxText's offload: as save_attention, and each layer's input (the scan's carry, [B, L, E] per
+    # layer, the bulk of what `full` keeps in HBM) moved to pinned host memory after the forward and
+    # fetched back for the backward. jax 0.10.2 compiles it for TPU, GPU and CPU alike (plans show the
+    # host share as the layer inputs leaving HBM).
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=list(RESIDUAL_NAMES), names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
 }
 REMAT_POLICIES = (NO_REMAT, *REMAT_SAVES)
+
 
 # config.json keys read as-is; rope keys are parsed separately, and the rest (hidden_act, biases, torch
 # dtype, ...) are either validated by the converter or only matter to torch.
@@ -90,6 +100,8 @@ class LlamaConfig:
     attention_block_kv: int | None = None  # key/value block of the kernels; None: attention_block_size
     attention_block_q_bwd: int | None = None  # backward kernels' blocks; None: the forward ones
     attention_block_kv_bwd: int | None = None
+    attention_block_kv_compute: int | None = None  # splash's block_kv_compute; None: the kv block
+    attention_block_kv_bwd_compute: int | None = None  # splash's block_kv_dkv_compute; None: the kv_bwd block
     attention_fused_bwd: bool = False  # splash: dq inside the dK/dV kernel (short sequences only)
     remat_policy: str = "full"
     scan_layers: bool = True  # False unrolls the layer scan: same parameter layout, faster step, slower compile
@@ -124,8 +136,9 @@ class LlamaConfig:
     def attention_blocks(self) -> Blocks:
         q = self.attention_block_size
         kv = self.attention_block_kv or q
-        return Blocks(q, kv, self.attention_block_q_bwd or q, self.attention_block_kv_bwd or kv,
-                      self.attention_fused_bwd)
+        kv_bwd = self.attention_block_kv_bwd or kv
+        return Blocks(q, kv, self.attention_block_q_bwd or q, kv_bwd, self.attention_fused_bwd,
+                      self.attention_block_kv_compute or kv, self.attention_block_kv_bwd_compute or kv_bwd)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (6 x matmul params, plus causal attention scores), the usual MFU numerator."""

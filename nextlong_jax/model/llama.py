@@ -11,9 +11,10 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from nextlong_jax.model.attention import Backend, attention
-from nextlong_jax.model.config import NO_REMAT, REMAT_SAVES, LlamaConfig
+from nextlong_jax.model.config import LAYER_INPUT, NO_REMAT, REMAT_SAVES, LlamaConfig
 from nextlong_jax.model.loss import next_token_loss
 from nextlong_jax.model.rope import apply_rope, rope_tables
 from nextlong_jax.sharding import ambient_shards
@@ -101,6 +102,9 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, cos, sin, segment_ids):
         c = self.config
         drop = nn.Dropout(c.dropout_rate, deterministic=not self.has_rng("dropout"))
+        # Named for remat policies (`offload` moves it to host memory); only the named value is used
+        # below, so the backward needs nothing of the raw input.
+        x = checkpoint_name(x, LAYER_INPUT)
         x = x + drop(Attention(c, name="attn")(RMSNorm(c, name="input_norm")(x), cos, sin, segment_ids))
         x = x + drop(MLP(c, name="mlp")(RMSNorm(c, name="post_attention_norm")(x)))
         return constrain(x, ("batch", "length", "embed")), None  # (carry, output) for nn.scan

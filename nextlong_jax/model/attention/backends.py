@@ -61,7 +61,7 @@ BACKENDS: dict[Backend, Spec] = {
     Backend.BLOCKWISE: Spec(_ANY, False, False, ("q",), f"{_HERE}.blockwise:blockwise_attention"),
     Backend.RING: Spec(_ANY, True, False, ("q",), f"{_HERE}.ring:ring_attention"),
     Backend.SPLASH: Spec(frozenset({"tpu"}), True, False,
-                         ("q", "kv", "q_bwd", "kv_bwd", "fused_bwd"),
+                         ("q", "kv", "q_bwd", "kv_bwd", "fused_bwd", "kv_compute", "kv_bwd_compute"),
                          f"{_HERE}.splash:splash_attention"),
     Backend.PALLAS_GPU: Spec(frozenset({"gpu"}), True, False, ("q", "kv", "q_bwd", "kv_bwd"),
                              f"{_HERE}.pallas_gpu:pallas_gpu_attention"),

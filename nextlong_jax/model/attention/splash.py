@@ -25,6 +25,15 @@ The kernel's residuals (output [H, L, D] and log-sum-exp [H, L] per example) car
 name `backends.SPLASH_RESIDUALS`: a remat policy that saves it skips re-running the forward kernel in the
 backward pass (saving only the attention output does not, the backward kernels need the lse too).
 
+Tuning, as MaxText's long-context TPU configs do: large fetched blocks (`Blocks.q`/`kv`, 1024-2048
+at 128K and beyond) with a separate compute block (`kv_compute`, `kv_bwd_compute`: splash's
+block_kv_compute and block_kv_dkv_compute); the fused backward (`fused_bwd`: dq accumulated inside
+the dK/dV kernel, one backward kernel instead of two, at the price of a partial dq per key block).
+jax 0.10.2's splash has no megacore split of the dK/dV kernel: its grid is all "arbitrary" (the
+kernel's own comment: the kv prefetch schedule assumes no megacore, and it reduces over heads and
+query blocks), and BlockSizes takes no megacore option, so there is nothing here to turn on; only
+the forward kernel's head axis is "parallel" (split over a v4/v5p chip's two cores by Mosaic).
+
 Limits: blocks are multiples of 128 (TPU lanes) dividing the local lengths; the tables live in the
 TPU's scalar memory (1 MiB on v5p) with (L/S / q) x (L / kv) entries each, so 512K tokens with 512
 blocks needs sequence sharding or larger blocks (2 MiB otherwise: the compile fails).
@@ -108,12 +117,15 @@ def _clamp(blocks: Blocks, length: int, shards: int) -> Blocks:
     if length % (2 * shards if shards > 1 else 1):
         raise ValueError(f"splash: length {length} not divisible by 2 x {shards} sequence shards")
     q_span = length // (2 * shards) if shards > 1 else length
-    fitted = Blocks(min(blocks.q, q_span), min(blocks.kv, length), min(blocks.q_bwd, q_span),
-                    min(blocks.kv_bwd, length), blocks.fused_bwd)
-    for name, block, span in zip(("q", "kv", "q_bwd", "kv_bwd"), fitted[:4], (q_span, length, q_span, length)):
+    kv, kv_bwd = min(blocks.kv, length), min(blocks.kv_bwd, length)
+    fitted = Blocks(min(blocks.q, q_span), kv, min(blocks.q_bwd, q_span), kv_bwd, blocks.fused_bwd,
+                    min(blocks.kv_compute or kv, kv), min(blocks.kv_bwd_compute or kv_bwd, kv_bwd))
+    for name, block, span in zip(("q", "kv", "q_bwd", "kv_bwd", "kv_compute", "kv_bwd_compute"),
+                                 (*fitted[:4], *fitted[5:]), (q_span, length, q_span, length, kv, kv_bwd)):
         if block % LANES or span % block:
             raise ValueError(f"splash: block {name}={block} must be a multiple of {LANES} dividing {span} "
-                             f"(length {length}, {shards} sequence shards)")
+                             f"(length {length}, {shards} sequence shards"
+                             f"{'' if 'compute' not in name else ', its fetched kv block'})")
     return fitted
 
 
@@ -127,8 +139,9 @@ def _kernel(length: int, shards: int, blocks: Blocks, interpret: bool) -> sk.Spl
     q_sequence = load_balance.token_index(length, shards) if shards > 1 else np.arange(length, dtype=np.int32)
     fused = blocks.fused_bwd
     sizes = sk.BlockSizes(
-        block_q=blocks.q, block_kv=blocks.kv, block_kv_compute=blocks.kv,
-        block_q_dkv=blocks.q_bwd, block_kv_dkv=blocks.kv_bwd, block_kv_dkv_compute=blocks.kv_bwd,
+        block_q=blocks.q, block_kv=blocks.kv, block_kv_compute=blocks.kv_compute or blocks.kv,
+        block_q_dkv=blocks.q_bwd, block_kv_dkv=blocks.kv_bwd,
+        block_kv_dkv_compute=blocks.kv_bwd_compute or blocks.kv_bwd,
         block_q_dq=None if fused else blocks.q_bwd, block_kv_dq=None if fused else blocks.kv_bwd,
         use_fused_bwd_kernel=fused)
     fwd = _mask_info(q_sequence, length, (blocks.q, blocks.kv), shards, dkv=False, shrink=True)
