@@ -1,5 +1,7 @@
 """Attention work per preset, counted from the kernels' own block tables: what a step's attention
-costs on its target, for a row of one document and for a row of 8 packed documents.
+costs on its target, for a row of one document, for a row of 8 packed documents seen only through
+their segment ids, and for the same row declared as 8 slots (a manifest's `document_len`), which the
+trainer runs as 8 rows of an eighth of the length.
 
 Counts are (query block, key block) pairs a kernel computes, per query head and layer, summed over
 the `sequence` shards (zig-zag order), at the preset's blocks:
@@ -9,7 +11,7 @@ the `sequence` shards (zig-zag order), at the preset's blocks:
     token indices): a packed row costs what a one-document row costs;
   * ring / blockwise (CPU, the pure-JAX reference): block pairs with anything visible (they skip the
     rest at run time, one `lax.switch` per pair).
-A dense causal row is the yardstick. Nothing is timed; no accelerator is needed.
+Slot rows cost 8 one-document rows of L / 8 on every backend. Nothing is timed; no accelerator is needed.
 
     python bench/attention_cost.py [--docs 8]
 """
@@ -88,14 +90,18 @@ def main() -> None:
         blocks = config.model.attention_blocks
         dense = (length // blocks.q) * (length // blocks.q + 1) // 2
         costs = {name: _cost(backend, rows, blocks, shards) for name, rows in _rows(length, args.docs).items()}
-        packed = costs[f"{args.docs}_packed"]
+        width = length // args.docs
+        costs[f"{args.docs}_slot_rows"] = args.docs * _cost(backend, np.ones((1, width), np.int32), blocks, shards)
+        packed, slots = costs[f"{args.docs}_packed"], costs[f"{args.docs}_slot_rows"]
         out[preset.stem] = {"target": topology.name, "backend": backend.value, "seq_len": length,
                             "sequence_shards": shards, "blocks": blocks._asdict(), **costs,
                             "dense_causal_pairs_at_q_block": dense,
-                            "packed_over_one_document": round(packed / costs["one_document"], 3)}
+                            "packed_over_one_document": round(packed / costs["one_document"], 3),
+                            "slot_rows_over_one_document": round(slots / costs["one_document"], 3)}
         print(f"{preset.stem:28s} {topology.name:10s} {backend.value:10s} L={length:>7d} S={shards} "
-              f"one doc {costs['one_document']:>12,d}  {args.docs} packed {packed:>12,d}  "
-              f"ratio {packed / costs['one_document']:.3f}", flush=True)
+              f"one doc {costs['one_document']:>10,d}  {args.docs} packed {packed:>10,d} "
+              f"({packed / costs['one_document']:.3f})  as slot rows {slots:>10,d} "
+              f"({slots / costs['one_document']:.3f})", flush=True)
     print(json.dumps(out, indent=1))
 
 

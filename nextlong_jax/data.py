@@ -9,10 +9,16 @@ traceback.
 Order is a pure function of (files, seed): files are shuffled per epoch, read interleaved, and
 records pass a seeded shuffle buffer. Resuming skips the records already consumed, before parsing,
 so a restarted run sees exactly the batches an uninterrupted one would.
+
+A source whose manifest declares `document_len` (documents in slots, see `nextlong_jax.schema`)
+trains as rows of that length, at that length's attention cost (`BatchIterator.document_len` tells
+the trainer which). A mixture of sources with different document lengths then draws whole batches
+per source, not sequences, so every batch has one document length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +29,9 @@ from nextlong_jax.schema import FLOAT_FEATURES, ROLE_NEGATIVE, TRAINING_FEATURES
 from nextlong_jax.train_config import DataConfig
 
 
+SOURCE = "source"  # per sequence: which of the mixture's sources it came from
+
+
 class DataError(ValueError):
     """A user-facing problem with the dataset."""
 
@@ -31,6 +40,7 @@ class DataError(ValueError):
 class Shards:
     files: tuple[str, ...]
     compression: str  # "" or "GZIP", as tf.data spells it
+    document_len: int | None = None  # the manifest's: documents in slots of this many tokens
 
 
 def find_shards(source: str, seq_len: int, verify_sha256: bool = False) -> Shards:
@@ -48,7 +58,9 @@ def find_shards(source: str, seq_len: int, verify_sha256: bool = False) -> Shard
         except ManifestError as e:
             raise DataError(str(e)) from None
         files, compression = output.shard_files, output.manifest.tf_compression
+        document_len = output.manifest.document_len
     else:
+        document_len = None
         import tensorflow as tf
 
         # tf.io.gfile, not glob: pod hosts read shards from object stores (gs://...) as well.
@@ -59,7 +71,7 @@ def find_shards(source: str, seq_len: int, verify_sha256: bool = False) -> Shard
         compression = "GZIP" if gz == {True} else ""
     if not files:
         raise DataError(f"no TFRecord shards match {source}")
-    return Shards(files, compression)
+    return Shards(files, compression, document_len)
 
 
 def locate_damage(shards: Shards) -> str:
@@ -82,7 +94,7 @@ def host_shards(shards: Shards, block: int, blocks: int) -> Shards:
     if len(shards.files) < blocks:
         raise DataError(f"{len(shards.files)} shards cannot feed {blocks} hosts reading different rows: "
                         "synthesize more shards")
-    return Shards(shards.files[block::blocks], shards.compression)
+    return dataclasses.replace(shards, files=shards.files[block::blocks])
 
 
 def check_first_record(path: str, compression: str, seq_len: int) -> None:
@@ -122,22 +134,39 @@ def _records(shards: Shards, config: DataConfig, index: int):
     return records.shuffle(config.shuffle_buffer, seed=seed + 1)
 
 
-def _dataset(sources: list[Shards], config: DataConfig, per_host_batch: int, skip_records: int):
+def whole_batches(sources: list[Shards]) -> bool:
+    """Whether the mixture draws whole batches per source: when their document lengths differ."""
+    return len({shards.document_len for shards in sources}) > 1
+
+
+def _dataset(sources: list[Shards], config: DataConfig, per_host_batch: int, skip_batches: int):
+    """Batches of `per_host_batch` sequences, each with `SOURCE`: the index of the source it is from."""
     import tensorflow as tf
 
     parse_example = parser(config.seq_len)
 
-    def parse(record):
-        return {k: tf.cast(v, tf.int32) if v.dtype == tf.int64 else v for k, v in parse_example(record).items()}
+    def parse(record, source):
+        features = {k: tf.cast(v, tf.int32) if v.dtype == tf.int64 else v for k, v in parse_example(record).items()}
+        return {**features, SOURCE: source}
 
-    streams = [_records(shards, config, i) for i, shards in enumerate(sources)]
-    # Drawn per sequence with a seeded generator: the mixed stream is a pure function of the seed,
-    # so skipping records resumes it exactly.
-    records = streams[0] if len(streams) == 1 else tf.data.Dataset.sample_from_datasets(
-        streams, weights=list(config.mixture_weights), seed=config.seed + 2)
-    records = records.skip(skip_records)
+    # Records are parsed after the skip: resuming costs reading, not parsing, what was consumed.
+    streams = [_records(shards, config, i).map(lambda r, i=i: (r, tf.constant(i, tf.int32)))
+               for i, shards in enumerate(sources)]
+    weights, seed = list(config.mixture_weights), config.seed + 2
+
+    def mixed(streams):
+        # A seeded draw: the mixed stream is a pure function of the seed, the same on every host.
+        return streams[0] if len(streams) == 1 else tf.data.Dataset.sample_from_datasets(
+            streams, weights=weights, seed=seed)
+
+    if whole_batches(sources):
+        batched = [s.batch(per_host_batch, drop_remainder=True) for s in streams]
+        records = mixed(batched).skip(skip_batches).unbatch()
+    else:
+        records = mixed(streams).skip(skip_batches * per_host_batch)
     batches = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    batches = batches.batch(per_host_batch, drop_remainder=True).prefetch(config.prefetch)
+    batches = batches.batch(per_host_batch, drop_remainder=True)
+    batches = batches.prefetch(config.prefetch)
     options = tf.data.Options()
     options.deterministic = True
     return batches.with_options(options)
@@ -164,10 +193,12 @@ class BatchIterator:
             for path in shards.files:
                 check_first_record(path, shards.compression, config.seq_len)
         self._sources = sources
+        self._seq_len = config.seq_len
         self._per_host_batch = per_host_batch
         self._negative_weight = negative_weight
         self.batches = start_batches
-        self._it = iter(_dataset(sources, config, per_host_batch, start_batches * per_host_batch).as_numpy_iterator())
+        self.document_len = config.seq_len  # of the batch last returned: its rows' slots, in tokens
+        self._it = iter(_dataset(sources, config, per_host_batch, start_batches).as_numpy_iterator())
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -182,6 +213,10 @@ class BatchIterator:
             raise DataError(f"cannot read batch {self.batches + 1}: {where}; re-copy or re-synthesize that "
                             f"shard (error: {e.message.splitlines()[0]})") from None
         self.batches += 1
+        source = self._sources[int(batch.pop(SOURCE)[0])]
+        self.document_len = source.document_len or self._seq_len
+        if self.document_len < self._seq_len:
+            check_slots(batch["segment_ids"], self.document_len, source.files[0])
         if self._negative_weight is not None:
             batch = apply_negative_weight(batch, self._negative_weight)
         return batch
@@ -191,10 +226,23 @@ class BatchIterator:
         return {"batches": self.batches, "per_host_batch": self._per_host_batch}
 
 
-def resume_batches(position: dict[str, int] | None, per_host_batch: int) -> int:
-    """Batches to skip given a saved position; a changed batch size is honoured only on record boundaries."""
+def check_slots(segment_ids: np.ndarray, document_len: int, where: str) -> None:
+    """Raise unless no document crosses a multiple of `document_len` (padding, segment 0, may)."""
+    left, right = segment_ids[:, document_len - 1:-1:document_len], segment_ids[:, document_len::document_len]
+    if np.any((left == right) & (left != 0)):
+        raise DataError(f"{where}: the manifest declares document_len {document_len}, but a document crosses a "
+                        "slot boundary; re-synthesize with this version's --doc-len, or remove document_len "
+                        "from the manifest to train on whole rows")
+
+
+def resume_batches(position: dict[str, int] | None, per_host_batch: int, whole: bool = False) -> int:
+    """Batches to skip given a saved position; a changed batch size is honoured only on record boundaries,
+    and never where the mixture draws `whole` batches (its draws are per batch)."""
     if not position:
         return 0
+    if whole and position["per_host_batch"] != per_host_batch:
+        raise DataError(f"cannot resume: the mixture draws whole batches of {position['per_host_batch']} "
+                        "sequences per host; keep the batch size of the run being resumed")
     records = position["batches"] * position["per_host_batch"]
     if records % per_host_batch:
         raise DataError(f"cannot resume: {records} records consumed is not a whole number of "

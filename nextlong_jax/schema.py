@@ -11,6 +11,11 @@ Features, each of exactly `seq_len` values per sequence: `input_ids`, `token_rol
 chunk, its joiner included) and `negative_scores` (float32, one per negative chunk id: its cosine to
 the meta-chunk it was mined for). Readers ignore features they do not know, so outputs without the
 last two still read (as empty lists) and older readers read newer outputs.
+
+A manifest's `document_len` (set by `nextlong-synth --doc-len`) promises that every document of a
+row starts at a multiple of it and ends before the next one: a row of seq_len / document_len
+slots, one document (or padding) each. The trainer then attends within slots only (cheaper rows,
+the same loss). Older readers ignore the key, and an output without it promises nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ ROLE_NAMES = {ROLE_PAD: "pad", ROLE_META: "meta", ROLE_NEGATIVE: "negative"}
 MANIFEST = "manifest.json"
 FORMAT = "nextlong-tfrecord"
 # 2: shards carry their size in bytes, so a reader can tell a cut-off copy before reading it.
-# (piece_starts and negative_scores needed no new version: readers of either side still read.)
+# (piece_starts, negative_scores and document_len needed no new version: readers of either side still read.)
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
@@ -91,6 +96,9 @@ class Manifest:
     shards: tuple[ShardEntry, ...]
     version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+    # Documents per row start at multiples of this and never cross one (several documents packed into
+    # each row); None: not declared, a document may start anywhere (one per row, or older outputs).
+    document_len: int | None = None
 
     @property
     def tf_compression(self) -> str:
@@ -99,7 +107,8 @@ class Manifest:
 
     def to_dict(self) -> dict:
         return {**self.extra, "format": FORMAT, "format_version": self.version, "seq_len": self.seq_len,
-                "compression": self.compression, "shards": [asdict(s) for s in self.shards]}
+                "document_len": self.document_len, "compression": self.compression,
+                "shards": [asdict(s) for s in self.shards]}
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> Manifest:
@@ -112,10 +121,14 @@ class Manifest:
                                       bytes=None if s.get("bytes") is None else int(s["bytes"]))
                            for s in data["shards"])
             seq_len, compression = int(data["seq_len"]), str(data.get("compression", "none"))
+            document_len = None if data.get("document_len") is None else int(data["document_len"])
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{where}: not a synthesis manifest (bad or missing {e})") from None
-        known = {"format", "format_version", "seq_len", "compression", "shards"}
-        return cls(seq_len, compression, shards, version, {k: v for k, v in data.items() if k not in known})
+        if document_len is not None and not (0 < document_len <= seq_len and seq_len % document_len == 0):
+            raise ManifestError(f"{where}: document_len {document_len} does not divide seq_len {seq_len}")
+        known = {"format", "format_version", "seq_len", "document_len", "compression", "shards"}
+        return cls(seq_len, compression, shards, version, {k: v for k, v in data.items() if k not in known},
+                   document_len)
 
 
 def _version(data: dict) -> object:

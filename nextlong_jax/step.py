@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -78,9 +79,23 @@ def _safe_ratio(num, den):
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
 
 
+def slot_rows(batch: dict[str, jnp.ndarray], slots: int) -> dict[str, jnp.ndarray]:
+    """[B, L] rows of `slots` documents each in their own L / slots tokens -> [B * slots, L / slots].
+
+    The same loss and gradients at a fraction of the attention work: no document attends across its
+    slot, and a slot's last token has no target (the next token starts another document), which
+    `next_token_targets` finds either way. Trace inside `axis_rules()`.
+    """
+    rows = {k: x.reshape(x.shape[0] * slots, x.shape[1] // slots) for k, x in batch.items()}
+    return {k: nn.with_logical_constraint(x, ("batch", "length")) for k, x in rows.items()}
+
+
 def make_train_step(model: Llama, tx: optax.GradientTransformation, grad_accum: int,
-                    sequence_shards: int = 1) -> Callable:
-    """Trace the result inside `jax.set_mesh` of a mesh with that many `sequence` shards (see `loss_sums`)."""
+                    sequence_shards: int = 1, slots: int = 1) -> Callable:
+    """Trace the result inside `jax.set_mesh` of a mesh with that many `sequence` shards (see `loss_sums`).
+
+    `slots` > 1: each row holds that many documents in slots of L / slots tokens (a manifest's
+    `document_len`), trained as rows of that length (`slot_rows`)."""
     def grad_sums(params, microbatch, key):
         def objective(p):
             nll, w = loss_sums(model, p, microbatch, sequence_shards, key)
@@ -89,6 +104,8 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, grad_accum: 
         return grads, sums
 
     def step(state: TrainState, batch: dict[str, jnp.ndarray]):
+        if slots > 1:
+            batch = slot_rows(batch, slots)
         rng, dropout = jax.random.split(jax.random.wrap_key_data(state.rng))
         if grad_accum == 1:
             grads, (nll, w) = grad_sums(state.params, batch, dropout)

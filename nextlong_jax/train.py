@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 
 from nextlong_jax.compilers import runtime_mismatch
-from nextlong_jax.data import BatchIterator, find_shards, host_shards, resume_batches
+from nextlong_jax.data import BatchIterator, Shards, find_shards, host_shards, resume_batches, whole_batches
 from nextlong_jax.hardware import published_bf16_peak
 from nextlong_jax.warm_start import initial_state
 from nextlong_jax.host_data import global_batch, host_rows
@@ -43,8 +43,8 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
     if (platform := mesh.devices.flat[0].platform) != "cpu" and (mismatch := runtime_mismatch(platform)):
         reporter.message(f"warning: {mismatch}")
     sources = [find_shards(s, config.data.seq_len, config.data.verify_sha256) for s in config.data.sources]
+    check_slot_lengths(sources, config, mesh.shape["sequence"])
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_per_step = config.model.flops_per_token(config.data.seq_len) * tokens_per_step
     peak = config.train.peak_flops_per_device or (
         config.model.dtype == "bfloat16" and published_bf16_peak(jax.devices()[0]))
     checkpoints = Checkpointer(out_dir / "checkpoints", config.checkpoint)
@@ -76,8 +76,8 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
                                  "schedule and the step start at 0")
         step, skipped, nonfinite_run = progress["step"], progress["skipped"], 0
         data = BatchIterator(sources, config.data, per_host_batch, negative_weight=config.loss.negative_weight,
-                             start_batches=resume_batches(progress["data"], per_host_batch))
-        train_step = jit_step(setup, config.optimizer.grad_accum)
+                             start_batches=resume_batches(progress["data"], per_host_batch, whole_batches(sources)))
+        steps = {}  # per document length: a second program for rows of documents in slots
         reporter.start(step, config.train.steps)
         preemption = Preemption(checkpoints)
         tick = time.perf_counter()
@@ -85,7 +85,10 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
             while step < config.train.steps:
                 lr = float(setup.schedule(step - skipped))  # optax counts applied updates only
                 batch = global_batch(next(data), setup.batch_sharding, config.data.batch_size)
-                state, metrics = train_step(state, batch)
+                slots = config.data.seq_len // data.document_len
+                if slots not in steps:
+                    steps[slots] = jit_step(setup, config.optimizer.grad_accum, slots)
+                state, metrics = steps[slots](state, batch)
                 metrics = jax.device_get(metrics)
                 step += 1
                 now = time.perf_counter()
@@ -95,7 +98,8 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
                 skipped += not finite
                 row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items() if k != "weight"}
                 row.update(lr=lr, tokens_per_s=tokens_per_step / seconds,
-                           mfu=flops_per_step / seconds / (peak * mesh.size) if peak else None,
+                           mfu=(config.model.flops_per_token(data.document_len) * tokens_per_step / seconds
+                                / (peak * mesh.size) if peak else None),
                            skipped=skipped)
                 reporter.log(step, row)
                 progress = {"step": step, "data": data.position, "skipped": skipped}
@@ -113,3 +117,12 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
             # say) never reaches `save`, so nothing half-done is written.
             checkpoints.close()
     return step
+
+
+def check_slot_lengths(sources: list[Shards], config: Config, sequence_shards: int) -> None:
+    """Rows of documents in slots train as rows of the slot length: it must zig-zag over the shards."""
+    for source, shards in zip(config.data.sources, sources):
+        length = shards.document_len
+        if length and length < config.data.seq_len and length % (2 * sequence_shards):
+            raise TrainError(f"{source}: its documents are in slots of {length} tokens (document_len), which "
+                             f"must divide by 2*mesh.sequence={2 * sequence_shards} to train as rows of that length")

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/train/tiny-cpu.yaml")
     p.add_argument("--data", action="append",
                    help="shard glob, manifest.json or synthesis output dir, a local path or a URL (sets "
-                        "data.source); repeat it for a mixture, drawn per sequence by --data-weights")
+                        "data.source); repeat it for a mixture, drawn per sequence by --data-weights (per batch "
+                        "where the outputs' documents differ in length: --doc-len slots train as shorter rows)")
     p.add_argument("--data-weights", type=float, nargs="+", metavar="W",
                    help="one weight per --data, e.g. 1 2 for a third and two thirds (default: equal)")
     p.add_argument("--out", type=Path,

@@ -52,7 +52,8 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # A glob of shards, a manifest.json or a synthesis output dir; several make a mixture (the CLI's
-    # repeated --data), drawn per sequence by `weights` (one per source; empty: equal).
+    # repeated --data), drawn per sequence by `weights` (one per source; empty: equal), or per batch
+    # where their manifests declare different document lengths (`nextlong_jax.data`).
     source: str | tuple[str, ...] = ""
     weights: tuple[float, ...] = ()
     seq_len: int = 2048

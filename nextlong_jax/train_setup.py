@@ -151,9 +151,10 @@ def abstract_batch(setup: Setup, batch_size: int, seq_len: int) -> dict[str, jax
                                        sharding=setup.batch_sharding) for name in TRAINING_FEATURES}
 
 
-def jit_step(setup: Setup, grad_accum: int) -> Callable:
+def jit_step(setup: Setup, grad_accum: int, slots: int = 1) -> Callable:
+    """The jitted train step; `slots` > 1 for batches of rows with documents in slots (`step.slot_rows`)."""
     replicated = NamedSharding(setup.mesh, PartitionSpec())
-    return jax.jit(make_train_step(setup.model, setup.tx, grad_accum, setup.mesh.shape["sequence"]),
+    return jax.jit(make_train_step(setup.model, setup.tx, grad_accum, setup.mesh.shape["sequence"], slots),
                    in_shardings=(setup.state_shardings, setup.batch_sharding),
                    out_shardings=(setup.state_shardings, replicated), donate_argnums=0,
                    compiler_options=setup.compiler_options or None)

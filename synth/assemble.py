@@ -104,8 +104,11 @@ class Joiner:
 class Packer:
     """Appends tokens to the current sequence; a finished sequence is handed out by `take`.
 
-    A segment (one extended document) holds at most `doc_len` tokens: `seq_len` for one document per
-    sequence, less for several fixed-length documents in one (64K documents 8 to a 512K sequence, say).
+    A segment (one extended document) holds at most `doc_len` tokens: `seq_len` for documents packed
+    back to back, less for several fixed-length documents in one (64K documents 8 to a 512K sequence,
+    say). Such documents each start a slot of `doc_len` tokens (a short one leaves padding): no document
+    crosses a slot boundary, so a trainer may cut each row into its slots and attend within them
+    (`document_len` in the manifest, `nextlong_jax.data`).
     """
 
     def __init__(self, seq_len: int, negative_weight: float, bos_id: int | None, pad_id: int,
@@ -142,8 +145,15 @@ class Packer:
         return min(self.remaining, self.segment_start + self.doc_len - self.fill)
 
     @property
+    def _next_start(self) -> int:
+        """Where the next segment starts: right after this one, or with slots, the next slot boundary."""
+        if self.doc_len == self.seq_len:
+            return self.fill
+        return -(-self.fill // self.doc_len) * self.doc_len
+
+    @property
     def next_segment_room(self) -> int:
-        return min(self.remaining, self.doc_len)
+        return min(self.seq_len - self._next_start, self.doc_len)
 
     @property
     def segment_full(self) -> bool:
@@ -154,6 +164,7 @@ class Packer:
         return self.fill == self.seq_len
 
     def begin_segment(self, meta_doc_ids: tuple[str, ...] = ()) -> None:
+        self.fill = self._next_start  # what it skips stays padding
         self.segment += 1
         self.segment_start = self.fill
         self.last = None
@@ -311,7 +322,7 @@ def extended_sequences(ctx: Extension, source: CandidateSource, rules: NegativeF
     for group, scores, ids in _prefetched(ctx, source, groups):
         if max_sequences is not None and packer.stats.sequences >= max_sequences:
             return
-        if packer.fill and packer.remaining < min(ctx.min_segment, packer.doc_len):
+        if packer.fill and packer.next_segment_room < min(ctx.min_segment, packer.doc_len):
             # Too little room for a dependency across negatives: pad rather than start a fragment.
             yield packer.take()
             if max_sequences is not None and packer.stats.sequences >= max_sequences:

@@ -319,8 +319,9 @@ def build_config(flat: dict) -> SynthConfig:
     if not 64 <= seq_len <= 2**20:
         raise SynthError("--seq-len must be between 64 and 1048576 tokens")
     doc_len = None if flat["doc-len"] is None else int(flat["doc-len"])
-    if doc_len is not None and not 64 <= doc_len <= seq_len:
-        raise SynthError(f"--doc-len must be between 64 and --seq-len ({seq_len}) tokens")
+    if doc_len is not None and not (64 <= doc_len <= seq_len and seq_len % doc_len == 0):
+        raise SynthError(f"--doc-len must divide --seq-len ({seq_len}) and be at least 64 tokens: each document "
+                         "gets its own slot of --doc-len tokens")
     strategy = Strategy(_choice(flat, "strategy", STRATEGIES))
     if doc_len is not None and not strategy.extends:
         extending = " or ".join(s for s in Strategy if s.extends)

@@ -165,6 +165,7 @@ def finish(config: SynthConfig, tokenizer: TextTokenizer, meta: Collection, corp
     summary = summarize(config, tokenizer, meta, corpus, reports, figures)
     manifest = Manifest(
         seq_len=config.output.seq_len, compression=config.output.compression,
+        document_len=config.output.document_len if config.output.doc_len is not None else None,
         shards=tuple(ShardEntry(r.file, r.sequences, r.sha256, r.bytes) for r in reports),
         extra={"strategy": config.mining.strategy.value,
                "tokenizer": {"name": config.tokenizer, "vocab_size": tokenizer.vocab_size,

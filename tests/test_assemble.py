@@ -221,3 +221,18 @@ def test_keyword_order_groups_documents_sharing_their_top_keyword():
     runs = [topics[i % 3] for i in order]
     assert sum(a != b for a, b in zip(runs, runs[1:])) == 2  # three contiguous groups
     assert keyword_order(texts, seed=0) == order and keyword_order(["", "  "], seed=0) == [0, 1]
+
+
+def test_with_slots_every_document_starts_on_a_slot_boundary():
+    """doc_len < seq_len: a short document leaves the rest of its slot as padding, and the next one
+    starts on the next multiple of doc_len, so no document crosses a slot boundary."""
+    packer = Packer(seq_len=12, negative_weight=1.0, bos_id=100, pad_id=0, doc_len=4)
+    for doc, tokens in enumerate(([1, 2], [3, 4, 5, 6, 7], [8])):
+        packer.begin_segment((f"d{doc}",))
+        packer.add(np.array(tokens), ROLE_META, _meta(doc, doc=doc))
+    assert packer.full is False and packer.next_segment_room == 0
+    seq = packer.take()
+    assert seq.input_ids.tolist() == [100, 1, 2, 0, 100, 3, 4, 5, 100, 8, 0, 0]
+    assert seq.segment_ids.tolist() == [1, 1, 1, 0, 2, 2, 2, 2, 3, 3, 0, 0]
+    assert seq.positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 0, 1, 0, 0]
+    assert packer.stats.truncated_tokens == 2  # 6 and 7: the second document's slot was full

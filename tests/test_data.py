@@ -8,32 +8,35 @@ import json
 import numpy as np
 import pytest
 
-from nextlong_jax.data import BatchIterator, DataError, Shards, apply_negative_weight, find_shards, host_shards
+from nextlong_jax.data import (BatchIterator, DataError, Shards, apply_negative_weight, check_slots, find_shards,
+                               host_shards, resume_batches)
 from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
 from nextlong_jax.train_config import DataConfig
 
 SEQ = 16
 
 
-def _write(path, n, seq_len=SEQ, drop=(), seed=0):
+def _write(path, n, seq_len=SEQ, drop=(), seed=0, segments=None):
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
+    segments = [1] * seq_len if segments is None else segments
     with tf.io.TFRecordWriter(str(path)) as w:
         for i in range(n):
             f = {name: tf.train.Feature(int64_list=tf.train.Int64List(value=v)) for name, v in (
                 ("input_ids", rng.integers(0, 100, seq_len)), ("token_roles", rng.integers(1, 3, seq_len)),
-                ("segment_ids", [1] * seq_len), ("positions", range(seq_len)))}
+                ("segment_ids", segments), ("positions", range(seq_len)))}
             f["loss_weights"] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(i)] * seq_len))
             for name in drop:
                 del f[name]
             w.write(tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString())
 
 
-def _write_manifest(root, names):
+def _write_manifest(root, names, document_len=None):
     entries = tuple(ShardEntry(name, 5, hashlib.sha256((root / name).read_bytes()).hexdigest(),
                                (root / name).stat().st_size) for name in names)
-    (root / MANIFEST).write_text(json.dumps(Manifest(SEQ, "none", entries).to_dict()))
+    manifest = Manifest(SEQ, "none", entries, document_len=document_len)
+    (root / MANIFEST).write_text(json.dumps(manifest.to_dict()))
 
 
 @pytest.fixture
@@ -197,3 +200,45 @@ def _mark(directory, offset):
                 values = example.features.feature["loss_weights"].float_list.value
                 values[:] = [v + offset for v in values]
                 w.write(example.SerializeToString())
+
+
+def _slotted(root, segments, document_len=4):
+    root.mkdir()
+    for i in range(2):
+        _write(root / f"p-{i}.tfrecord", 5, seed=10 + i, segments=segments)
+    _write_manifest(root, [f"p-{i}.tfrecord" for i in range(2)], document_len)
+    return root
+
+
+def test_a_mixture_of_document_lengths_draws_whole_batches_and_resumes_exactly(shards, tmp_path):
+    """A source whose manifest declares document_len 4 (documents in slots) beside one that does not:
+    every batch comes from one source and says its document length; resuming gives the same batches."""
+    packed = find_shards(str(_slotted(tmp_path / "packed", [1, 1, 1, 0, 2, 2, 0, 0, 3, 3, 3, 3, 4, 0, 0, 0])), SEQ)
+    whole = find_shards(str(shards), SEQ)
+    assert (packed.document_len, whole.document_len) == (4, None)
+    config = DataConfig(source=("a", "b"), seq_len=SEQ, shuffle_buffer=4, seed=3)
+    it = BatchIterator([whole, packed], config, 2)
+    seen = []
+    for _ in range(12):
+        batch = next(it)
+        seen.append((it.document_len, batch))
+        # the packed source's rows have segments 1..4; the other's all 1
+        assert (batch["segment_ids"].max() > 1) == (it.document_len == 4), batch["segment_ids"]
+    assert {length for length, _ in seen} == {4, SEQ}
+    resumed = BatchIterator([whole, packed], config, 2, start_batches=5)
+    for length, want in seen[5:]:
+        got = next(resumed)
+        assert resumed.document_len == length
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(DataError, match="draws whole batches of 2 sequences"):
+        resume_batches({"batches": 4, "per_host_batch": 2}, 4, whole=True)
+    assert resume_batches({"batches": 4, "per_host_batch": 2}, 4) == 2
+
+
+def test_a_document_crossing_a_declared_slot_is_an_error(tmp_path):
+    crossing = find_shards(str(_slotted(tmp_path / "bad", [1] * 6 + [2] * 10)), SEQ)
+    with pytest.raises(DataError, match="declares document_len 4, but a document crosses a slot boundary"):
+        next(BatchIterator(crossing, DataConfig(seq_len=SEQ), 2))
+    # Padding (segment 0) may run on across a boundary: it attends nothing real and weighs nothing.
+    check_slots(np.array([[1, 1, 0, 0, 0, 0, 2, 2]]), 4, "ok")

@@ -418,7 +418,9 @@ def test_doc_len_packs_fixed_length_documents_into_each_sequence(corpus, tmp_pat
         for idx in segments:
             np.testing.assert_array_equal(ex["positions"][idx], np.arange(256))
             assert ex["token_roles"][idx[1]] == 1 and (ex["token_roles"][idx] == 2).any()
+    assert json.loads((out / "manifest.json").read_text())["document_len"] == 256  # the trainer's slots
     assert main(synth_args(corpus, tmp_path / "bad", "--doc-len", "2048")) == 2
+    assert main(synth_args(corpus, tmp_path / "bad", "--doc-len", "300")) == 2  # slots must tile the row
 
 
 def test_corpus_near_dedup_counts_and_skips_later_copies(tmp_path):
