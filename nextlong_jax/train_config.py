@@ -2,19 +2,20 @@
 
 The YAML mirrors the dataclass tree (`model`, `mesh`, `data`, `loss`, `optimizer`, `checkpoint`,
 `train`, `xla`). `model.preset` names a base architecture whose fields the rest of `model` overrides.
-Unknown keys and ill-typed values fail with the dotted key in the message.
+Unknown keys and ill-typed values (checked by pydantic against the annotations) fail with the dotted key
+in the message.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import types
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
 from nextlong_jax.model.config import LlamaConfig, RopeScaling
@@ -157,51 +158,29 @@ class Config:
         return dataclasses.asdict(self)
 
 
+@functools.cache
+def _adapter(hint: Any) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(hint)
+
+
 def _check_type(key: str, value: Any, hint: Any) -> Any:
-    """`value` converted to `hint` where lossless (int -> float, list -> tuple), else ConfigError."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(key, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}={value!r}: expected {hint}")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(_check_type(key, v, typing.get_args(hint)[0]) for v in value)
-    elif origin is dict:
-        if isinstance(value, dict):
-            key_hint, value_hint = typing.get_args(hint)
-            return {_check_type(key, k, key_hint): _check_type(f"{key}.{k}", v, value_hint) for k, v in value.items()}
-    elif hint is RopeScaling:
-        if isinstance(value, dict):
-            try:
-                return RopeScaling(**value)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"{key}: {e}") from None
-    elif isinstance(hint, type) and issubclass(hint, enum.Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(m.value for m in hint)}") from None
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot, no exponent sign) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise ConfigError(f"{key}={value!r}: expected {getattr(hint, '__name__', hint)}")
+    """`value` as `hint`, by pydantic's (lax) validation: int -> float, list -> tuple, a name -> its enum
+    member, PyYAML's "1e-4" string -> float; else ConfigError naming the key."""
+    if isinstance(value, dict) and RopeScaling in typing.get_args(hint):
+        try:  # a dataclass of its own checks: pydantic would drop keys it does not know
+            return RopeScaling(**value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+    try:
+        return _adapter(hint).validate_python(value)
+    except pydantic.ValidationError as e:
+        error = e.errors()[0]
+    for part in error["loc"]:  # down to the entry at fault; the rest name union members
+        if isinstance(value, dict) and part in value:
+            key, value = f"{key}.{part}", value[part]
+        elif isinstance(value, (list, tuple)) and isinstance(part, int):
+            key, value = f"{key}[{part}]", value[part]
+    raise ConfigError(f"{key}={value!r}: {error['msg']}")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:

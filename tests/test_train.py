@@ -42,7 +42,11 @@ def test_preset_extends_another(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=3", "unknown key train.stepz"),
-    ("mesh.data=two", "mesh.data='two': expected int"),
+    ("mesh.data=two", "mesh.data='two': Input should be a valid integer"),
+    ("model.attention_backend=splosh", "model.attention_backend='splosh': Input should be 'auto', 'reference'"),
+    ("model.rope_scaling={rope_type: llama3, factr: 8}", "model.rope_scaling: .*unexpected keyword argument 'factr'"),
+    ("xla.tpu={a: [1]}", "xla.tpu.a=\\[1\\]: Input should be a valid string"),
+    ("data.weights=[1, x]", "data.weights\\[1\\]='x': Input should be a valid number"),
     ("model.preset=llama9", "unknown model.preset"),
     ("optimizer.decay=step", "optimizer.decay='step'"),
     ("nokey", "not key=value"),
