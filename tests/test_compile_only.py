@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -58,13 +59,29 @@ def _child(*args: str) -> str:
     return proc.stdout
 
 
-def test_compile_only_devices_report_kinds_that_hardware_knows():
-    assert "kinds ok" in _child("kinds")
+@pytest.fixture(scope="module")
+def children(request):
+    """The selected tests' child runs, all started at once, as many at a time as there are cores (a
+    compile runs mostly on one thread); each test waits for its own."""
+    runs = []
+    for item in request.session.items:
+        if item.module.__name__ == request.module.__name__:
+            if item.originalname == "test_reduced_llama_compiles_with_the_platform_kernel":
+                runs.append(("plans", item.callspec.params["target"]))
+            elif item.originalname == "test_compile_only_devices_report_kinds_that_hardware_knows":
+                runs.append(("kinds",))
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(runs), len(os.sched_getaffinity(0)))))
+    yield {args: pool.submit(_child, *args) for args in sorted(runs, key=lambda args: args != ("plans", "tpu"))}
+    pool.shutdown(cancel_futures=True)
+
+
+def test_compile_only_devices_report_kinds_that_hardware_knows(children):
+    assert "kinds ok" in children["kinds",].result()
 
 
 @pytest.mark.parametrize("target", ["tpu", "gpu"])
-def test_reduced_llama_compiles_with_the_platform_kernel(target):
-    assert f"{target} plans ok" in _child("plans", target)
+def test_reduced_llama_compiles_with_the_platform_kernel(target, children):
+    assert f"{target} plans ok" in children["plans", target].result()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
