@@ -1,8 +1,6 @@
 import atexit
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -58,9 +56,9 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def train_data(tmp_path_factory):
     """Two shards of 512-token sequences from 16 sample documents (the tiny-cpu preset's length)."""
+    from synth.cli import main
+
     out = tmp_path_factory.mktemp("synth") / "data"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, "-m", "synth.cli", "--meta", "sample:pydocs", "--max-meta-docs", "16",
-                    "--embedder", "hashing", "--seq-len", "512", "--chunk-tokens", "64", "--num-shards", "2",
-                    "--out", str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    assert main(["--meta", "sample:pydocs", "--max-meta-docs", "16", "--embedder", "hashing", "--seq-len", "512",
+                 "--chunk-tokens", "64", "--num-shards", "2", "--out", str(out)]) == 0
     return out

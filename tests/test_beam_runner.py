@@ -240,8 +240,7 @@ def test_killed_pipeline_resumes_to_the_same_examples(inputs, tmp_path):
     assert not (out / "manifest.json").exists()
     kept = {p: p.stat().st_mtime_ns for p in blocks.glob("chunks-*/block-*/emb-*.npy")}
 
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert main(synth_args(meta, out, *args, *BEAM)) == 0  # the same command, in this process
     assert _examples(out) == _examples(tmp_path / "reference")
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "finished blocks were rebuilt"
 
