@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from nextlong_jax.model.attention.backends import resolve
+from nextlong_jax.topology import parse_topology
 from nextlong_jax.train_config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +92,11 @@ def test_preset_compiles_and_fits_its_topology(preset, compiles):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plan["compiled"] and plan["fits"] and plan["topology"] == config.mesh.topology
-    assert plan["attention_backend"] == config.model.attention_backend  # resolved for the target, not this CPU
-    kernel = KERNELS[config.model.attention_backend]
+    # `auto` resolved for the target, not this CPU
+    backend = resolve(config.model.attention_backend, parse_topology(config.mesh.topology).platform,
+                      sequence_shards=config.mesh.sequence).value
+    assert plan["attention_backend"] == backend
+    kernel = KERNELS[backend]
     if kernel:
         assert any(kernel in k for k in plan["attention_kernels"]), plan["attention_kernels"]
     else:
