@@ -20,6 +20,10 @@ from nextlong_jax.train_config import Config
 from nextlong_jax.train_setup import abstract_batch, abstract_state, build, build_mesh, jit_step
 
 GIB = 2**30
+# XLA asks the CUDA runtime, at compile time, how much scratch CUB's radix sort needs; a compile-only
+# host has no CUDA libraries, so plans sort with XLA's own kernel (the Triton attention's segment
+# sort over 32K+ keys is the one such sort in a step). A run on the GPUs keeps CUB.
+COMPILE_ONLY_GPU_FLAGS = {"xla_gpu_enable_cub_radix_sort": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,8 @@ def plan(config: Config, topology: Topology) -> Plan:
     start = time.perf_counter()
     with jax.set_mesh(mesh), axis_rules():
         setup = build(config, mesh)
+        if topology.chip.platform == "gpu":
+            setup = setup._replace(compiler_options={**COMPILE_ONLY_GPU_FLAGS, **setup.compiler_options})
         batch = abstract_batch(setup, config.data.batch_size, config.data.seq_len)
         compiled = jit_step(setup, config.optimizer.grad_accum).lower(abstract_state(setup), batch).compile()
     seconds = time.perf_counter() - start

@@ -30,9 +30,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 # loop, leaves these modules out; `make test` (CI) runs everything.
 # A module, or one test of it ("module::test").
 MARKERS = {
-    "compile": ("test_preset_plans", "test_compile_only", "test_splash::test_splash_compiles_for_tpu_v5p"),
+    "compile": ("test_preset_plans", "test_compile_only", "test_splash::test_splash_compiles_for_tpu_v5p",
+                "test_pallas_gpu::test_fwd_bwd_compiles_to_triton_for_8_h100s",
+                "test_pallas_gpu_cp::test_sequence_sharded_fwd_bwd_compiles_to_triton_for_8_h100s"),
     "multiprocess": ("test_train_multihost", "test_presets", "test_train_sharded", "test_train_ring",
-                     "test_train_init", "test_sharding", "test_jax_encoder"),
+                     "test_train_init", "test_sharding", "test_jax_encoder",
+                     "test_slot_rows::test_slot_rows_train_like_the_masked_rows_on_8_devices",
+                     "test_pallas_gpu_cp::test_context_parallel_matches_reference_on_8_devices"),
     "slow": ("test_beam_runner", "test_ablation", "test_train_run", "test_examples", "test_eval",
              "test_pipeline::test_kill_and_resume_is_byte_identical"),
 }
