@@ -31,7 +31,7 @@ class BackendError(ValueError):
     """A backend the configuration names cannot run where it is compiled for."""
 
 
-class Backend(str, enum.Enum):
+class Backend(enum.StrEnum):  # str() and f-strings give the name users write
     AUTO = "auto"  # the platform's fastest: see `resolve`
     REFERENCE = "reference"  # plain softmax over [L, L] scores: the tests' ground truth
     BLOCKWISE = "blockwise"  # flash-style pure JAX, any platform
