@@ -14,6 +14,7 @@ import time
 import jax
 
 from nextlong_jax.compilers import installed
+from nextlong_jax.model.attention.backends import BACKENDS
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.topology import Topology, compile_only_devices
 from nextlong_jax.train_config import Config
@@ -34,6 +35,7 @@ class Plan:
     mesh: dict[str, int]
     attention_backend: str  # as resolved for the target's platform
     attention_kernels: list[str]  # custom-call kernels in the compiled program; empty: XLA's own ops
+    attention_blocks: dict[str, int | bool]  # the block sizes that backend reads (`backends.Spec.block_fields`)
     argument_gib: float  # per chip: parameters, optimizer state and batch
     temp_gib: float
     output_gib: float
@@ -52,7 +54,7 @@ class Plan:
         kernels = ", ".join(self.attention_kernels) or "none (XLA ops)"
         return "\n".join([
             f"topology {self.topology}: {self.devices} x {self.chip}, mesh {self.mesh}",
-            f"attention {self.attention_backend}; kernels in the program: {kernels}",
+            f"attention {self.attention_backend} (blocks {self.attention_blocks}); kernels in the program: {kernels}",
             f"per chip: arguments {self.argument_gib:.2f} GiB + temporaries {self.temp_gib:.2f} GiB + outputs "
             f"{self.output_gib:.2f} GiB - aliased {self.alias_gib:.2f} GiB = {self.total_gib:.2f} GiB of "
             f"{self.budget_gib:.1f} GiB usable ({self.hbm_gib:.1f} GiB HBM published): "
@@ -88,13 +90,15 @@ def plan(config: Config, topology: Topology) -> Plan:
         batch = abstract_batch(setup, config.data.batch_size, config.data.seq_len)
         compiled = jit_step(setup, config.optimizer.grad_accum).lower(abstract_state(setup), batch).compile()
     seconds = time.perf_counter() - start
+    backend, blocks = setup.model.config.attention_backend, setup.model.config.attention_blocks
     stats = compiled.memory_analysis()
     sizes = {name: getattr(stats, f"{name}_size_in_bytes") / GIB for name in ("argument", "temp", "output", "alias")}
     total = sizes["argument"] + sizes["temp"] + sizes["output"] - sizes["alias"]
     tokens = config.data.batch_size * config.data.seq_len
     return Plan(topology=topology.name, chip=topology.chip.name, devices=mesh.size,
-                mesh={k: int(v) for k, v in mesh.shape.items()}, attention_backend=setup.model.config.attention_backend.value,
+                mesh={k: int(v) for k, v in mesh.shape.items()}, attention_backend=backend.value,
                 attention_kernels=kernel_names(compiled.as_text()),
+                attention_blocks={name: getattr(blocks, name) for name in BACKENDS[backend].block_fields},
                 **{f"{name}_gib": round(value, 3) for name, value in sizes.items()}, total_gib=round(total, 3),
                 hbm_gib=round(topology.chip.hbm_gib, 2), budget_gib=round(topology.chip.budget_gib, 2),
                 fits=total <= topology.chip.budget_gib, compilers=installed(),

@@ -96,6 +96,8 @@ def test_cli_plans_prints_json_and_refuses_what_does_not_fit():
     plan = json.loads(fits.stdout.strip().splitlines()[-1])
     assert plan["fits"] and plan["devices"] == 4 and plan["chip"] == "v5p" and plan["attention_backend"] == "splash"
     assert any("splash_mha_fwd" in k for k in plan["attention_kernels"])
+    assert plan["attention_blocks"] == {"q": 512, "kv": 512, "q_bwd": 512, "kv_bwd": 512, "fused_bwd": False,
+                                        "kv_compute": 512, "kv_bwd_compute": 512}  # what splash reads
     assert plan["total_gib"] > 0 and plan["hbm_gib"] == plan["budget_gib"] == 88.48 and plan["model_tflops_per_step"] > 0
     assert plan["compilers"]["jax"] == "0.10.2" and plan["compilers"]["libtpu"].startswith("0.0.42")
     # 2 x 1.05B embedding parameters in fp32 with two Adam moments: ~25 GB of state on one 16 GB chip.
