@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast plans install bench clean
 
 # The demo: synthesize from the bundled corpus, train the tiny model a few steps on it, export the
 # checkpoint to a Hugging Face directory, check that transformers gives the same logits, and ask the
@@ -33,6 +33,12 @@ test: $(VENV)/.installed
 # multiprocess or slow. CI runs `make test`.
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not compile and not multiprocess and not slow"
+
+# Compile every accelerator preset and record its plan in tests/golden/plans (about 10 minutes on 2
+# cores). Commit the result with any change to the model, a preset or the compiler pins:
+# test_preset_plans then checks those presets in seconds instead of compiling them.
+plans: $(VENV)/.installed
+	NEXTLONG_RECORD_PLANS=1 $(BIN)/python -m pytest tests/test_preset_plans.py
 
 install: $(VENV)/.installed
 

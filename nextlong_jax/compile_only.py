@@ -3,13 +3,23 @@
 XLA compiles for compile-only devices (`nextlong_jax.topology`) exactly as it would on the chips,
 so the program's per-chip memory, and which attention kernel it runs, are the real ones; only the
 timing is missing. MaxText's train_compile.py is the same idea.
+
+An 8B step takes minutes to compile for a TPU slice, and the answer is a function of what XLA is
+given. A plan cache (`--plan-cache DIR`) keys each plan by the sha256 of exactly that: the lowered
+program, the compiler options and environment flags, the devices and the compilers' versions. A
+re-plan of an unchanged step then costs its lowering (seconds); any change to the model, the
+config's shapes or kernels, the flags or a compiler version is a new key, compiled afresh.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
 import time
+from pathlib import Path
 
 import jax
 
@@ -49,6 +59,8 @@ class Plan:
     xla_flags: dict[str, str | int | bool]  # the config's compiler options for this platform (`Config.xla`)
     host_gib: float  # per chip, in pinned host memory (remat_policy offload's layer inputs), not in total_gib
     compilers: dict[str, str | None]  # versions of jax, jaxlib, libtpu and the CUDA plugin that compiled it
+    fingerprint: str  # sha256 of everything the compile depends on (`fingerprint`): the plan cache's key
+    cached: bool = False  # read from a plan cache: compiled earlier from the same fingerprint
 
     def summary(self) -> str:
         kernels = ", ".join(self.attention_kernels) or "none (XLA ops)"
@@ -59,7 +71,8 @@ class Plan:
             f"{self.output_gib:.2f} GiB - aliased {self.alias_gib:.2f} GiB = {self.total_gib:.2f} GiB of "
             f"{self.budget_gib:.1f} GiB usable ({self.hbm_gib:.1f} GiB HBM published): "
             f"{'fits' if self.fits else 'DOES NOT FIT'}",
-            f"model {self.model_tflops_per_step:.1f} TFLOP per step; compiled in {self.compile_seconds:.0f} s",
+            f"model {self.model_tflops_per_step:.1f} TFLOP per step; compiled in {self.compile_seconds:.0f} s"
+            + (f" (cached plan {self.fingerprint[:12]})" if self.cached else ""),
             f"compiler flags: {', '.join(f'{k}={v}' for k, v in self.xla_flags.items()) or 'none'}; "
             f"pinned host memory {self.host_gib:.2f} GiB per chip",
         ])
@@ -79,8 +92,26 @@ def kernel_names(hlo_text: str) -> list[str]:
     return sorted(names)
 
 
-def plan(config: Config, topology: Topology) -> Plan:
-    """Compile `config`'s train step (grad accumulation included) for `topology`; raises on failure."""
+# Flags XLA and libtpu read from the environment at compile time, beside the options a step passes.
+COMPILER_ENVIRONMENT = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
+
+
+def fingerprint(lowered: jax.stages.Lowered, compiler_options: dict, devices: list[int], topology: Topology) -> str:
+    """sha256 of what XLA's compile of `lowered` depends on. The program text carries no source
+    locations, so checkouts at different paths agree."""
+    parts = [lowered.as_text(), json.dumps(compiler_options, sort_keys=True), topology.name,
+             json.dumps(devices), json.dumps(installed(), sort_keys=True),
+             *(os.environ.get(name, "") for name in COMPILER_ENVIRONMENT)]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def plan(config: Config, topology: Topology, cache: Path | None = None) -> Plan:
+    """Compile `config`'s train step (grad accumulation included) for `topology`; raises on failure.
+    With `cache`, a plan recorded there under the same fingerprint is returned without compiling,
+    and a new one is recorded."""
     mesh = build_mesh(config, compile_only_devices(topology))
     start = time.perf_counter()
     with jax.set_mesh(mesh), axis_rules():
@@ -88,20 +119,33 @@ def plan(config: Config, topology: Topology) -> Plan:
         if topology.chip.platform == "gpu":
             setup = setup._replace(compiler_options={**COMPILE_ONLY_GPU_FLAGS, **setup.compiler_options})
         batch = abstract_batch(setup, config.data.batch_size, config.data.seq_len)
-        compiled = jit_step(setup, config.optimizer.grad_accum).lower(abstract_state(setup), batch).compile()
+        lowered = jit_step(setup, config.optimizer.grad_accum).lower(abstract_state(setup), batch)
+        key = fingerprint(lowered, setup.compiler_options, [int(d.id) for d in mesh.devices.flat], topology)
+        recorded = cache / f"{topology.name}-{key[:16]}.json" if cache else None
+        if recorded and recorded.exists():
+            stored = json.loads(recorded.read_text())
+            if stored["fingerprint"] == key:
+                return Plan(**{**stored, "cached": True})
+        compiled = lowered.compile()
     seconds = time.perf_counter() - start
     backend, blocks = setup.model.config.attention_backend, setup.model.config.attention_blocks
     stats = compiled.memory_analysis()
     sizes = {name: getattr(stats, f"{name}_size_in_bytes") / GIB for name in ("argument", "temp", "output", "alias")}
     total = sizes["argument"] + sizes["temp"] + sizes["output"] - sizes["alias"]
     tokens = config.data.batch_size * config.data.seq_len
-    return Plan(topology=topology.name, chip=topology.chip.name, devices=mesh.size,
-                mesh={k: int(v) for k, v in mesh.shape.items()}, attention_backend=backend.value,
-                attention_kernels=kernel_names(compiled.as_text()),
-                attention_blocks={name: getattr(blocks, name) for name in BACKENDS[backend].block_fields},
-                **{f"{name}_gib": round(value, 3) for name, value in sizes.items()}, total_gib=round(total, 3),
-                hbm_gib=round(topology.chip.hbm_gib, 2), budget_gib=round(topology.chip.budget_gib, 2),
-                fits=total <= topology.chip.budget_gib, compilers=installed(),
-                model_tflops_per_step=round(config.model.flops_per_token(config.data.seq_len) * tokens / 1e12, 1),
-                compile_seconds=round(seconds, 1), xla_flags=setup.compiler_options,
-                host_gib=round(getattr(stats, "host_temp_size_in_bytes", 0) / GIB, 3))
+    result = Plan(topology=topology.name, chip=topology.chip.name, devices=mesh.size,
+                  mesh={k: int(v) for k, v in mesh.shape.items()}, attention_backend=backend.value,
+                  attention_kernels=kernel_names(compiled.as_text()),
+                  attention_blocks={name: getattr(blocks, name) for name in BACKENDS[backend].block_fields},
+                  **{f"{name}_gib": round(value, 3) for name, value in sizes.items()}, total_gib=round(total, 3),
+                  hbm_gib=round(topology.chip.hbm_gib, 2), budget_gib=round(topology.chip.budget_gib, 2),
+                  fits=total <= topology.chip.budget_gib, compilers=installed(),
+                  model_tflops_per_step=round(config.model.flops_per_token(config.data.seq_len) * tokens / 1e12, 1),
+                  compile_seconds=round(seconds, 1), xla_flags=setup.compiler_options,
+                  host_gib=round(getattr(stats, "host_temp_size_in_bytes", 0) / GIB, 3), fingerprint=key)
+    if recorded:
+        recorded.parent.mkdir(parents=True, exist_ok=True)
+        staged = recorded.with_suffix(".partial")  # a killed plan leaves no half-written entry
+        staged.write_text(json.dumps(dataclasses.asdict(result), indent=1, sort_keys=True) + "\n")
+        staged.replace(recorded)
+    return result

@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "enough) and print per-chip memory against HBM, the attention kernels in the program and "
                         "model FLOPs per step; the last line is one JSON object")
     p.add_argument("--topology", help=f"with --compile-only (default: the config's mesh.topology): {FORMS}")
+    p.add_argument("--plan-cache", type=Path, metavar="DIR",
+                   help="with --compile-only: answer from a plan recorded in DIR when the step is unchanged (same "
+                        "lowered program, compiler flags, devices and compiler versions, by sha256), else compile "
+                        "and record it there; an unchanged 8B preset re-plans in seconds instead of minutes")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
     return p
 
@@ -148,7 +152,7 @@ def compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
     from nextlong_jax.train_setup import TrainError
 
     try:
-        result = plan(config, topology)
+        result = plan(config, topology, cache=args.plan_cache)
     except Exception as e:  # XLA's own failures (HBM exhausted at compile, unsupported ops) are the answer here
         reason = str(e) if isinstance(e, TrainError) else (
             f"does not compile for {topology.name}: {type(e).__name__}: {(str(e) or '-').splitlines()[0]}")
@@ -192,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_weights:
         overrides.append(f"data.weights={json.dumps(args.data_weights)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.topology and not args.compile_only:
-        parser.error("--topology goes with --compile-only")
+    if (args.topology or args.plan_cache) and not args.compile_only:
+        parser.error("--topology and --plan-cache go with --compile-only")
     if args.init_optimizer and not args.init_from:
         print("nextlong-train: error: --init-optimizer goes with --init-from RUN/checkpoints/STEP", file=sys.stderr)
         return 1

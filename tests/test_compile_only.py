@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +142,30 @@ def test_preset_compiler_flags_reach_the_compile():
     assert "compiler flags: xla_tpu_scoped_vmem_limit_kib=65536" in known.stdout
 
 
+def test_fingerprint_keys_every_input_of_the_compile(monkeypatch):
+    """The plan cache's key changes with the program, the options, the device order, the topology,
+    the environment's compiler flags and the compilers' versions, and with nothing else."""
+    import jax
+    import jax.numpy as jnp
+
+    from nextlong_jax import compile_only
+
+    lowered = jax.jit(lambda x: x * 2).lower(jnp.ones(4))
+    v5p = parse_topology("v5p-8")
+    key = compile_only.fingerprint(lowered, {}, [0, 1, 2, 3], v5p)
+    assert key == compile_only.fingerprint(jax.jit(lambda x: x * 2).lower(jnp.ones(4)), {}, [0, 1, 2, 3], v5p)
+    others = [compile_only.fingerprint(jax.jit(lambda x: x * 3).lower(jnp.ones(4)), {}, [0, 1, 2, 3], v5p),
+              compile_only.fingerprint(lowered, {"xla_tpu_scoped_vmem_limit_kib": 65536}, [0, 1, 2, 3], v5p),
+              compile_only.fingerprint(lowered, {}, [1, 0, 2, 3], v5p),
+              compile_only.fingerprint(lowered, {}, [0, 1, 2, 3], parse_topology("v5p:2x2x1"))]
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_scoped_vmem_limit_kib=65536")
+    others.append(compile_only.fingerprint(lowered, {}, [0, 1, 2, 3], v5p))
+    monkeypatch.delenv("LIBTPU_INIT_ARGS")
+    monkeypatch.setattr(compile_only, "installed", lambda: {"jax": "0.10.2", "libtpu": "0.0.43"})
+    others.append(compile_only.fingerprint(lowered, {}, [0, 1, 2, 3], v5p))
+    assert len({key, *others}) == len(others) + 1
+
+
 def _kinds() -> None:
     from nextlong_jax.hardware import chip_of
     from nextlong_jax.topology import compile_only_devices
@@ -157,6 +182,9 @@ def _kinds() -> None:
 
 
 def _plans(target: str) -> None:
+    import dataclasses
+    import tempfile
+
     from nextlong_jax.compile_only import plan
     from nextlong_jax.topology import prepare_environment
     from nextlong_jax.train_config import load_config
@@ -171,11 +199,15 @@ def _plans(target: str) -> None:
                 (["mesh.fsdp=4", "mesh.tensor=2"], "pallas_gpu", "pallas_gpu", "mha_backward")],
     }[target]
     topology = parse_topology("v5p-8" if target == "tpu" else "h100-8")
-    for mesh, backend, runs, kernel in cases:
+    cache = Path(tempfile.mkdtemp())
+    for i, (mesh, backend, runs, kernel) in enumerate(cases):
         config = load_config(ROOT / "configs/train/tiny-cpu.yaml",
                              [*REDUCED, *mesh, f"model.attention_backend={backend}", "data.batch_size=16",
                               "optimizer.grad_accum=2"])
-        p = plan(config, topology)
+        p = plan(config, topology, cache=cache)
+        assert not p.cached
+        if i == 0:
+            first_config, first = config, p
         assert p.attention_backend == runs, p
         if kernel:
             assert any(kernel in k for k in p.attention_kernels), (mesh, p.attention_kernels)
@@ -183,6 +215,9 @@ def _plans(target: str) -> None:
             assert not p.attention_kernels, p.attention_kernels
         assert p.temp_gib > 0 and p.argument_gib > 0 and p.fits, p
         print(target, mesh, backend, p.attention_kernels, p.total_gib, flush=True)
+    if target == "tpu":  # the first case again, from the cache its compile wrote: the plan as compiled
+        again = plan(first_config, topology, cache=cache)
+        assert again.cached and dataclasses.replace(again, cached=False) == first, (again, first)
     print(f"{target} plans ok")
 
 

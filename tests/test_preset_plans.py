@@ -2,7 +2,12 @@
 `nextlong-train --compile-only`, fits the chip, runs the attention kernel it names, and its header
 states the per-chip memory this compile finds (so a header cannot drift from the program).
 
-Each 8B compile takes 10 s (GPU) to a few minutes (TPU, 512K) on 2 cores; they run side by side, one per core.
+Each 8B compile takes 10 s (GPU) to 7 minutes (TPU, 128K) on 2 cores. The plans are recorded in
+tests/golden/plans, keyed by the fingerprint of everything the compile depends on
+(`nextlong_jax.compile_only.fingerprint`): a preset whose step is unchanged is lowered, found there
+and checked against its recorded plan in seconds; a changed one is compiled and checked, and then
+fails until its new plan is recorded (`make plans`) and committed with the change. Under other
+compiler versions than the recorded ones every preset is compiled, and nothing asks to record.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +28,8 @@ from nextlong_jax.topology import parse_topology
 from nextlong_jax.train_config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden" / "plans"
+RECORD = os.environ.get("NEXTLONG_RECORD_PLANS") == "1"  # `make plans`: write GOLDEN instead of reading it
 # What the compiled program must contain for each configured backend.
 KERNELS = {"splash": "splash_mha_fwd", "pallas_gpu": "mha_forward", "ring": None}
 
@@ -65,24 +73,38 @@ def test_a_preset_compiled_as_another_states_its_figure(twin, compiled):
     assert _stated_gib(twin) == _stated_gib(compiled)
 
 
-def _compile(preset: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nextlong_jax.train_cli", "--config", str(preset), "--compile-only"],
+def _compile(preset: Path, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nextlong_jax.train_cli", "--config", str(preset), "--compile-only",
+                           "--plan-cache", str(cache)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
-def compiles(request):
-    """The selected presets' compiles, all started at once, as many at a time as there are cores: XLA
-    compiles one program mostly on one thread, so on 2 cores the 8B compiles take about half as long
-    as one after another. Each test waits for its own."""
+def compiles(request, tmp_path_factory):
+    """The selected presets' plans, all started at once, as many at a time as there are cores: XLA
+    compiles one program mostly on one thread. Each test waits for its own. The cache is a copy of
+    GOLDEN (a test run never writes the repository), or GOLDEN itself when recording, pruned
+    afterwards to the plans of today's presets."""
     params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items
               if item.module.__name__ == request.module.__name__]
     selected = [p["preset"] for p in params if "preset" in p]
+    cache = GOLDEN if RECORD else tmp_path_factory.mktemp("plans")
+    if not RECORD and GOLDEN.is_dir():
+        shutil.copytree(GOLDEN, cache, dirs_exist_ok=True)
     pool = ThreadPoolExecutor(max_workers=max(1, min(len(selected), len(os.sched_getaffinity(0)))))
-    futures = {preset: pool.submit(_compile, preset) for preset in selected}
+    futures = {preset: pool.submit(_compile, preset, cache) for preset in selected}
     yield futures
     pool.shutdown(cancel_futures=True)
+    if RECORD and set(selected) == set(PRESETS) and all(f.result().returncode == 0 for f in futures.values()):
+        current = {json.loads(f.result().stdout.strip().splitlines()[-1])["fingerprint"] for f in futures.values()}
+        for entry in GOLDEN.glob("*.json"):
+            if json.loads(entry.read_text())["fingerprint"] not in current:
+                entry.unlink()
+
+
+def _recorded_compilers() -> list[dict]:
+    return [json.loads(entry.read_text())["compilers"] for entry in GOLDEN.glob("*.json")]
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
@@ -102,3 +124,8 @@ def test_preset_compiles_and_fits_its_topology(preset, compiles):
     else:
         assert plan["attention_kernels"] == []
     assert abs(_stated_gib(preset) - plan["total_gib"]) < 0.1, (_stated_gib(preset), plan["total_gib"])
+    # Checked above either way; a step changed under the recorded compilers must be recorded, or every
+    # later run compiles it again.
+    assert plan["cached"] or RECORD or plan["compilers"] not in _recorded_compilers(), (
+        f"{preset.name}: its step changed since tests/golden/plans was recorded; it compiled and passed here "
+        f"({plan['compile_seconds']:.0f} s). Run `make plans` and commit tests/golden/plans with the change.")
