@@ -26,13 +26,16 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/nextlong-eval probes --ckpt out/demo-run/checkpoints/$(DEMO_STEPS) --config configs/train/tiny-cpu.yaml \
 	  --lengths 1024,2048,4096 --depths 0,0.5,1 --out out/demo-eval
 
+# Two pytest-xdist workers, each taking whole modules (their module-scoped fixtures stay shared),
+# for CI's 2 cores; `make test WORKERS=4` on a larger machine.
+WORKERS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
 
 # The inner loop (a few minutes): everything but the modules tests/conftest.py marks compile,
 # multiprocess or slow. CI runs `make test`.
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not compile and not multiprocess and not slow"
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile -m "not compile and not multiprocess and not slow"
 
 # Compile every accelerator preset and record its plan in tests/golden/plans (about 10 minutes on 2
 # cores). Commit the result with any change to the model, a preset or the compiler pins:

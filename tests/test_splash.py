@@ -132,7 +132,7 @@ def _child_tpu() -> None:
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
     assert len(devices) == 4 and "TPU v5" in devices[0].device_kind, devices
-    b, length, heads, kv_heads, head_dim = 4, 4096, 8, 2, 128
+    b, length, heads, kv_heads, head_dim = 4, 1024, 8, 2, 128
 
     def loss(q, k, v, seg):
         return jnp.sum(splash.splash_attention(q, k, v, seg).astype(jnp.float32))

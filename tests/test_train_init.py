@@ -37,14 +37,16 @@ def _train(data: Path, out: Path, *overrides: str, flags: tuple[str, ...] = (),
                 "--out", str(out), *flags, *OVERRIDES, *overrides, env=env)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "data"
-    done = _run("-m", "synth.cli", "--meta", "sample:pydocs", "--max-meta-docs", "8",
-                "--embedder", "hashing", "--seq-len", "512", "--chunk-tokens", "64",
-                "--num-shards", "1", "--out", str(out))
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out
+def _in_process(capsys, *flags: str, overrides: tuple[str, ...] = ()) -> tuple[int, str]:
+    """`nextlong-train` at OVERRIDES' size (then `overrides`) in this process, for error paths that stop
+    before a step: its exit code and the last line of its stderr."""
+    from nextlong_jax.train_cli import main
+
+    capsys.readouterr()
+    code = main(["--config", "configs/train/tiny-cpu.yaml", *flags, *OVERRIDES, *overrides])
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return code, err.splitlines()[-1] if err else ""
 
 
 def _weights(directory: Path) -> dict[str, np.ndarray]:
@@ -54,12 +56,12 @@ def _weights(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def test_warm_start_keeps_the_hf_weights(data, tmp_path):
+def test_warm_start_keeps_the_hf_weights(train_data, tmp_path):
     hf_dir = tmp_path / "hf"
     hf_model(tiny_hf_dict(**SHAPE)).save_pretrained(hf_dir, safe_serialization=True)
     run = tmp_path / "run"
     trained = _run("-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
-                   "--data", str(data), "--out", str(run), "--init-from-hf", str(hf_dir), *OVERRIDES)
+                   "--data", str(train_data), "--out", str(run), "--init-from-hf", str(hf_dir), *OVERRIDES)
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     exported = tmp_path / "exported"
     converted = _run("-m", "nextlong_jax.convert_cli", "orbax-to-hf", "--ckpt",
@@ -71,16 +73,12 @@ def test_warm_start_keeps_the_hf_weights(data, tmp_path):
         np.testing.assert_array_equal(tensor, original[name].astype(tensor.dtype), err_msg=name)
 
 
-def test_warm_start_with_another_architecture_is_one_line_error(data, tmp_path):
+def test_warm_start_with_another_architecture_is_one_line_error(train_data, tmp_path, capsys):
     hf_dir = tmp_path / "hf"
     hf_model(tiny_hf_dict(**{**SHAPE, "hidden_size": 48})).save_pretrained(
         hf_dir, safe_serialization=True)
-    failed = _run("-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
-                  "--data", str(data), "--out", str(tmp_path / "run"), "--init-from-hf", str(hf_dir),
-                  *OVERRIDES)
-    assert failed.returncode != 0
-    assert "Traceback" not in failed.stderr
-    assert "hidden_size" in failed.stderr.strip().splitlines()[-1]
+    code, last = _in_process(capsys, "--data", str(train_data), "--out", str(tmp_path / "run"), "--init-from-hf", str(hf_dir))
+    assert code == 1 and "hidden_size" in last
 
 
 def _flat(tree) -> dict[tuple[str, ...], np.ndarray]:
@@ -116,11 +114,11 @@ def _counts(opt_state: dict[tuple[str, ...], np.ndarray]) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def stage_one(data, tmp_path_factory) -> Path:
+def stage_one(train_data, tmp_path_factory) -> Path:
     """The first stage in small: two steps on 8 devices (fsdp 4 x tensor 2); its step 2 is warm-started
     below on other meshes."""
     out = tmp_path_factory.mktemp("stage-one") / "run"
-    done = _train(data, out, "train.steps=2", "data.batch_size=4", "mesh.fsdp=4", "mesh.tensor=2",
+    done = _train(train_data, out, "train.steps=2", "data.batch_size=4", "mesh.fsdp=4", "mesh.tensor=2",
                   "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=0", env=ENV_8_DEVICES)
     assert done.returncode == 0, done.stderr[-2000:]
     return out / "checkpoints" / "2"
@@ -167,12 +165,12 @@ def _child(ckpt: Path) -> None:
     print("init optimizer ok")
 
 
-def test_init_optimizer_on_the_cli_continues_adam_and_restarts_the_schedule(data, stage_one, tmp_path):
+def test_init_optimizer_on_the_cli_continues_adam_and_restarts_the_schedule(train_data, stage_one, tmp_path):
     """The 64K -> 512K chain in small, on one device from an 8-device checkpoint: after one step at
     learning rate 0 the parameters are the first stage's exactly, Adam has counted 2 + 1 updates, the
     schedule 1, and the run's first checkpoint is step 1."""
     second = tmp_path / "second"
-    done = _train(data, second, "model.rope_theta=1000000.0", flags=("--init-from", str(stage_one), "--init-optimizer"))
+    done = _train(train_data, second, "model.rope_theta=1000000.0", flags=("--init-from", str(stage_one), "--init-optimizer"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Adam's moments and update count from" in done.stdout
     before, after = _checkpoint_items(stage_one), _checkpoint_items(second / "checkpoints" / "1")
@@ -182,18 +180,15 @@ def test_init_optimizer_on_the_cli_continues_adam_and_restarts_the_schedule(data
     assert _counts(after["opt_state"]) == {"adam": 3, "schedule": 1}
 
 
-def test_warm_start_mismatches_are_one_line_errors(data, stage_one, tmp_path):
+def test_warm_start_mismatches_are_one_line_errors(train_data, stage_one, tmp_path, capsys):
     """--init-optimizer without --init-from; another architecture; an optimizer state of another
     structure (as another optimizer, optax.sgd's momentum say, would save)."""
-    alone = _run("-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml", "--data", str(data),
-                 "--out", str(tmp_path / "alone"), "--init-optimizer")
-    assert alone.returncode == 1 and "Traceback" not in alone.stderr
-    assert alone.stderr.strip().splitlines()[-1] == (
-        "nextlong-train: error: --init-optimizer goes with --init-from RUN/checkpoints/STEP")
+    code, last = _in_process(capsys, "--data", str(train_data), "--out", str(tmp_path / "alone"), "--init-optimizer")
+    assert code == 1 and last == "nextlong-train: error: --init-optimizer goes with --init-from RUN/checkpoints/STEP"
 
-    wrong = _train(data, tmp_path / "wrong", "model.intermediate_size=96", flags=("--init-from", str(stage_one)))
-    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
-    assert "intermediate_size: config 96" in wrong.stderr.strip().splitlines()[-1]
+    code, last = _in_process(capsys, "--data", str(train_data), "--out", str(tmp_path / "wrong"), "--init-from",
+                             str(stage_one), overrides=("model.intermediate_size=96",))
+    assert code == 1 and "intermediate_size: config 96" in last
 
     import orbax.checkpoint as ocp
 
@@ -201,11 +196,10 @@ def test_warm_start_mismatches_are_one_line_errors(data, stage_one, tmp_path):
     shutil.copytree(stage_one, other)
     shutil.rmtree(other / "opt_state")
     ocp.PyTreeCheckpointer().save((other / "opt_state").resolve(), {"trace": np.zeros(3)})
-    misfit = _train(data, tmp_path / "misfit", flags=("--init-from", str(other), "--init-optimizer"))
-    assert misfit.returncode == 1 and "Traceback" not in misfit.stderr
-    last = misfit.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"nextlong-train: error: --init-optimizer {other.resolve()}: its optimizer state "
-                           "does not fit"), last
+    code, last = _in_process(capsys, "--data", str(train_data), "--out", str(tmp_path / "misfit"), "--init-from", str(other),
+                             "--init-optimizer")
+    assert code == 1 and last.startswith(f"nextlong-train: error: --init-optimizer {other.resolve()}: its optimizer "
+                                         "state does not fit"), last
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Two processes with 4 virtual CPU devices each, joined by `jax.distributed` (gloo) as two hosts of
 one job, run `nextlong-train`; the per-step losses equal one process with 8 devices stepping through
 the same global batches. Two layouts: (data=2, fsdp=2, sequence=2), where each host reads its own
-shard file for its own rows, checkpoints and resumes; and sequence=8, where the ring spans both
-hosts, so both read the same rows and each keeps its half of the columns."""
+shard file for its own rows, and both are preempted at one step, save it and resume; and
+sequence=8, where the ring spans both hosts, so both read the same rows and each keeps its half of
+the columns."""
 
 from __future__ import annotations
 
@@ -71,22 +72,15 @@ def _reference(data: Path, layout: str, steps: int) -> list[float]:
     return json.loads(run_on_8_devices(__file__, str(data), layout, str(steps)).splitlines()[-1])
 
 
-def test_two_hosts_with_own_rows_train_resume_and_match_one_process(train_data, tmp_path):
-    out = tmp_path / "run"
-    _run_two_hosts(train_data, out, "rows", steps=2)
-    first, second = _run_two_hosts(train_data, out, "rows", steps=4)
-    assert "resumed from step 2" in first
-    assert "step 3/4" not in second  # only host 0 reports
-    np.testing.assert_allclose(_losses(out), _reference(train_data, "rows", 4), rtol=2e-5)
-
-
 def test_ring_across_two_hosts_matches_one_process(train_data, tmp_path):
     _run_two_hosts(train_data, tmp_path, "sequence", steps=2)
     np.testing.assert_allclose(_losses(tmp_path), _reference(train_data, "sequence", 2), rtol=2e-5)
 
 
-def test_sigterm_on_one_host_stops_both_at_the_same_saved_step(train_data, tmp_path):
-    """As when one VM of a pod gets a maintenance notice: jax's preemption sync picks one step for all."""
+def test_sigterm_on_one_host_stops_both_at_one_saved_step_and_the_resumed_run_matches_one_process(
+        train_data, tmp_path):
+    """As when one VM of a pod gets a maintenance notice: jax's preemption sync picks one step for
+    all, both save it, and the resumed run's losses are those of one uninterrupted process."""
     procs = _launch(train_data, tmp_path, "rows", steps=1000)
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -96,7 +90,11 @@ def test_sigterm_on_one_host_stops_both_at_the_same_saved_step(train_data, tmp_p
     first, _ = _finish(procs, code=143)
     saved = int(first.split("preempted: saved step ")[1].split(";")[0])
     assert (tmp_path / "checkpoints" / str(saved) / "params").is_dir()
-    assert _run_two_hosts(train_data, tmp_path, "rows", steps=saved + 1)[0].count(f"resumed from step {saved}") == 1
+    last = saved + 1
+    first, second = _run_two_hosts(train_data, tmp_path, "rows", steps=last)
+    assert first.count(f"resumed from step {saved}") == 1
+    assert f"step {last}/{last}" in first and f"step {last}/{last}" not in second  # only host 0 reports
+    np.testing.assert_allclose(_losses(tmp_path), _reference(train_data, "rows", last), rtol=2e-5)
 
 
 def _one_process_reference(data: str, layout: str, steps: int) -> None:

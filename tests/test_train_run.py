@@ -34,6 +34,18 @@ def _command(data: Path, out: Path, *overrides: str) -> list[str]:
             "--data", str(data), "--out", str(out), *ARGS, *overrides]
 
 
+def _in_process(capsys, data: Path | str, out: Path, *overrides: str) -> tuple[int, str]:
+    """`nextlong-train` as `_command` runs it, in this process (a run that stops with an error):
+    its exit code and its stderr, which must hold no traceback."""
+    from nextlong_jax.train_cli import main
+
+    capsys.readouterr()
+    code = main(_command(data, out, *overrides)[3:])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, err
+
+
 def _train(data: Path, out: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(_command(data, out, *overrides), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -113,7 +125,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "no TFRecord shards match" in capsys.readouterr().err
 
 
-def test_old_and_damaged_checkpoints(train_data, tmp_path):
+def test_old_and_damaged_checkpoints(train_data, tmp_path, capsys):
     """A checkpoint from before training keys were saved resumes; a damaged one is a one-line error."""
     def run(steps: int) -> subprocess.CompletedProcess:
         return subprocess.run(_command(train_data, tmp_path, CONSTANT_LR, f"train.steps={steps}"), cwd=ROOT, env=ENV,
@@ -126,11 +138,8 @@ def test_old_and_damaged_checkpoints(train_data, tmp_path):
     assert "resumed from step 2" in resumed.stdout
     assert sorted(_losses(tmp_path)) == [1, 2, 3]
     shutil.rmtree(tmp_path / "checkpoints" / "3" / "opt_state")
-    damaged = run(4)
-    assert damaged.returncode == 1
-    # One line of its own (native libraries of the test install may log above it), no traceback.
-    assert damaged.stderr.strip().splitlines()[-1].startswith("nextlong-train: error: cannot resume from")
-    assert "Traceback" not in damaged.stderr, damaged.stderr
+    code, err = _in_process(capsys, train_data, tmp_path, CONSTANT_LR, "train.steps=4")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("nextlong-train: error: cannot resume from"), err
 
 
 def test_sigterm_saves_stops_and_resumes(train_data, tmp_path):
@@ -151,7 +160,7 @@ def test_sigterm_saves_stops_and_resumes(train_data, tmp_path):
     assert f"resumed from step {saved}" in resumed.stdout
 
 
-def test_a_damaged_shard_stops_training_in_one_line(train_data, tmp_path):
+def test_a_damaged_shard_stops_training_in_one_line(train_data, tmp_path, capsys):
     """A shard cut to half (an interrupted copy): with the manifest, refused before step 1; read by
     glob, the step that reaches it stops the run naming the file, exit 1, and only whole
     checkpoints of good steps remain."""
@@ -161,18 +170,15 @@ def test_a_damaged_shard_stops_training_in_one_line(train_data, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     for source, message in ((data, f"shard {shard} is "), (data / "*.tfrecord", f"{shard}: record ")):
         out = tmp_path / f"run-{len(message)}"
-        proc = subprocess.run(_command(source, out, CONSTANT_LR, "train.steps=40"), cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 1
-        error = proc.stderr.strip().splitlines()[-1]
-        assert error.startswith("nextlong-train: error: ") and message in error, proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
+        code, err = _in_process(capsys, source, out, CONSTANT_LR, "train.steps=40")
+        error = err.strip().splitlines()[-1]
+        assert code == 1 and error.startswith("nextlong-train: error: ") and message in error, err[-2000:]
         ckpts = out / "checkpoints"
         leftovers = [p.name for p in ckpts.iterdir() if not p.name.isdigit()] if ckpts.exists() else []
         assert not leftovers, leftovers
 
 
-def test_a_mixture_of_sources_trains_and_mismatched_weights_are_one_line(train_data, tmp_path):
+def test_a_mixture_of_sources_trains_and_mismatched_weights_are_one_line(train_data, tmp_path, capsys):
     out = tmp_path / "mix"
     cmd = _command(train_data, out, CONSTANT_LR, "train.steps=2")
     data_at = cmd.index("--data")
@@ -182,7 +188,11 @@ def test_a_mixture_of_sources_trains_and_mismatched_weights_are_one_line(train_d
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "checkpoints" / "2" / "progress" / "metadata").read_text())["train_config"]["data"][
         "weights"] == [1.0, 3.0]
+    from nextlong_jax.train_cli import main
+
     bad = mixed[:mixed.index("--data-weights") + 2] + mixed[mixed.index("--data-weights") + 3:]
-    proc = subprocess.run(bad, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "weights [1.0] must be 2 positive numbers, one per source" in proc.stderr.strip().splitlines()[-1]
+    capsys.readouterr()
+    assert main(bad[3:]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "weights [1.0] must be 2 positive numbers, one per source" in err.strip().splitlines()[-1]
