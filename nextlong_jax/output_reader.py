@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from nextlong_jax.schema import (FLOAT_FEATURES, INT_FEATURES, MANIFEST, PROVENANCE_FEATURES, Manifest, ManifestError,
-                                 is_url, stream_sha256)
+                                 is_url, stream_sha256, url_filesystems)
 
 
 @dataclass(frozen=True)
@@ -113,12 +113,7 @@ def _join(directory: str, name: str) -> str:
 
 
 def _filesystems():
-    try:
-        from apache_beam.io.filesystems import FileSystems
-    except ModuleNotFoundError:
-        raise ManifestError("an output at a URL is read through Apache Beam's filesystems: pip install "
-                            "'nextlong-jax[beam]' and the filesystem's extra, e.g. 'apache-beam[gcp]'") from None
-    return FileSystems
+    return url_filesystems(ManifestError)
 
 
 def _exists(location: str) -> bool:

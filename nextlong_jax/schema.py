@@ -78,6 +78,17 @@ def is_url(location: str) -> bool:
     return bool(_URL.match(location))
 
 
+def url_filesystems(error: type[Exception]):
+    """Apache Beam's `FileSystems`, through which both sides read and write URLs (every scheme Beam
+    knows). Without Beam, raises `error`, the caller's own type, so its command reports one line."""
+    try:
+        from apache_beam.io.filesystems import FileSystems
+    except ModuleNotFoundError:
+        raise error("a location given as a URL (gs://, s3://, ...) is read through Apache Beam's filesystems: pip "
+                    "install 'nextlong-jax[beam]' and the filesystem's extra, e.g. 'apache-beam[gcp]'") from None
+    return FileSystems
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     file: str  # relative to the manifest's directory

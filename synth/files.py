@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
+from nextlong_jax.schema import url_filesystems
 from synth.errors import SynthError
 
 Location = Path | str  # a local path, or a URL
@@ -28,12 +29,7 @@ def temporary_sibling(path: Path) -> Path:
 
 
 def beam_filesystems():
-    try:
-        from apache_beam.io.filesystems import FileSystems
-    except ModuleNotFoundError:
-        raise SynthError("reading URLs (gs://, s3://, ...) goes through Apache Beam's filesystems: pip install "
-                         "'nextlong-jax[beam]' and the filesystem's extra, e.g. 'apache-beam[gcp]'") from None
-    return FileSystems
+    return url_filesystems(SynthError)
 
 
 def open_binary(location: Location) -> BinaryIO:
