@@ -193,9 +193,9 @@ def _plans(target: str) -> None:
 
     prepare_environment()
     cases = {  # (mesh overrides, backend asked for, backend that runs, a kernel that must be in the program)
+        # Heads split over `tensor`: test_splash compiles the kernel so for a v5p, and the GPU cases the step.
         "tpu": [(["mesh.fsdp=4"], "auto", "splash", "splash_mha_fwd"),
-                (["mesh.fsdp=2", "mesh.tensor=2"], "splash", "splash", "splash_mha_dkv"),
-                (["mesh.fsdp=2", "mesh.sequence=2"], "auto", "splash", "splash_mha_dq"),  # context parallel
+                (["mesh.fsdp=2", "mesh.sequence=2"], "splash", "splash", "splash_mha_dq"),  # context parallel
                 (["mesh.fsdp=2", "mesh.sequence=2"], "ring", "ring", None)],
         "gpu": [(["mesh.fsdp=8"], "auto", "pallas_gpu", "mha_forward"),
                 (["mesh.fsdp=4", "mesh.tensor=2"], "pallas_gpu", "pallas_gpu", "mha_backward")],
