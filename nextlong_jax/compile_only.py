@@ -13,6 +13,7 @@ config's shapes or kernels, the flags or a compiler version is a new key, compil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -98,7 +99,8 @@ COMPILER_ENVIRONMENT = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 
 def fingerprint(lowered: jax.stages.Lowered, compiler_options: dict, devices: list[int], topology: Topology) -> str:
     """sha256 of what XLA's compile of `lowered` depends on. The program text carries no source
-    locations, so checkouts at different paths agree."""
+    locations outside its kernels, and `plan` lowers those without directories, so checkouts at
+    different paths agree."""
     parts = [lowered.as_text(), json.dumps(compiler_options, sort_keys=True), topology.name,
              json.dumps(devices), json.dumps(installed(), sort_keys=True),
              *(os.environ.get(name, "") for name in COMPILER_ENVIRONMENT)]
@@ -108,13 +110,28 @@ def fingerprint(lowered: jax.stages.Lowered, compiler_options: dict, devices: li
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _locations_without_directories():
+    """Pallas kernels (Triton's, Mosaic's) carry their source locations inside the lowered program,
+    and those name the checkout's directory. Debug information only, it does not change what XLA
+    makes of the program; without the directories a step lowers, and fingerprints, alike in every
+    checkout."""
+    name = "jax_hlo_source_file_canonicalization_regex"
+    previous = getattr(jax.config, name)
+    jax.config.update(name, r".*/")
+    try:
+        yield
+    finally:
+        jax.config.update(name, previous)
+
+
 def plan(config: Config, topology: Topology, cache: Path | None = None) -> Plan:
     """Compile `config`'s train step (grad accumulation included) for `topology`; raises on failure.
     With `cache`, a plan recorded there under the same fingerprint is returned without compiling,
     and a new one is recorded."""
     mesh = build_mesh(config, compile_only_devices(topology))
     start = time.perf_counter()
-    with jax.set_mesh(mesh), axis_rules():
+    with jax.set_mesh(mesh), axis_rules(), _locations_without_directories():
         setup = build(config, mesh)
         if topology.chip.platform == "gpu":
             setup = setup._replace(compiler_options={**COMPILE_ONLY_GPU_FLAGS, **setup.compiler_options})

@@ -8,6 +8,8 @@ tests/golden/plans, keyed by the fingerprint of everything the compile depends o
 and checked against its recorded plan in seconds; a changed one is compiled and checked, and then
 fails until its new plan is recorded (`make plans`) and committed with the change. Under other
 compiler versions than the recorded ones every preset is compiled, and nothing asks to record.
+The plans are recorded in one checkout and checked in others (CI's clean clone among them), so a
+fingerprint that depended on where the repository lies would fail here.
 """
 
 from __future__ import annotations
