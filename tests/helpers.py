@@ -1,5 +1,6 @@
 """What several test modules build their inputs with: packed segment ids for the attention kernels,
-and small synthesis corpora with the command line that turns them into an output quickly."""
+small synthesis corpora with the command line that turns them into an output quickly, and
+`nextlong-train` run in the test's own process."""
 
 from __future__ import annotations
 
@@ -80,3 +81,15 @@ def context_parallel_errors(attend, mesh, rng: np.random.Generator, b: int, leng
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), **tolerance, err_msg=f"{name} {which}")
         errors.append(float(jnp.abs(g - w).max()))
     return errors
+
+
+def train_in_process(capsys, argv: list[str]) -> tuple[int, str]:
+    """`nextlong-train argv` in this process, for runs that stop with an error (no child interpreter
+    to start): its exit code and its stderr, which must hold no traceback."""
+    from nextlong_jax.train_cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, err

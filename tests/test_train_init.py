@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from helpers import train_in_process
 from multidevice import ENV_8_DEVICES, run_on_8_devices
 from nextlong_jax.testing import hf_model, tiny_hf_dict
 
@@ -38,14 +39,9 @@ def _train(data: Path, out: Path, *overrides: str, flags: tuple[str, ...] = (),
 
 
 def _in_process(capsys, *flags: str, overrides: tuple[str, ...] = ()) -> tuple[int, str]:
-    """`nextlong-train` at OVERRIDES' size (then `overrides`) in this process, for error paths that stop
-    before a step: its exit code and the last line of its stderr."""
-    from nextlong_jax.train_cli import main
-
-    capsys.readouterr()
-    code = main(["--config", "configs/train/tiny-cpu.yaml", *flags, *OVERRIDES, *overrides])
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
+    """At OVERRIDES' size (then `overrides`): the exit code and the last line of stderr."""
+    code, err = train_in_process(capsys, ["--config", "configs/train/tiny-cpu.yaml", *flags, *OVERRIDES, *overrides])
+    err = err.strip()
     return code, err.splitlines()[-1] if err else ""
 
 

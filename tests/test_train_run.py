@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers import train_in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
 # Smaller than the preset so three runs fit in a test; the vocabulary stays Llama-3's. Dropout makes
@@ -35,15 +37,7 @@ def _command(data: Path, out: Path, *overrides: str) -> list[str]:
 
 
 def _in_process(capsys, data: Path | str, out: Path, *overrides: str) -> tuple[int, str]:
-    """`nextlong-train` as `_command` runs it, in this process (a run that stops with an error):
-    its exit code and its stderr, which must hold no traceback."""
-    from nextlong_jax.train_cli import main
-
-    capsys.readouterr()
-    code = main(_command(data, out, *overrides)[3:])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return code, err
+    return train_in_process(capsys, _command(data, out, *overrides)[3:])
 
 
 def _train(data: Path, out: Path, *overrides: str) -> subprocess.Popen:
@@ -188,11 +182,7 @@ def test_a_mixture_of_sources_trains_and_mismatched_weights_are_one_line(train_d
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "checkpoints" / "2" / "progress" / "metadata").read_text())["train_config"]["data"][
         "weights"] == [1.0, 3.0]
-    from nextlong_jax.train_cli import main
-
     bad = mixed[:mixed.index("--data-weights") + 2] + mixed[mixed.index("--data-weights") + 3:]
-    capsys.readouterr()
-    assert main(bad[3:]) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
+    code, err = train_in_process(capsys, bad[3:])
+    assert code == 1
     assert "weights [1.0] must be 2 positive numbers, one per source" in err.strip().splitlines()[-1]
