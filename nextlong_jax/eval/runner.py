@@ -137,12 +137,14 @@ class Evaluator:
         segments = np.zeros((self.rows, length), np.int32)
         where = np.zeros((self.rows, answer), np.int32)
         targets = np.zeros((self.rows, answer), np.int32)
-        for row, probe in enumerate(probes):  # rows past the probes stay padding (segment 0)
+        # Rows past the probes, and each row past its answer, stay padding (segment 0): a prompt takes
+        # `length` less the task's generation budget, so prompt + answer may fall short of it.
+        for row, probe in enumerate(probes):
             tokens = probe.prompt_ids + probe.answer_ids
-            ids[row], segments[row] = tokens, 1
+            ids[row, :len(tokens)], segments[row, :len(tokens)] = tokens, 1
             n = len(probe.answer_ids)
             # Position t predicts token t + 1: the answer's tokens are predicted from the ones before them.
-            where[row, :n] = np.arange(len(probe.prompt_ids) - 1, length - 1)
+            where[row, :n] = np.arange(len(probe.prompt_ids) - 1, len(tokens) - 1)
             targets[row, :n] = probe.answer_ids
         positions = np.broadcast_to(np.arange(length, dtype=np.int32), (self.rows, length))
         features = {"input_ids": ids, "positions": positions, "segment_ids": segments}
