@@ -85,13 +85,16 @@ def ambient_shards(name: str) -> tuple[str | None, int]:
 
     (axis, 1) when no mesh is set or the mesh lacks that axis: the dimension is then whole on each device.
     """
-    (axis,) = nn.logical_to_mesh_axes((name,), LOGICAL_AXIS_RULES)
+    # The rules in force (`axis_rules`), which may leave an axis whole; the table outside any.
+    (axis,) = nn.logical_to_mesh_axes((name,), nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
     mesh = jax.sharding.get_abstract_mesh()
     if axis is None or mesh.empty or axis not in mesh.axis_names:
         return axis, 1
     return axis, mesh.shape[axis]
 
 
-def axis_rules():
-    """Context in which `nn.with_logical_constraint` inside the model uses this table."""
-    return nn.logical_axis_rules(LOGICAL_AXIS_RULES)
+def axis_rules(sharded_length: bool = True):
+    """Context in which `nn.with_logical_constraint` inside the model uses this table; without
+    `sharded_length` the `length` axis stays whole (a decode step's one token per row)."""
+    rules = LOGICAL_AXIS_RULES if sharded_length else tuple(r for r in LOGICAL_AXIS_RULES if r[0] != "length")
+    return nn.logical_axis_rules(rules)

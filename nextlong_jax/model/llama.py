@@ -14,6 +14,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from nextlong_jax.model.attention import Backend, attention
+from nextlong_jax.model.attention.cached import LayerCache, cached_attention
 from nextlong_jax.model.config import LAYER_INPUT, NO_REMAT, REMAT_SAVES, LlamaConfig
 from nextlong_jax.model.loss import next_token_loss
 from nextlong_jax.model.rope import apply_rope, rope_tables
@@ -68,7 +69,8 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
+        """With a `cache` (decoding), x is one token per row and segment_ids what it sees of the cache."""
         c = self.config
         e, h, kv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q = _project(x, _weight(self, "q_proj", (e, h, d), ("embed", "heads", "head_dim")))
@@ -77,9 +79,15 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        # Init needs only parameter shapes: reference attention runs anywhere on its dummy row.
-        backend = Backend.REFERENCE if self.is_initializing() else c.attention_backend
-        out = attention(q, k, v, segment_ids, backend=backend, blocks=c.attention_blocks)
+        # Prefill and decoding collect every layer's keys and values (they make "cache" mutable);
+        # training does not, and this is then a no-op.
+        self.sow("cache", "kv", (k, v))
+        if cache is not None:
+            out = cached_attention(q, cache.parts(k, v, segment_ids))
+        else:
+            # Init needs only parameter shapes: reference attention runs anywhere on its dummy row.
+            backend = Backend.REFERENCE if self.is_initializing() else c.attention_backend
+            out = attention(q, k, v, segment_ids, backend=backend, blocks=c.attention_blocks)
         return _project(out, _weight(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed")), contract=2)
 
 
@@ -99,13 +107,13 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache=None):
         c = self.config
         drop = nn.Dropout(c.dropout_rate, deterministic=not self.has_rng("dropout"))
         # Named for remat policies (`offload` moves it to host memory); only the named value is used
         # below, so the backward needs nothing of the raw input.
         x = checkpoint_name(x, LAYER_INPUT)
-        x = x + drop(Attention(c, name="attn")(RMSNorm(c, name="input_norm")(x), cos, sin, segment_ids))
+        x = x + drop(Attention(c, name="attn")(RMSNorm(c, name="input_norm")(x), cos, sin, segment_ids, cache))
         x = x + drop(MLP(c, name="mlp")(RMSNorm(c, name="post_attention_norm")(x)))
         return constrain(x, ("batch", "length", "embed")), None  # (carry, output) for nn.scan
 
@@ -124,19 +132,24 @@ class Llama(nn.Module):
         if c.remat_policy != NO_REMAT:
             layer = nn.remat(layer, policy=REMAT_SAVES[c.remat_policy], prevent_cse=False)
         # One traced layer whatever the depth; scan_layers=False unrolls it, keeping the param layout.
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+        # A decoding cache is scanned with the layers (each layer its own slice); "cache" stacks what
+        # each layer sows.
+        stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=c.num_hidden_layers,
                         unroll=1 if c.scan_layers else c.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         self.layers = stack(c, name="layers")
         self.final_norm = RMSNorm(c)
 
-    def hidden_states(self, input_ids, positions, segment_ids):
-        """[B, L] ids, positions (restarting per segment), segment ids (0 = pad) -> [B, L, E]."""
+    def hidden_states(self, input_ids, positions, segment_ids, cache: LayerCache | None = None):
+        """[B, L] ids, positions (restarting per segment), segment ids (0 = pad) -> [B, L, E].
+
+        Decoding passes the layers' stacked `cache` and, as segment_ids, what each row sees of it."""
         c = self.config
         x = constrain(jnp.take(self.embed_tokens, input_ids, axis=0).astype(c.jnp_dtype), ("batch", "length", "embed"))
         cos, sin = rope_tables(c, positions)
-        x, _ = self.layers(x, cos, sin, segment_ids)
+        x, _ = self.layers(x, cos, sin, segment_ids, cache)
         return self.final_norm(x)
 
     def head(self) -> jnp.ndarray:
@@ -144,11 +157,13 @@ class Llama(nn.Module):
         w = self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
         return w.astype(self.config.jnp_dtype)
 
+    def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        """[..., E] hidden states -> float32 logits [..., V]."""
+        return jnp.einsum("...e,ev->...v", hidden, self.head(), preferred_element_type=jnp.float32)
+
     def __call__(self, input_ids, positions, segment_ids):
         """Full float32 logits [B, L, V]; for long sequences use `loss_pieces`."""
-        logits = jnp.einsum("ble,ev->blv", self.hidden_states(input_ids, positions, segment_ids), self.head(),
-                            preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(self.logits(self.hidden_states(input_ids, positions, segment_ids)), ("batch", "length", "vocab"))
 
     def loss_pieces(self, input_ids, positions, segment_ids, loss_weights):
         """(sum of weighted next-token nll, sum of weights); see `nextlong_jax.model.loss`."""
