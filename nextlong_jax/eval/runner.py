@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nextlong_jax import load_balance
+from nextlong_jax.decode import Decoder
 from nextlong_jax.eval.probes import Probe
 from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.llama import Llama
@@ -185,6 +186,20 @@ class Evaluator:
                 nll = load_balance.unzigzag(nll, shards)
             out[rows] = (nll * np.asarray(weights))[:rows.stop - rows.start]
         return out
+
+    def decoder(self, detokenize=None, batch_size: int | None = None) -> Decoder:
+        """A KV-cache decoder for this model on this mesh, `batch_size` prompts at a time (default:
+        one per batch shard)."""
+        return Decoder(self.model, self.params, self.mesh, batch_size or self.rows, detokenize)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids=()) -> list[list[int]]:
+        """Greedy continuations of `prompts`: the new token ids, without the stop id a row ended on."""
+        done = self._greedy.generate(prompts, max_new_tokens, stop_ids=stop_ids)
+        return [c.tokens[:-1] if c.finish == "eos" else c.tokens for c in done]
+
+    @cached_property
+    def _greedy(self):
+        return self.decoder()
 
     @cached_property
     def _nll_fn(self):

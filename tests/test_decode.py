@@ -1,0 +1,214 @@
+"""The KV-cache decoder: greedy tokens identical to transformers' `generate` (random models and
+SmolLM2-135M-Instruct), the same tokens on 8 devices (fsdp x sequence, with and without tensor) as on
+one, seeded sampling that keeps to top-k / top-p, every way a row stops, and one-line refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from nextlong_jax.decode import Decoder, DecodeError, Sampling, bucket, sample
+from nextlong_jax.model import Llama, LlamaConfig
+from nextlong_jax.sharding import axis_rules, logical_shardings, make_mesh
+from nextlong_jax.testing import hf_model, params_from_hf, tiny_hf_dict
+from nextlong_jax.warm_start import hf_params
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+# An even vocabulary, so that it shards over `tensor` on 8 devices.
+MODELS = {"gqa-untied": dict(vocab_size=312), "tied-llama3-rope": dict(tie_word_embeddings=True,
+                                                                       rope_scaling=LLAMA3_SCALING)}
+PROMPT_LENGTHS = (1, 9, 70, 300)
+
+
+def _prompts(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def _hf_greedy(model, prompt: list[int], new: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        # The mask is given: inferred from a pad id, it would hide prompt tokens that happen to equal it.
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _decoder(hf_dict: dict, hf, mesh=None, backend: str = "blockwise", batch_size: int = 1) -> Decoder:
+    config = LlamaConfig.from_hf_dict(dict(hf_dict, max_position_embeddings=1024), attention_backend=backend,
+                                      attention_block_size=64)
+    mesh = mesh or make_mesh(devices=jax.devices()[:1])
+    params = params_from_hf(hf, config)
+    model = Llama(config)
+    with jax.set_mesh(mesh), axis_rules():
+        boxed = jax.eval_shape(model.init, jax.random.key(0), *(np.ones((1, 8), np.int32),) * 3)["params"]
+        params = jax.device_put(params, logical_shardings(boxed, mesh))
+    return Decoder(model, params, mesh, batch_size)
+
+
+@pytest.mark.parametrize("overrides", MODELS.values(), ids=MODELS.keys())
+def test_greedy_tokens_equal_transformers_generate(overrides):
+    hf_dict = tiny_hf_dict(**copy.deepcopy(overrides))
+    hf = hf_model(hf_dict)
+    prompts = _prompts(hf_dict["vocab_size"])
+    # Two rows a batch: prompts of different lengths share one left-padded prefill.
+    got = _decoder(hf_dict, hf, batch_size=2).generate(prompts, 12)
+    for prompt, completion in zip(prompts, got):
+        assert completion.tokens == _hf_greedy(hf, prompt, 12), f"prompt of {len(prompt)} tokens"
+        assert completion.finish == "length" and completion.text is None
+
+
+def test_greedy_tokens_equal_transformers_on_smollm2(smollm2):
+    import torch
+    import transformers
+
+    from synth.tokenizer import load_tokenizer
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(smollm2))
+    chat = transformers.AutoTokenizer.from_pretrained(smollm2)
+    question = chat.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    essay = tokenizer.encode(" ".join(Path(ROOT / "README.md").read_text().split()[:900]))
+    prompts = [question, essay[:1000]]  # one batch, the question left-padded to the essay's length
+    config = LlamaConfig.from_hf_dict(json.loads((smollm2 / "config.json").read_text()),
+                                      attention_backend="blockwise", attention_block_size=256)
+    decoder = Decoder(Llama(config), hf_params(smollm2, config), make_mesh(devices=jax.devices()[:1]), 2,
+                      tokenizer.decode)
+    got = decoder.generate(prompts, 16, stop_ids=[2])
+    assert "Paris" in got[0].text
+    for prompt, completion in zip(prompts, got):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2)
+        assert completion.tokens == out[0, len(prompt):].tolist(), f"prompt of {len(prompt)} tokens"
+
+
+def test_sampling_keeps_to_top_k_and_top_p_and_is_seeded():
+    logits = np.log(np.array([[0.5, 0.25, 0.15, 0.07, 0.03]] * 4000, np.float32))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), np.arange(4000))
+
+    def draws(**kw) -> np.ndarray:
+        return np.bincount(np.asarray(sample(logits, keys, Sampling(**kw))), minlength=5) / len(logits)
+
+    np.testing.assert_allclose(draws(temperature=1.0), [0.5, 0.25, 0.15, 0.07, 0.03], atol=0.03)
+    np.testing.assert_allclose(draws(temperature=1.0, top_k=2), [2 / 3, 1 / 3, 0, 0, 0], atol=0.03)
+    # 0.5 + 0.25 < 0.8: the third token is the one that crosses, and stays; the rest go.
+    np.testing.assert_allclose(draws(temperature=1.0, top_p=0.8), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0, 0],
+                               atol=0.03)
+    assert draws(temperature=0.0, top_k=3)[0] == 1.0  # greedy ignores the rest
+    cold = draws(temperature=0.25)
+    assert cold[0] > 0.9  # p^4 renormalised: 0.5^4 / (0.5^4 + 0.25^4 + ...) = 0.94
+    with pytest.raises(DecodeError, match="top_p"):
+        Sampling(temperature=1.0, top_p=0.0)
+
+
+def test_rows_stop_at_eos_stop_strings_and_the_budget():
+    hf_dict = tiny_hf_dict()
+    decoder = _decoder(hf_dict, hf_model(hf_dict))
+    prompts = _prompts(hf_dict["vocab_size"], (5, 40))
+    free = decoder.generate(prompts, 10)
+    eos = free[0].tokens[3]
+    stopped = decoder.generate(prompts, 10, stop_ids=[eos])
+    first = free[0].tokens.index(eos)
+    assert stopped[0].tokens == free[0].tokens[:first + 1] and stopped[0].finish == "eos"
+    assert stopped[1].tokens == free[1].tokens[:len(stopped[1].tokens)]
+    texts = Decoder(decoder.model, decoder.params, decoder.mesh, 1, lambda ids: " ".join(f"t{i}" for i in ids))
+    marker = f"t{free[1].tokens[4]}"
+    cut = texts.generate(prompts[1:], 10, stop_strings=[marker])[0]
+    assert cut.finish == "stop" and marker not in cut.text and len(cut.tokens) <= 5
+    assert [len(c.tokens) for c in decoder.generate(prompts, 3)] == [3, 3]
+
+
+def test_sampled_tokens_do_not_depend_on_the_batch():
+    hf_dict = tiny_hf_dict()
+    hf = hf_model(hf_dict)
+    prompts = _prompts(hf_dict["vocab_size"], (35, 40, 60))  # one prompt bucket: one program per decoder
+    warm = Sampling(temperature=1.0, top_k=20, seed=7)
+    alone = _decoder(hf_dict, hf)
+    one = [c.tokens for c in alone.generate(prompts, 8, sampling=warm)]
+    three = [c.tokens for c in _decoder(hf_dict, hf, batch_size=3).generate(prompts, 8, sampling=warm)]
+    other_seed = [c.tokens for c in alone.generate(prompts, 8, sampling=Sampling(1.0, 20, seed=8))]
+    assert one == three and one != other_seed
+
+
+def test_bad_prompts_are_refused_in_one_line():
+    hf_dict = tiny_hf_dict()
+    decoder = _decoder(hf_dict, hf_model(hf_dict))
+    for prompts, new, match in (([[]], 4, "prompt 0 is empty"), ([[1, 2], [5, 311]], 4, "token id 311, outside"),
+                                ([[1]], 0, "max_new_tokens")):
+        with pytest.raises(DecodeError, match=match):
+            decoder.generate(prompts, new)
+    with pytest.raises(DecodeError, match="stop strings need"):
+        decoder.generate([[1]], 2, stop_strings=["x"])
+    with pytest.raises(DecodeError, match="multiple of the mesh's batch shards"):
+        Decoder(decoder.model, decoder.params, decoder.mesh, 0)
+
+
+def test_prompt_buckets_fit_the_kernels_tiling():
+    assert [bucket(n, 2, 512) for n in (1, 3, 64, 65, 1024, 1025, 3000)] == [2, 4, 64, 128, 1024, 2048, 3072]
+    for n in range(1, 5000, 37):
+        length = bucket(n, 8, 64)  # 4 sequence shards: the ring's chunks split into whole blocks
+        chunk = length // 4
+        assert length >= n and length % 8 == 0 and chunk % min(64, chunk // 2) == 0
+
+
+def test_sharded_decoding_equals_one_device():
+    from multidevice import run_on_8_devices
+
+    hf_dict = tiny_hf_dict(**MODELS["gqa-untied"])
+    hf = hf_model(hf_dict)
+    prompts = _prompts(hf_dict["vocab_size"], (5, 37, 50, 60))  # one 64-token bucket on both meshes
+    one = _decoder(hf_dict, hf)
+    want = {"greedy": [c.tokens for c in one.generate(prompts, 16)],
+            "sampled": [c.tokens for c in one.generate(prompts, 16, sampling=Sampling(0.8, 50, 0.9, seed=3))]}
+    got = json.loads(run_on_8_devices(__file__, json.dumps(prompts)).strip().splitlines()[-1])
+    for mesh in ("fsdp2-sequence4", "fsdp2-tensor2-sequence2"):
+        assert got[mesh]["greedy"] == want["greedy"], mesh
+        assert got[mesh]["sampled"] == want["sampled"], mesh
+        # The prompt's cache stays sharded: the decode step gathers no cache-sized array.
+        assert got[mesh]["gathered_cache"] == [], mesh
+
+
+def _child(prompts: str) -> None:
+    prompts = json.loads(prompts)
+    hf_dict = tiny_hf_dict(**MODELS["gqa-untied"])
+    hf = hf_model(hf_dict)
+    out = {}
+    for name, shape in (("fsdp2-sequence4", dict(fsdp=2, sequence=4)),
+                        ("fsdp2-tensor2-sequence2", dict(fsdp=2, tensor=2, sequence=2))):
+        decoder = _decoder(hf_dict, hf, make_mesh(**shape), backend="ring", batch_size=2)
+        greedy = [c.tokens for c in decoder.generate(prompts, 16)]
+        sampled = [c.tokens for c in decoder.generate(prompts, 16, sampling=Sampling(0.8, 50, 0.9, seed=3))]
+        out[name] = {"greedy": greedy, "sampled": sampled, "gathered_cache": _gathered_cache(decoder)}
+    print(json.dumps(out))
+
+
+def _gathered_cache(decoder: Decoder) -> list[str]:
+    """The all-gathers in the compiled decode step of a 64-token prompt whose result is cache-shaped."""
+    length = 64
+    cache_like = [np.zeros((2, 2, n, 2, 16), np.float32) for n in (length, length, 16, 16)]
+    from nextlong_jax.model.attention.cached import LayerCache
+
+    with jax.set_mesh(decoder.mesh), axis_rules():
+        cache = jax.device_put(LayerCache(*cache_like), decoder._cache_shardings)
+        seen = jax.device_put(np.ones((2, length), bool), decoder._sharding(("batch", "length")))
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), np.arange(2))
+        compiled = decoder._step_fn.lower(decoder.params, cache, seen, np.zeros(2, np.int32), np.zeros(2, np.int32),
+                                          np.int32(0), keys, sampling=Sampling()).compile().as_text()
+    return [line.strip() for line in compiled.splitlines()
+            if "all-gather(" in line and re.search(rf"\[\d+,\d+,{length},\d+,\d+\]", line.split("=")[1])]
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:])
