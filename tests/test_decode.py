@@ -212,3 +212,27 @@ def _gathered_cache(decoder: Decoder) -> list[str]:
 
 if __name__ == "__main__":
     _child(*sys.argv[1:])
+
+
+def test_generate_cli_answers_chat_prompts_and_writes_jsonl(smollm2, tmp_path, capsys, monkeypatch):
+    from nextlong_jax.eval.cli import main
+
+    monkeypatch.chdir(ROOT)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "What is the capital of France?"}) + "\n\n"
+                       + json.dumps({"id": "b", "messages": [{"role": "user", "content": "What is 2 + 2?"}]}) + "\n")
+    out = tmp_path / "completions.jsonl"
+    common = ["--hf", str(smollm2), "--config", "configs/train/tiny-cpu.yaml", "--max-new-tokens", "24"]
+    assert main(["generate", *common, "--chat-template", "--prompts", str(prompts), "--out", str(out)]) == 0
+    assert "2 completions" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"] and all(r["finish"] == "eos" for r in rows)
+    assert "Paris" in rows[0]["completion"] and "<|im_end|>" not in rows[0]["completion"]
+    # A stop string ends the answer before it: RULER-style post-processing starts here.
+    assert main(["generate", *common, "--chat-template", "--prompt", "What is the capital of France?",
+                 "--stop", "Paris"]) == 0
+    assert "Paris" not in capsys.readouterr().out
+    prompts.write_text('{"text": "no prompt field"}\n')
+    assert main(["generate", *common, "--prompts", str(prompts)]) == 1
+    err = capsys.readouterr().err
+    assert 'prompts.jsonl:1: needs a "prompt" string' in err and len(err.strip().splitlines()) == 1
