@@ -25,6 +25,9 @@ from nextlong_jax.model.config import LlamaConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt")
+# Beside a run's checkpoint steps (RUN/checkpoints/tokenizer): the tokenizer of the model it started
+# from, which an export of any of its steps carries.
+RUN_TOKENIZER = "tokenizer"
 
 
 class ConversionError(Exception):
@@ -176,15 +179,25 @@ def write_hf(out_dir: Path, config: LlamaConfig, params: dict[str, Any], *, dtyp
                   "eos_token_id": hf_config["eos_token_id"]}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer is not None:
-        _copy_tokenizer(tokenizer, out_dir)
+        copy_tokenizer(tokenizer, out_dir)
 
 
-def _copy_tokenizer(src: Path, out_dir: Path) -> None:
+def copy_tokenizer(src: Path, out_dir: Path) -> None:
+    """The tokenizer files of directory `src` (or the single file `src`) into `out_dir`."""
     files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
     if not files:
         raise ConversionError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...) in {src}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copy2(f, out_dir / f.name)
+
+
+def model_tokenizer(hf_dir: Path | None = None, ckpt_dir: Path | None = None) -> Path | None:
+    """The directory of a model's tokenizer: an HF directory's own, or for a checkpoint step
+    (RUN/checkpoints/STEP) the one its run keeps beside its steps; None where neither is given or
+    there is no tokenizer.json (a model converted with hf-to-orbax, a run started from scratch)."""
+    where = hf_dir or (ckpt_dir and ckpt_dir.parent / RUN_TOKENIZER)
+    return where if where and (where / "tokenizer.json").is_file() else None
 
 
 def orbax_to_hf(ckpt_dir: Path, out_dir: Path, **write_kwargs: Any) -> LlamaConfig:

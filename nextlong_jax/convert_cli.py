@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("orbax-to-hf", help="orbax checkpoint -> HF directory transformers can load")
     b.add_argument("--ckpt", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--tokenizer", type=Path, help="tokenizer directory (or single file) to copy in")
+    b.add_argument("--tokenizer", type=Path, help="tokenizer directory (or single file) to copy in (default: for "
+                   "RUN/checkpoints/STEP, the tokenizer of the model the run started from, kept in "
+                   "RUN/checkpoints/tokenizer)")
     b.add_argument("--dtype", choices=DTYPES, help="cast tensors (default: as stored)")
     b.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     g = sub.add_parser("gguf-to-hf", help="GGUF Llama (llama.cpp file) -> float HF directory (needs gguf, accelerate)")
@@ -56,9 +58,11 @@ def run(args: argparse.Namespace) -> int:
         config = convert.hf_to_orbax(args.hf, args.out)
         print(f"wrote {args.out} ({config.num_hidden_layers} layers, {config.param_dtype})")
     elif args.command == "orbax-to-hf":
+        tokenizer = args.tokenizer or convert.model_tokenizer(ckpt_dir=args.ckpt)
         convert.orbax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                            tokenizer=args.tokenizer)
-        print(f"wrote {args.out}")
+                            tokenizer=tokenizer)
+        print(f"wrote {args.out} " + (f"(tokenizer from {tokenizer})" if tokenizer else
+                                      "(no tokenizer: --tokenizer DIR copies one in)"))
     elif args.command == "gguf-to-hf":
         from nextlong_jax.gguf import gguf_to_hf
 

@@ -41,6 +41,7 @@ class Shards:
     files: tuple[str, ...]
     compression: str  # "" or "GZIP", as tf.data spells it
     document_len: int | None = None  # the manifest's: documents in slots of this many tokens
+    tokenizer: dict | None = None  # the manifest's record of the tokenizer its ids are of (`nextlong_jax.vocabulary`)
 
 
 def find_shards(source: str, seq_len: int, verify_sha256: bool = False) -> Shards:
@@ -58,9 +59,9 @@ def find_shards(source: str, seq_len: int, verify_sha256: bool = False) -> Shard
         except ManifestError as e:
             raise DataError(str(e)) from None
         files, compression = output.shard_files, output.manifest.tf_compression
-        document_len = output.manifest.document_len
+        document_len, tokenizer = output.manifest.document_len, output.manifest.extra.get("tokenizer")
     else:
-        document_len = None
+        document_len = tokenizer = None
         import tensorflow as tf
 
         # tf.io.gfile, not glob: pod hosts read shards from object stores (gs://...) as well.
@@ -71,7 +72,7 @@ def find_shards(source: str, seq_len: int, verify_sha256: bool = False) -> Shard
         compression = "GZIP" if gz == {True} else ""
     if not files:
         raise DataError(f"no TFRecord shards match {source}")
-    return Shards(files, compression, document_len)
+    return Shards(files, compression, document_len, tokenizer)
 
 
 def locate_damage(shards: Shards) -> str:

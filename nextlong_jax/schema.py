@@ -12,6 +12,10 @@ chunk, its joiner included) and `negative_scores` (float32, one per negative chu
 the meta-chunk it was mined for). Readers ignore features they do not know, so outputs without the
 last two still read (as empty lists) and older readers read newer outputs.
 
+A manifest's `tokenizer` records the tokenizer the ids are of: its `name` as given to synthesis,
+`vocab_size`, `vocab_sha256` (`vocabulary_sha256`; absent in outputs that predate it) and its special
+ids. Readers check a model against it (`nextlong_jax.vocabulary`).
+
 A manifest's `document_len` (set by `nextlong-synth --doc-len`) promises that every document of a
 row starts at a multiple of it and ends before the next one: a row of seq_len / document_len
 slots, one document (or padding) each. The trainer then attends within slots only (cheaper rows,
@@ -21,6 +25,7 @@ the same loss). Older readers ignore the key, and an output without it promises 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
@@ -68,6 +73,14 @@ def stream_sha256(stream: BinaryIO) -> str:
     for block in iter(lambda: stream.read(1 << 20), b""):
         digest.update(block)
     return digest.hexdigest()
+
+
+def vocabulary_sha256(vocab: dict[str, int]) -> str:
+    """The digest a manifest states for its tokenizer's vocabulary (each token's string and id, added
+    tokens included): the writer records it, a reader compares a model's tokenizer with it. Two
+    tokenizers share it when the same ids mean the same strings, whatever their files look like."""
+    by_id = sorted((i, t) for t, i in vocab.items())
+    return hashlib.sha256(json.dumps(by_id, ensure_ascii=False).encode()).hexdigest()
 
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")

@@ -6,6 +6,7 @@ update), `optimizer`, `host_data` (each host's rows to global arrays), `warm_sta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -13,14 +14,16 @@ from pathlib import Path
 import jax
 
 from nextlong_jax.compilers import runtime_mismatch
+from nextlong_jax.convert import RUN_TOKENIZER, copy_tokenizer, model_tokenizer
 from nextlong_jax.data import BatchIterator, Shards, find_shards, host_shards, resume_batches, whole_batches
 from nextlong_jax.hardware import published_bf16_peak
-from nextlong_jax.warm_start import initial_state
+from nextlong_jax.warm_start import initial_state, warm_model
 from nextlong_jax.host_data import global_batch, host_rows
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.train_config import Config
 from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_mesh, jit_step,
                                       start_runtime, seed_keys)
+from nextlong_jax.vocabulary import check_token_ids, check_vocabulary
 
 
 class Reporter:
@@ -34,16 +37,24 @@ class Reporter:
 def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Path | None = None,
           init_from: Path | None = None, init_optimizer: bool = False) -> int:
     """Runs (or resumes) to `train.steps`; returns the last completed step. A fresh run starts from the
-    parameters of an HF directory (`init_from_hf`) or a checkpoint step (`init_from`, with its Adam
-    state too if `init_optimizer`), if given; see `warm_start`."""
+    model of an HF directory (`init_from_hf`) or a checkpoint step (`init_from`, with its Adam state too
+    if `init_optimizer`), if given, and keeps that model's tokenizer beside its checkpoints (what an
+    export of any step carries); see `warm_start`."""
     from nextlong_jax.checkpoint import Checkpointer, Preemption
 
     start_runtime()
+    started = None
+    if init_from_hf or init_from:
+        model, started = warm_model(config, init_from_hf=init_from_hf, init_from=init_from)
+        config = dataclasses.replace(config, model=model)
+    tokenizer = model_tokenizer(init_from_hf, init_from)
     mesh = build_mesh(config)
     if (platform := mesh.devices.flat[0].platform) != "cpu" and (mismatch := runtime_mismatch(platform)):
         reporter.message(f"warning: {mismatch}")
     sources = [find_shards(s, config.data.seq_len, config.data.verify_sha256) for s in config.data.sources]
     check_slot_lengths(sources, config, mesh.shape["sequence"])
+    for source, shards in zip(config.data.sources, sources):
+        check_vocabulary(shards.tokenizer, source, config.model.vocab_size, tokenizer)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     peak = config.train.peak_flops_per_device or (
         config.model.dtype == "bfloat16" and published_bf16_peak(jax.devices()[0]))
@@ -71,6 +82,10 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
             state = initial_state(setup, config, init_from_hf=init_from_hf, init_from=init_from,
                                   init_optimizer=init_optimizer)
             progress = {"step": 0, "data": None, "skipped": 0}
+            if started:
+                reporter.message(started)
+            if tokenizer and jax.process_index() == 0:
+                copy_tokenizer(tokenizer, out_dir / "checkpoints" / RUN_TOKENIZER)
             if init_optimizer:
                 reporter.message(f"Adam's moments and update count from {init_from}; the learning-rate "
                                  "schedule and the step start at 0")
@@ -84,7 +99,9 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
         try:
             while step < config.train.steps:
                 lr = float(setup.schedule(step - skipped))  # optax counts applied updates only
-                batch = global_batch(next(data), setup.batch_sharding, config.data.batch_size)
+                rows = next(data)
+                check_token_ids(rows["input_ids"], config.model.vocab_size, f"the batch of step {step + 1}")
+                batch = global_batch(rows, setup.batch_sharding, config.data.batch_size)
                 slots = config.data.seq_len // data.document_len
                 if slots not in steps:
                     steps[slots] = jit_step(setup, config.optimizer.grad_accum, slots)

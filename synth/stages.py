@@ -169,6 +169,7 @@ def finish(config: SynthConfig, tokenizer: TextTokenizer, meta: Collection, corp
         shards=tuple(ShardEntry(r.file, r.sequences, r.sha256, r.bytes) for r in reports),
         extra={"strategy": config.mining.strategy.value,
                "tokenizer": {"name": config.tokenizer, "vocab_size": tokenizer.vocab_size,
+                             "vocab_sha256": tokenizer.vocab_sha256,
                              "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
                "content_hash": hashlib.sha256("".join(r.sha256 for r in reports).encode()).hexdigest(),
                "counts": summary, "config": config.to_dict()})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import tokenizers
 
+from nextlong_jax.schema import vocabulary_sha256
 from synth.errors import SynthError
 
 DEFAULT_TOKENIZER = "llama3"
@@ -39,6 +40,10 @@ class TextTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_sha256(self) -> str:
+        return vocabulary_sha256(self.backend.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -38,15 +38,15 @@ MARKERS = {
                      "test_slot_rows::test_slot_rows_train_like_the_masked_rows_on_8_devices",
                      "test_pallas_gpu_cp::test_context_parallel_matches_reference_on_8_devices"),
     "slow": ("test_beam_runner", "test_ablation", "test_train_run", "test_examples", "test_eval",
-             "test_pipeline::test_kill_and_resume_is_byte_identical"),
+             "test_smollm2", "test_pipeline::test_kill_and_resume_is_byte_identical"),
 }
 
 # The longest modules, longest first (each 30-90 s on 2 cores), run first: `make test`'s pytest-xdist
 # hands whole modules to its workers in collection order, so these start at once and the short
 # modules fill in behind them, rather than one long module running alone at the end. Only the
 # suite's wall time depends on this order.
-LONGEST = ("test_train_multihost", "test_train_run", "test_beam_runner", "test_compile_only", "test_ablation",
-           "test_train_init", "test_pipeline", "test_slot_rows")
+LONGEST = ("test_train_multihost", "test_train_run", "test_smollm2", "test_beam_runner", "test_compile_only",
+           "test_ablation", "test_train_init", "test_pipeline", "test_slot_rows")
 
 
 def pytest_collection_modifyitems(items):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -246,6 +247,30 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["probes", "--ckpt", str(tmp_path), "--lengths", "100", "--tasks", "niah_multiquery", *common]) == 1
     err = capsys.readouterr().err
     assert "no room for a haystack" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dependency_refuses_ids_beyond_the_model(train_data, tmp_path, capsys, monkeypatch):
+    """The tiny model's 311 ids against Llama-3 data: refused by the manifest before the model loads, and
+    for an output whose manifest predates its tokenizer record, by the ids themselves."""
+    from nextlong_jax.eval.cli import main
+    from nextlong_jax.testing import hf_model, tiny_hf_dict
+
+    monkeypatch.chdir(ROOT)
+    hf_dir = tmp_path / "hf"
+    hf_model(tiny_hf_dict()).save_pretrained(hf_dir, safe_serialization=True)
+    old = tmp_path / "old"
+    shutil.copytree(train_data, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["tokenizer"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    manifest_says = "/manifest.json: its tokenizer llama3 has 128256 ids, more than the model's vocab_size 311"
+    for data, says in ((train_data, re.escape(f"{train_data}{manifest_says}: re-synthesize")),
+                       (old, r"the sequences: token id \d+ is beyond the model's vocab_size 311: re-synthesize")):
+        assert main(["dependency", "--hf", str(hf_dir), "--data", str(data), "--config", str(CONFIG),
+                     "--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert re.match(f"nextlong-eval: error: {says}", err) and len(err.strip().splitlines()) == 1, err
 
 
 if __name__ == "__main__":

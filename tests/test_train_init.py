@@ -1,10 +1,12 @@
-"""Warm starts. `--init-from-hf` through the conversion code keeps the HF weights exactly (checked by
-training with learning rate 0 and exporting the checkpoint back to HF); `--init-from STEP
---init-optimizer` carries parameters and Adam's state to a run on another mesh, with a fresh
-schedule and step."""
+"""Warm starts. A run trains the model it starts from, the config changing only its context settings;
+`--init-from-hf` through the conversion code keeps the HF weights exactly (checked by training with
+learning rate 0 and exporting the checkpoint back to HF); data in another model's tokens is refused;
+`--init-from STEP --init-optimizer` carries parameters and Adam's state to a run on another mesh,
+with a fresh schedule and step."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -16,12 +18,17 @@ from safetensors.numpy import load_file
 
 from helpers import train_in_process
 from multidevice import ENV_8_DEVICES, run_on_8_devices
+from nextlong_jax.model.config import LlamaConfig, RopeScaling
 from nextlong_jax.testing import hf_model, tiny_hf_dict
+from nextlong_jax.train_setup import TrainError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
              rope_theta=500000.0, max_position_embeddings=512)
+SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+                      tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
 OVERRIDES = ["train.steps=1", "checkpoint.every=1", "data.batch_size=1", "model.hidden_size=32",
              "model.intermediate_size=64", "optimizer.learning_rate=0.0"]
 
@@ -69,12 +76,68 @@ def test_warm_start_keeps_the_hf_weights(train_data, tmp_path):
         np.testing.assert_array_equal(tensor, original[name].astype(tensor.dtype), err_msg=name)
 
 
-def test_warm_start_with_another_architecture_is_one_line_error(train_data, tmp_path, capsys):
+def test_a_warm_start_trains_the_model_it_starts_from():
+    """Its architecture and special ids whatever the config says, each key the config lost named; the
+    config's rope_theta, its rope scaling where of the model's type, and the longer context."""
+    from nextlong_jax.train_config import load_config
+    from nextlong_jax.warm_start import MODEL_FIELDS, start_notes, started_model
+
+    configured = load_config(ROOT / "configs/train/tiny-cpu.yaml", ["model.dtype=bfloat16"]).model
+    model = started_model(SMOLLM2, configured, 4096)
+    assert {f: getattr(model, f) for f in MODEL_FIELDS} == {f: getattr(SMOLLM2, f) for f in MODEL_FIELDS}
+    assert (model.rope_theta, model.max_position_embeddings, model.dtype) == (500000.0, 8192, "bfloat16")
+    assert start_notes(SMOLLM2, configured, model) == (
+        "rope_theta 100000 -> 500000 (config); vocab_size 49152 (model; config 128256); hidden_size 576 (model; "
+        "config 64); intermediate_size 1536 (model; config 192); num_hidden_layers 30 (model; config 2); "
+        "num_attention_heads 9 (model; config 4); num_key_value_heads 3 (model; config 2); head_dim 64 (model; "
+        "config 16); rms_norm_eps 1e-05 (model; config 1e-06); bos_token_id 1 (model; config 128000); "
+        "eos_token_id 2 (model; config 128001); max_position_embeddings 8192 (model; config 512)")
+    same = started_model(SMOLLM2, SMOLLM2, 8192)
+    assert start_notes(SMOLLM2, SMOLLM2, same) == "the config's architecture is the model's"
+
+    llama31 = SMOLLM2.replace(rope_scaling=RopeScaling("llama3", factor=8.0))
+    assert started_model(llama31, configured, 512).rope_scaling == llama31.rope_scaling  # the config has none
+    longer = RopeScaling("llama3", factor=32.0)
+    extended = started_model(llama31, configured.replace(rope_scaling=longer, max_position_embeddings=65536), 65536)
+    assert (extended.rope_scaling, extended.max_position_embeddings) == (longer, 65536)
+    linear = configured.replace(rope_scaling=RopeScaling("linear", factor=4.0))
+    kept = started_model(SMOLLM2, linear, 512)
+    assert kept.rope_scaling is None
+    assert "rope_scaling none (model; config rope_type=linear,factor=4)" in start_notes(SMOLLM2, linear, kept)
+    with pytest.raises(TrainError, match=r"^data.seq_len=16384 is longer than max_position_embeddings \(the "
+                                         r"model's 8192, the config's 512\): to extend the context set "
+                                         r"model.max_position_embeddings=16384"):
+        started_model(SMOLLM2, configured, 16384)
+
+
+def test_data_the_model_cannot_read_and_a_short_context_are_one_line_errors(train_data, tmp_path, capsys):
+    """The tiny model's 311 ids against data in Llama-3's: refused by the manifest, or without one
+    by the ids of the first batch; a tokenizer of its own against the manifest's; a context shorter
+    than the data's sequences."""
+    import tokenizers
+
     hf_dir = tmp_path / "hf"
-    hf_model(tiny_hf_dict(**{**SHAPE, "hidden_size": 48})).save_pretrained(
-        hf_dir, safe_serialization=True)
-    code, last = _in_process(capsys, "--data", str(train_data), "--out", str(tmp_path / "run"), "--init-from-hf", str(hf_dir))
-    assert code == 1 and "hidden_size" in last
+    hf_model(tiny_hf_dict()).save_pretrained(hf_dir, safe_serialization=True)
+    start = ("--out", str(tmp_path / "run"), "--init-from-hf", str(hf_dir))
+    code, last = _in_process(capsys, "--data", str(train_data), *start)
+    assert code == 1 and last == (f"nextlong-train: error: {train_data}: its tokenizer llama3 has 128256 ids, more "
+                                  "than the model's vocab_size 311: re-synthesize the data with the model's "
+                                  "tokenizer (nextlong-synth --tokenizer MODEL_DIR)"), last
+    code, last = _in_process(capsys, "--data", str(train_data / "*.tfrecord"), *start)
+    assert code == 1 and re.fullmatch(r"nextlong-train: error: the batch of step 1: token id \d+ is beyond the "
+                                      r"model's vocab_size 311: re-synthesize .*", last), last
+
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(311)}, unk_token="w0"))
+    words.save(str(hf_dir / "tokenizer.json"))
+    code, last = _in_process(capsys, "--data", str(train_data), *start)
+    assert code == 1 and last == (f"nextlong-train: error: {train_data}: its token ids are tokenizer llama3's, not "
+                                  f"those of the model's tokenizer {hf_dir}: re-synthesize the data with "
+                                  f"--tokenizer {hf_dir}"), last
+
+    code, last = _in_process(capsys, "--data", str(train_data), *start,
+                             overrides=("model.max_position_embeddings=256",))
+    assert code == 1 and last.startswith("nextlong-train: error: data.seq_len=512 is longer than "
+                                         "max_position_embeddings (the model's 128, the config's 256)"), last
 
 
 def _flat(tree) -> dict[tuple[str, ...], np.ndarray]:
@@ -168,6 +231,7 @@ def test_init_optimizer_on_the_cli_continues_adam_and_restarts_the_schedule(trai
     second = tmp_path / "second"
     done = _train(train_data, second, "model.rope_theta=1000000.0", flags=("--init-from", str(stage_one), "--init-optimizer"))
     assert done.returncode == 0, done.stderr[-2000:]
+    assert f"model from {stage_one}: rope_theta 500000 -> 1000000 (config)\n" in done.stdout
     assert "Adam's moments and update count from" in done.stdout
     before, after = _checkpoint_items(stage_one), _checkpoint_items(second / "checkpoints" / "1")
     assert before["params"].keys() == after["params"].keys()
@@ -177,14 +241,10 @@ def test_init_optimizer_on_the_cli_continues_adam_and_restarts_the_schedule(trai
 
 
 def test_warm_start_mismatches_are_one_line_errors(train_data, stage_one, tmp_path, capsys):
-    """--init-optimizer without --init-from; another architecture; an optimizer state of another
-    structure (as another optimizer, optax.sgd's momentum say, would save)."""
+    """--init-optimizer without --init-from; an optimizer state of another structure (as another
+    optimizer, optax.sgd's momentum say, would save)."""
     code, last = _in_process(capsys, "--data", str(train_data), "--out", str(tmp_path / "alone"), "--init-optimizer")
     assert code == 1 and last == "nextlong-train: error: --init-optimizer goes with --init-from RUN/checkpoints/STEP"
-
-    code, last = _in_process(capsys, "--data", str(train_data), "--out", str(tmp_path / "wrong"), "--init-from",
-                             str(stage_one), overrides=("model.intermediate_size=96",))
-    assert code == 1 and "intermediate_size: config 96" in last
 
     import orbax.checkpoint as ocp
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE
+from nextlong_jax.vocabulary import check_token_ids
 
 DISTANCE_EDGES = (0, 256, 1024, 4096, 16384, 65536, 262144)
 
@@ -101,6 +102,7 @@ def measure(evaluator, examples: list[dict], per_segment: int = 2, seed: int = 0
         return np.stack([np.asarray(e[key]) for e in examples]).astype(np.int32)
 
     ids, positions, segments = stack("input_ids"), stack("positions"), stack("segment_ids")
+    check_token_ids(ids, evaluator.model.config.vocab_size, "the sequences")
     real = evaluator.token_nll(ids, positions, segments)
     meta_text = [np.concatenate([ids[r, a:b] for chunks in spans[r] for a, b in chunks]) for r in range(len(ids))]
     pools = {r: np.concatenate(meta_text[:r] + meta_text[r + 1:]) for r in {t.row for t in chosen}}

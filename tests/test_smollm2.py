@@ -1,0 +1,62 @@
+"""A pretrained start keeps the model it starts from: SmolLM2-135M-Instruct, warm-started from the tiny
+CPU preset with no shape in the overrides, trains as SmolLM2 on data in its tokens, the start message
+names the keys where the preset lost to the model, and the export is SmolLM2 again: its config, its
+tokenizer, and a chat answer that ends at its end-of-turn token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "What is the capital of France?"
+
+
+def _rope_theta(config) -> float:
+    # transformers 5 keeps it in rope_parameters, 4.x on the config itself
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None))
+
+
+def test_a_smollm2_warm_start_exports_smollm2(smollm2, tmp_path, capsys, monkeypatch):
+    import torch
+    import transformers
+
+    from nextlong_jax.convert_cli import main as convert
+    from nextlong_jax.train_cli import main as train
+    from synth.cli import main as synthesize
+
+    monkeypatch.chdir(ROOT)
+    data, run, exported = tmp_path / "data", tmp_path / "run", tmp_path / "exported"
+    assert synthesize(["--meta", "sample:pydocs", "--max-meta-docs", "8", "--embedder", "hashing", "--seq-len",
+                       "512", "--chunk-tokens", "64", "--num-shards", "1", "--tokenizer", str(smollm2),
+                       "--out", str(data)]) == 0
+    capsys.readouterr()
+    # A small learning rate leaves SmolLM2 able to answer (two steps at the preset's 3e-3 would not), and
+    # its own rope_theta makes the export's config comparable with its.
+    assert train(["--config", "configs/train/tiny-cpu.yaml", "--data", str(data), "--out", str(run),
+                  "--init-from-hf", str(smollm2), "train.steps=2", "data.batch_size=1",
+                  "optimizer.learning_rate=1e-5", "model.rope_theta=100000.0"]) == 0
+    started = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model from"))
+    for note in ("vocab_size 49152 (model; config 128256)", "num_hidden_layers 30 (model; config 2)",
+                 "rms_norm_eps 1e-05 (model; config 1e-06)", "bos_token_id 1 (model; config 128000)",
+                 "eos_token_id 2 (model; config 128001)", "max_position_embeddings 8192 (model; config 512)"):
+        assert note in started, started
+    assert "rope_theta" not in started
+
+    assert convert(["orbax-to-hf", "--ckpt", str(run / "checkpoints" / "2"), "--out", str(exported)]) == 0
+    assert (exported / "tokenizer.json").read_bytes() == (smollm2 / "tokenizer.json").read_bytes()
+    theirs, ours = (transformers.AutoConfig.from_pretrained(d) for d in (smollm2, exported))
+    assert (_rope_theta(ours), ours.rms_norm_eps, ours.bos_token_id, ours.eos_token_id) == (
+        _rope_theta(theirs), theirs.rms_norm_eps, theirs.bos_token_id, theirs.eos_token_id) == (
+        100000.0, pytest.approx(1e-5), 1, 2)
+
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                           return_dict=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        answer = model.generate(prompt, max_new_tokens=64, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert answer[-1] == 2 and len(answer) < 64, tokenizer.decode(answer)  # <|im_end|>, from generation_config
+    assert "Paris" in tokenizer.decode(answer)
