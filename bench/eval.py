@@ -14,6 +14,7 @@ their answer (it must get those right) and a third that continuation with its la
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -44,11 +45,13 @@ def with_own_answers(model, probes: list[Probe]) -> list[Probe]:
     out = []
     for p in probes:
         n = len(p.answer_ids)
-        greedy = model.generate(torch.tensor([p.prompt_ids]), max_new_tokens=n, do_sample=False, num_beams=1,
-                                pad_token_id=0)[0, -n:].tolist()
+        prompt = torch.tensor([p.prompt_ids])
+        # An explicit mask: from pad_token_id alone, generate would mask the prompt's id-0 tokens ("!").
+        greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                                num_beams=1, pad_token_id=0)[0, -n:].tolist()
         wrong = greedy[:-1] + [(greedy[-1] + 1) % MODEL["vocab_size"]]
-        out += [p, Probe(p.task, p.length, p.depth, p.prompt_ids, greedy, [(0, n)], ["own"]),
-                Probe(p.task, p.length, p.depth, p.prompt_ids, wrong, [(0, n)], ["wrong"])]
+        out += [p, dataclasses.replace(p, answer_ids=greedy, gold_spans=[(0, n)]),
+                dataclasses.replace(p, answer_ids=wrong, gold_spans=[(0, n)])]
     return out
 
 
@@ -69,12 +72,12 @@ def main() -> None:
     args = parser.parse_args()
     lengths = (1024, 2048) if args.quick else (2048, 8192)
     tokenizer = load_tokenizer()
-    probes = ProbeFactory(ProbeSpec(tasks=("niah_single", "niah_multikey", "vt"), lengths=lengths,
-                                    depths=(0.0, 0.5, 1.0)), tokenizer).all()
+    probes = ProbeFactory(ProbeSpec(tasks=("niah_single_1", "niah_multikey_2", "vt"), lengths=lengths, samples=3),
+                          tokenizer).all()
     hf = hf_model(tiny_hf_dict(**MODEL), std=0.3)
     hf.config._attn_implementation = "sdpa"  # torch's fused CPU attention: the peer at its fastest
     probes = with_own_answers(hf, probes)
-    tokens = sum(p.length for p in probes)
+    tokens = sum(len(p.prompt_ids) + len(p.answer_ids) for p in probes)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         config = load_config(ROOT / "configs" / "train" / "tiny-cpu.yaml",

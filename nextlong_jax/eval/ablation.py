@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from nextlong_jax.eval.probes import TASKS
+from nextlong_jax.eval.probes import SYNTHETIC
 
 ARMS = ("nextlong", "random-negatives", "plain-concat", "knn-concat")
 REPORT = "report.md"
@@ -43,8 +43,8 @@ class AblationConfig:
     train_config: str = "configs/train/tiny-cpu.yaml"
     train_overrides: tuple[str, ...] = ()  # the same for each arm; steps x batch x length is its budget
     probe_lengths: tuple[int, ...] = (1024, 2048)
-    probe_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
-    probe_tasks: tuple[str, ...] = TASKS
+    probe_samples: int = 5  # per task and length
+    probe_tasks: tuple[str, ...] = SYNTHETIC
     dependency_sequences: int = 16
     seed: int = 0
 
@@ -107,6 +107,7 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
     """Probes and the dependency probe of one trained arm, written under `out`; resumable."""
     from nextlong_jax.eval.dependency import measure
     from nextlong_jax.eval.dependency import write as write_dependency
+    from nextlong_jax.eval.report import summary as summarize
     from nextlong_jax.eval.report import write_results
     from nextlong_jax.eval.runner import Evaluator
     from nextlong_jax.eval.scoring import verdict
@@ -118,16 +119,17 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
     config = load_config(cfg.train_config, ["data.source=unused", *cfg.train_overrides])
     evaluator = Evaluator.load(config, ckpt=_last_step(run))
     verdicts = [verdict(p, *s) for p, s in zip(probes, evaluator.score(probes))]
-    write_results(out, verdicts, {"arm": arm, "model": str(_last_step(run))})
+    write_results(out, {"forced": verdicts}, {"arm": arm, "model": str(_last_step(run))})
     dependency = measure(evaluator, heldout, seed=cfg.seed)
     write_dependency(out, dependency, {"arm": arm})
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = metrics[-max(1, len(metrics) // 10):]  # the last tenth of the run: less noisy than one step
+    exact = summarize(verdicts, "exact")
     summary = {
         "arm": arm,
-        "exact_by_task": {t: float(np.mean([v.exact for v in verdicts if v.task == t])) for t in cfg.probe_tasks},
-        "exact": float(np.mean([v.exact for v in verdicts])),
-        "string_match_all": float(np.mean([v.string_match_all for v in verdicts])),
+        "exact_by_task": {t: exact["tasks"][t]["mean"] / 100 for t in cfg.probe_tasks},
+        "exact": exact["mean"] / 100,  # the mean of the task means
+        "string_match_all": summarize(verdicts, "string_match_all")["mean"] / 100,
         "answer_logprob": float(np.mean([v.answer_logprob / len(v.ranks) for v in verdicts])),
         "dependency_gap": dependency.mean_gap,
         "gap_by_distance": dependency.gap_by_distance,
@@ -157,7 +159,7 @@ def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
     for arm in cfg.arms:
         log(f"[ablation] train {arm}")
         _train(cfg, out / "data" / arm, out / "runs" / arm)
-    probes = ProbeFactory(ProbeSpec(tasks=cfg.probe_tasks, lengths=cfg.probe_lengths, depths=cfg.probe_depths,
+    probes = ProbeFactory(ProbeSpec(tasks=cfg.probe_tasks, lengths=cfg.probe_lengths, samples=cfg.probe_samples,
                                     seed=cfg.seed), load_tokenizer(), corpus_texts("sample:pydocs")).all()
     heldout = list(read_dataset(out / "data" / "heldout", with_provenance=True).as_numpy_iterator())
     summaries = []
