@@ -24,7 +24,7 @@ demo: $(VENV)/.installed-demo
 	  --out out/demo-hf --tokenizer $(TOKENIZER_DIR)
 	$(BIN)/nextlong-convert verify --hf out/demo-hf --ckpt out/demo-run/checkpoints/$(DEMO_STEPS)
 	$(BIN)/nextlong-eval probes --ckpt out/demo-run/checkpoints/$(DEMO_STEPS) --config configs/train/tiny-cpu.yaml \
-	  --lengths 1024,2048,4096 --depths 0,0.5,1 --out out/demo-eval
+	  --lengths 1024,2048,4096 --samples 3 --scoring generate,forced --out out/demo-eval
 
 # Two pytest-xdist workers, each taking whole modules (their module-scoped fixtures stay shared),
 # for CI's 2 cores; `make test WORKERS=4` on a larger machine.
