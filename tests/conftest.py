@@ -40,7 +40,7 @@ MARKERS = {
                      "test_decode::test_sharded_decoding_equals_one_device"),
     "slow": ("test_beam_runner", "test_ablation", "test_train_run", "test_examples", "test_eval",
              "test_smollm2", "test_decode::test_greedy_tokens_equal_transformers_on_smollm2",
-             "test_decode::test_generate_cli_answers_chat_prompts_and_writes_jsonl",
+             "test_decode::test_generate_cli_answers_chat_prompts_and_writes_jsonl", "test_harness::test_samples_equal_lm_eval_hf",
              "test_pipeline::test_kill_and_resume_is_byte_identical",
              "test_probes::test_niah_single_1_and_vt_are_lm_evals_ruler_text"),
 }

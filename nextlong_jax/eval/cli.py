@@ -127,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     generate.add_argument("--batch-size", type=int, help="prompts per step (default: one per batch shard of the mesh)")
     generate.add_argument("--tokenizer", help="a tokenizer.json or HF tokenizer directory (default: the model's)")
+    harness = sub.add_parser(
+        "harness", help="lm-evaluation-harness tasks (RULER, LongBench, ...) with this model on the training mesh",
+        description="Runs `lm-eval run --model nextlong` (nextlong_jax/eval/harness.py): every option after the "
+                    "model's own is lm-eval's (--tasks, --limit, --metadata, --output_path, --log_samples, "
+                    "--apply_chat_template, --gen_kwargs, --batch_size, ...) and goes to it unchanged, so results "
+                    "and samples files are lm-eval's. RULER's tasks size their prompts with the model's tokenizer "
+                    "(passed on as the `tokenizer` model argument) at --metadata '{\"max_seq_lengths\":[...]}'; its "
+                    "essay and QA tasks download their data where a network exists, the others (niah_single_1, "
+                    "niah_multikey_2/3, ruler_vt, ruler_cwe, ruler_fwe) need none. Needs the harness extra: "
+                    "pip install 'nextlong-jax[harness]'.",
+        epilog="example:\n  nextlong-eval harness --ckpt runs/8b-128k/checkpoints/1000 --config "
+               "configs/train/llama3-8b-128k.yaml --tasks ruler --metadata '{\"max_seq_lengths\":[131072]}' "
+               "--output_path out/ruler-128k --log_samples",
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    model = harness.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", type=Path, metavar="RUN/checkpoints/STEP", help="an orbax checkpoint step")
+    model.add_argument("--hf", type=Path, metavar="DIR", help="a local Hugging Face Llama directory")
+    harness.add_argument("--config", type=Path, required=True, help="training YAML: mesh, attention kernel, dtypes")
+    harness.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                         help="dotted override of --config (repeatable)")
+    harness.add_argument("--tokenizer", help="HF tokenizer directory (default: the model's)")
     ablation = sub.add_parser(
         "ablation", help="NExtLong data against its baselines: synthesize, train and evaluate every arm",
         description="From one preset (configs/eval/ablation-*.yaml): the same meta-documents and corpus at the same "
@@ -140,11 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer_spec(args: argparse.Namespace) -> str:
+    """--tokenizer; else the model's own (an HF directory's, or the one a run started from a model keeps
+    beside its checkpoints); else the bundled Llama 3 one."""
+    from nextlong_jax.convert import model_tokenizer
+
     if args.tokenizer:
         return args.tokenizer
-    if args.hf is not None and ((args.hf / "tokenizer.json").is_file() or (args.hf / "tokenizer_config.json").is_file()):
-        return str(args.hf)
-    return "llama3"
+    own = model_tokenizer(args.hf, args.ckpt)
+    return str(own) if own is not None else "llama3"
 
 
 def run_probes(args: argparse.Namespace) -> str:
@@ -290,6 +314,75 @@ def run_generate(args: argparse.Namespace) -> str:
             f"{dict(evaluator.mesh.shape)}; written: {args.out}")
 
 
+def _harness_tasks(lm_eval_args: list[str]) -> list[str]:
+    """The task names given to lm-eval's --tasks (space or comma separated)."""
+    if "--tasks" not in lm_eval_args:
+        return []
+    names = []
+    for arg in lm_eval_args[lm_eval_args.index("--tasks") + 1:]:
+        if arg.startswith("--"):
+            break
+        names += [n for n in arg.split(",") if n]
+    return names
+
+
+def run_harness(args: argparse.Namespace, lm_eval_args: list[str]) -> str:
+    """Runs lm-eval's own command line with this stack's model; returns where the results went."""
+    try:
+        import lm_eval.__main__
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ValueError(f"nextlong-eval harness needs lm-eval ({e}): pip install 'nextlong-jax[harness]'") from None
+    import jax
+
+    from nextlong_jax.convert import model_tokenizer
+    from nextlong_jax.eval.harness import MODEL_NAME
+    from nextlong_jax.train_setup import start_runtime
+
+    from nextlong_jax.eval.runner import stored_model
+
+    stored_model(args.ckpt, args.hf)  # not a Llama, no checkpoint: one line before lm-eval starts
+    tasks = _harness_tasks(lm_eval_args)
+    if not tasks:
+        raise ValueError("name the lm-eval tasks: --tasks ruler (or niah_single_1,ruler_vt,...)")
+    include = lm_eval_args[lm_eval_args.index("--include_path") + 1] if "--include_path" in lm_eval_args else None
+    known = set(TaskManager(include_path=include).all_tasks)
+    unknown = [t for t in tasks if t not in known and not Path(t).exists()]
+    if unknown:
+        raise ValueError(f"lm-eval knows no task {', '.join(unknown)}: `lm-eval ls tasks` lists them "
+                         "(RULER's are niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, "
+                         "ruler_vt, ruler_cwe, ruler_fwe, ruler_qa_squad, ruler_qa_hotpot; the group: ruler)")
+    tokenizer = args.tokenizer or model_tokenizer(args.hf, args.ckpt)
+    # `pretrained` only names the model in lm-eval's output directories, as for its hf model.
+    model_args = {"pretrained": args.hf or args.ckpt, "config": args.config, "hf": args.hf, "ckpt": args.ckpt,
+                  "tokenizer": tokenizer,
+                  "overrides": ";".join(args.overrides)}
+    model_args = ",".join(f"{k}={v}" for k, v in model_args.items() if v)
+    start_runtime()  # before lm-eval starts: which process this is decides who writes
+    if jax.process_index() != 0:  # the same program runs everywhere; one host writes
+        lm_eval_args = _without_outputs(lm_eval_args)
+    argv = ["lm-eval", "run", "--model", MODEL_NAME, "--model_args", model_args, *lm_eval_args]
+    saved, sys.argv = sys.argv, argv
+    try:
+        lm_eval.__main__.cli_evaluate()
+    finally:
+        sys.argv = saved
+    where = lm_eval_args[lm_eval_args.index("--output_path") + 1] if "--output_path" in lm_eval_args else None
+    return f"lm-eval results written under {where}" if where else "lm-eval done (no --output_path: nothing written)"
+
+
+def _without_outputs(lm_eval_args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in lm_eval_args:
+        if skip:
+            skip = False
+        elif arg in ("--output_path", "-o"):
+            skip = True
+        elif arg not in ("--log_samples", "-s"):
+            out.append(arg)
+    return out
+
+
 def run_ablation(args: argparse.Namespace) -> str:
     """Synthesizes, trains and evaluates every arm of the preset; returns the report."""
     from nextlong_jax.eval.ablation import AblationConfig, run_ablation as run
@@ -302,14 +395,17 @@ COMMANDS = {"probes": run_probes, "dependency": run_dependency, "generate": run_
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, lm_eval_args = parser.parse_known_args(argv)
+    if lm_eval_args and args.command != "harness":
+        parser.error(f"unrecognized arguments: {' '.join(lm_eval_args)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from nextlong_jax.convert import ConversionError
     from nextlong_jax.train_config import ConfigError
     from nextlong_jax.train_setup import TrainError
 
     try:
-        print(COMMANDS[args.command](args))
+        print(run_harness(args, lm_eval_args) if args.command == "harness" else COMMANDS[args.command](args))
     except (ConfigError, TrainError, ConversionError, OSError, ValueError, RuntimeError) as e:
         print(f"nextlong-eval: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

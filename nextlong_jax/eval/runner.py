@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nextlong_jax import load_balance
-from nextlong_jax.decode import Decoder
+from nextlong_jax.decode import Decoder, bucket
 from nextlong_jax.eval.probes import Probe
 from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.llama import Llama
@@ -116,37 +116,50 @@ class Evaluator:
     def score(self, probes: list[Probe], progress=None) -> list[tuple[np.ndarray, np.ndarray]]:
         """(log-probability, rank) of every answer token of each probe, in order; probes of one
         length go through together, `rows` at a time. `progress`: a tqdm bar to advance."""
+        return self._scores([(p.prompt_ids, p.answer_ids) for p in probes], [p.length for p in probes], progress)
+
+    def continuation_scores(self, pairs: list[tuple[list[int], list[int]]],
+                            progress=None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(log-probability, rank) of each continuation's tokens after its context, for (context ids,
+        continuation ids) pairs; pairs of similar length share a forward pass (lengths bucketed as
+        the decoder's prompts are)."""
+        shards = self.mesh.shape["sequence"]
+        block = self.model.config.attention_block_size
+        return self._scores(pairs, [bucket(len(c) + len(t), 2 * shards, block) for c, t in pairs], progress)
+
+    def _scores(self, pairs: list[tuple[list[int], list[int]]], lengths: list[int],
+                progress) -> list[tuple[np.ndarray, np.ndarray]]:
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         by_length: dict[int, list[int]] = {}
-        for i, probe in enumerate(probes):
-            by_length.setdefault(probe.length, []).append(i)
+        for i, length in enumerate(lengths):
+            by_length.setdefault(length, []).append(i)
         for length, members in by_length.items():
             for start in range(0, len(members), self.rows):
                 chunk = members[start:start + self.rows]
-                for i, scores in zip(chunk, self._score_batch([probes[i] for i in chunk], length)):
+                for i, scores in zip(chunk, self._score_batch([pairs[i] for i in chunk], length)):
                     out[i] = scores
                 if progress is not None:
                     progress.update(len(chunk))
-        return [out[i] for i in range(len(probes))]
+        return [out[i] for i in range(len(pairs))]
 
-    def _score_batch(self, probes: list[Probe], length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _score_batch(self, pairs: list[tuple[list[int], list[int]]], length: int) -> list[tuple[np.ndarray, np.ndarray]]:
         shards = self.mesh.shape["sequence"]
         if length % (2 * shards):
             raise TrainError(f"probe length {length} must divide by 2*mesh.sequence={2 * shards}")
-        answer = max(len(p.answer_ids) for p in probes)
+        answer = max(len(cont) for _, cont in pairs)
         ids = np.zeros((self.rows, length), np.int32)
         segments = np.zeros((self.rows, length), np.int32)
         where = np.zeros((self.rows, answer), np.int32)
         targets = np.zeros((self.rows, answer), np.int32)
         # Rows past the probes, and each row past its answer, stay padding (segment 0): a prompt takes
         # `length` less the task's generation budget, so prompt + answer may fall short of it.
-        for row, probe in enumerate(probes):
-            tokens = probe.prompt_ids + probe.answer_ids
+        for row, (context, continuation) in enumerate(pairs):
+            tokens = list(context) + list(continuation)
             ids[row, :len(tokens)], segments[row, :len(tokens)] = tokens, 1
-            n = len(probe.answer_ids)
+            n = len(continuation)
             # Position t predicts token t + 1: the answer's tokens are predicted from the ones before them.
-            where[row, :n] = np.arange(len(probe.prompt_ids) - 1, len(tokens) - 1)
-            targets[row, :n] = probe.answer_ids
+            where[row, :n] = np.arange(len(context) - 1, len(tokens) - 1)
+            targets[row, :n] = continuation
         positions = np.broadcast_to(np.arange(length, dtype=np.int32), (self.rows, length))
         features = {"input_ids": ids, "positions": positions, "segment_ids": segments}
         if shards > 1:
@@ -158,7 +171,7 @@ class Evaluator:
             logprob, rank = self._score_fn(self.params, features, jax.device_put(where, replicated),
                                            jax.device_put(targets, replicated))
         logprob, rank = np.asarray(logprob), np.asarray(rank)
-        return [(logprob[row, :len(p.answer_ids)], rank[row, :len(p.answer_ids)]) for row, p in enumerate(probes)]
+        return [(logprob[row, :len(cont)], rank[row, :len(cont)]) for row, (_, cont) in enumerate(pairs)]
 
     def token_nll(self, input_ids: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
         """nll [N, L] of predicting token t + 1 at each position t of N packed rows (0 where the next
