@@ -226,9 +226,16 @@ class QaSet:
     documents: list[str]
 
 
+def _json(path: str, what: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError:
+        raise ValueError(f"{path} is not JSON: pass {what}") from None
+
+
 def read_squad(path: str) -> QaSet:
     """SQuAD (RULER: dev-v2.0.json): each answerable question, its paragraph and its article's others."""
-    data = json.loads(Path(path).read_text())
+    data = _json(path, "SQuAD 2.0's dev-v2.0.json")
     try:
         documents = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
         at = {doc: i for i, doc in enumerate(documents)}
@@ -247,7 +254,7 @@ def read_squad(path: str) -> QaSet:
 
 def read_hotpotqa(path: str) -> QaSet:
     """HotpotQA (RULER: hotpot_dev_distractor_v1.json): each question with its ten paragraphs."""
-    data = json.loads(Path(path).read_text())
+    data = _json(path, "HotpotQA's hotpot_dev_distractor_v1.json")
     try:
         documents = sorted({f"{title}\n{''.join(sentences)}" for d in data for title, sentences in d["context"]})
         at = {doc: i for i, doc in enumerate(documents)}
