@@ -28,7 +28,7 @@ from nextlong_jax import load_balance
 from nextlong_jax.model.attention.cached import LayerCache
 from nextlong_jax.model.config import NO_REMAT
 from nextlong_jax.model.llama import Llama
-from nextlong_jax.sharding import axis_rules, logical_sharding
+from nextlong_jax.sharding import axis_rules, logical_sharding, logical_shardings
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,12 @@ class Decoder:
         if self.batch_size < 1 or self.batch_size % shards:
             raise DecodeError(f"batch size {self.batch_size} must be a positive multiple of the mesh's batch shards "
                               f"(data x fsdp = {shards})")
-        # Nothing is differentiated: no activation is recomputed, none saved.
-        self.model = Llama(self.model.config.replace(remat_policy=NO_REMAT))
+        # Nothing is differentiated: no activation is recomputed, none saved. The layers run as a scan
+        # whatever the training config says: the same parameters, and on a CPU a decode step 5x faster
+        # than unrolled (SmolLM2-135M: 56 vs 292 ms; XLA slices each layer's cache in place in a scan).
+        self.model = Llama(self.model.config.replace(remat_policy=NO_REMAT, scan_layers=True))
+        # Host arrays (a converted model) would cross to the devices at every step.
+        self.params = jax.device_put(self.params, self._param_shardings)
 
     @property
     def _shards(self) -> int:
@@ -228,6 +232,13 @@ class Decoder:
 
     def _sharding(self, axes: tuple[str | None, ...]) -> NamedSharding:
         return logical_sharding(self.mesh, axes)
+
+    @cached_property
+    def _param_shardings(self):
+        ids = np.ones((1, 8), np.int32)
+        with jax.set_mesh(self.mesh), axis_rules():
+            boxed = jax.eval_shape(self.model.init, jax.random.key(0), ids, ids, ids)["params"]
+        return logical_shardings(boxed, self.mesh)
 
     @cached_property
     def _cache_shardings(self) -> LayerCache:
