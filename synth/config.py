@@ -39,8 +39,8 @@ class ChunkingConfig:
 @dataclass(frozen=True)
 class MiningConfig:
     strategy: Strategy = Strategy.NEXTLONG
-    k: int | None = None  # negatives per meta-chunk; None: the paper's k from the lengths
-    max_k: int | None = None  # cap of the automatic k; None: as many as the target length can hold
+    k: int | None = None  # negatives per meta-chunk; None: the paper's k*s in tokens (`assemble.negative_quota`)
+    max_k: int | None = None  # cap of the count with the automatic k; None: the token budget alone
     headroom: float = 1.5  # the paper's w: the automatic k aims at headroom x the remaining tokens
     min_segment_tokens: int = 512  # room below this at a sequence's end is padded, not a new document
     dedup_threshold: float = 0.95
@@ -211,13 +211,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("doc-len", LAYOUT, "tokens per extended document, several packed into each --seq-len sequence with "
                               "segment ids (the authors' 512K data: --doc-len 65536 --seq-len 524288); default: "
                               "one document spans the sequence", arguments=_int()),
-    Option("k", LAYOUT, "negatives per meta-chunk, or 'auto' (default): the paper's k from the lengths"),
-    Option("max-k", LAYOUT, "upper bound of the automatic k (default 'auto': as many as the length can hold, so "
-                            "one meta-document spans the whole sequence)"),
-    Option("headroom", LAYOUT, "the paper's w: the automatic k = (seq_len*w - meta tokens) / (meta chunks * "
-                               "mean negative tokens), the extended document then cut at its length. Above 1 the meta-chunks "
-                               "after the cut are dropped (counted in the summary): on the bundled corpus 1.5 keeps "
-                               "77-84%% of meta tokens, 1.0 88-96%% (bench/synth.py part 6)",
+    Option("k", LAYOUT, "negatives per meta-chunk, a count; or 'auto' (default): the paper's k times the negatives' "
+                        "length, in tokens: the negatives after each meta-chunk take at most (seq_len*w - meta "
+                        "tokens) / meta chunks tokens. Either way, those before the second meta-chunk leave room "
+                        "for it"),
+    Option("max-k", LAYOUT, "upper bound of the count of negatives per meta-chunk with --k auto (default 'auto': none, "
+                            "the token budget alone, so one meta-document spans the whole sequence)"),
+    Option("headroom", LAYOUT, "the paper's w in the automatic k (--k), the extended document then cut at its length. "
+                               "Above 1 the meta-chunks after the cut are dropped (counted in the summary): on the "
+                               "bundled corpus 1.5 keeps 82-86%% of meta tokens, 1.0 84-100%% (bench/synth.py part 6)",
            (MiningConfig, "headroom"), _float()),
     Option("min-meta-chunks", LAYOUT, "meta-documents with fewer chunks have no dependency to bridge: they are "
                                       "skipped (counted) or merged, as --short-meta says; 1 keeps them all",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class MiningStats:
 
     chosen: int = 0
     filtered: Counter = field(default_factory=Counter)
-    short_of_k: int = 0  # meta-chunks for which fewer than k negatives survived the filters
+    short_of_k: int = 0  # meta-chunks whose quota the admissible candidates of the whole corpus fell short of
     similarity_hist: np.ndarray = field(default_factory=lambda: np.zeros(40, np.int64))
     similarity_sum: float = 0.0
 
@@ -104,20 +104,16 @@ class NegativeFilter:
         base, extra = divmod(self.max_reuse, self.num_shards)
         return base + ((chunk + self.shard) % self.num_shards < extra)
 
-    def select(self, scores: np.ndarray, ids: np.ndarray, k: int, own: MetaDocument,
-               in_sample: set[int]) -> list[tuple[int, float]]:
-        """Up to k admissible (chunk, score) candidates, in candidate order; `place` the ones used."""
-        chosen: list[tuple[int, float]] = []
+    def admissible(self, scores: np.ndarray, ids: np.ndarray, own: MetaDocument,
+                   in_sample: set[int]) -> Iterator[tuple[int, float]]:
+        """The (chunk, score) candidates that pass every rule, in candidate order, judged as they are
+        drawn (so a chunk taken meanwhile counts as in the sample); rejections are counted."""
         for score, chunk in zip(scores.tolist(), ids.tolist()):
-            if len(chosen) == k:
-                break
             reason = self._rejection(score, chunk, own, in_sample)
             if reason:
                 self.stats.filtered[reason] += 1
                 continue
-            chosen.append((chunk, score))
-            in_sample.add(chunk)
-        return chosen
+            yield chunk, score
 
     def place(self, chunk: int, score: float) -> None:
         """Count a negative that made it into a sequence."""
@@ -143,26 +139,69 @@ class NegativeFilter:
         return None
 
 
-def mine(source: CandidateSource, rules: NegativeFilter, query: np.ndarray, k: int,
+@dataclass(frozen=True)
+class Quota:
+    """How many negatives one meta-chunk takes: a prefix of its admissible candidates in rank order,
+    at most `count` of them and, given `tokens`, only as many as fit in that many tokens by the corpus
+    chunk lengths `lengths`, though the first is taken however long (an automatic k is at least 1)."""
+
+    count: int | None = None
+    tokens: int | None = None
+    lengths: np.ndarray | None = None  # tokens per corpus chunk; needed with `tokens`
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and self.lengths is None:
+            raise ValueError("a quota in tokens needs the corpus chunk lengths")
+
+    def met(self, taken: int, used: int) -> bool:
+        return taken == self.count or (self.tokens is not None and used >= self.tokens)
+
+    def length(self, chunk: int) -> int:
+        """What `chunk` counts against the quota: its tokens, where the quota is in tokens."""
+        return 0 if self.tokens is None else int(self.lengths[chunk])
+
+    def fits(self, taken: int, used: int, chunk: int) -> bool:
+        # The first candidate that does not fit ends the prefix: passing over it for a shorter one
+        # would trade hardness for length.
+        return self.tokens is None or taken == 0 or used + self.length(chunk) <= self.tokens
+
+
+def mine(source: CandidateSource, rules: NegativeFilter, query: np.ndarray, quota: Quota,
          first_pass: tuple[np.ndarray, np.ndarray], own: MetaDocument,
          in_sample: set[int], corpus_size: int) -> list[tuple[int, float]]:
-    """k (chunk, score) negatives for one meta-chunk; searches deeper only when the filters exhaust
-    the first pass.
+    """The (chunk, score) negatives of one meta-chunk, as many as `quota` takes; each is added to
+    `in_sample`. Searches deeper only when the filters exhaust the first pass."""
+    chosen: list[tuple[int, float]] = []
+    used = 0
+    candidates = _admissible(source, rules, query, first_pass, own, in_sample, corpus_size)
+    while not quota.met(len(chosen), used):
+        candidate = next(candidates, None)
+        if candidate is None:
+            rules.stats.short_of_k += 1
+            break
+        chunk, _ = candidate
+        if not quota.fits(len(chosen), used, chunk):
+            break
+        chosen.append(candidate)
+        in_sample.add(chunk)
+        used += quota.length(chunk)
+    return chosen
 
-    `first_pass` is the batched search result for this query; widening re-searches this one
-    query with four times the depth, up to the whole corpus.
-    """
+
+def _admissible(source: CandidateSource, rules: NegativeFilter, query: np.ndarray,
+                first_pass: tuple[np.ndarray, np.ndarray], own: MetaDocument, in_sample: set[int],
+                corpus_size: int) -> Iterator[tuple[int, float]]:
+    """Admissible candidates of `first_pass` (the batched search result for this query), then, drawn
+    only once those run out, of searches of this one query four times deeper each, up to the whole
+    corpus."""
     scores, ids = first_pass
-    chosen = rules.select(scores, ids, k, own, in_sample)
+    yield from rules.admissible(scores, ids, own, in_sample)
     judged = set(ids.tolist())
     depth = len(ids)
-    while len(chosen) < k and depth < corpus_size:
+    while depth < corpus_size:
         depth = min(corpus_size, max(depth, 1) * 4)
         scores, ids = source.candidates(query[None, :], depth)
         # Candidates judged in a shallower pass are skipped, not counted twice.
         fresh = np.fromiter((i not in judged for i in ids[0].tolist()), bool, len(ids[0]))
         judged.update(ids[0].tolist())
-        chosen += rules.select(scores[0][fresh], ids[0][fresh], k - len(chosen), own, in_sample)
-    if len(chosen) < k:
-        rules.stats.short_of_k += 1
-    return chosen
+        yield from rules.admissible(scores[0][fresh], ids[0][fresh], own, in_sample)

@@ -9,6 +9,7 @@ import numpy as np
 
 from synth.assemble import PackStats
 from synth.negatives import SIMILARITY_BINS, MiningStats
+from synth.strategies import Strategy
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ShardReport:
     meta_tokens_placed: int = 0
     meta_chunks_dropped: int = 0
     meta_documents_skipped: int = 0
+    single_meta_chunk_segments: int = 0
     negatives: int = 0
     filtered: dict[str, int] = field(default_factory=dict)
     short_of_k: int = 0
@@ -41,6 +43,7 @@ class ShardReport:
                    documents_used=pack.documents_used, joiner_tokens=dict(sorted(pack.joiner_tokens.items())),
                    meta_tokens_offered=pack.meta_tokens_offered, meta_tokens_placed=pack.meta_tokens_placed,
                    meta_chunks_dropped=pack.meta_chunks_dropped, meta_documents_skipped=pack.meta_documents_skipped,
+                   single_meta_chunk_segments=pack.single_meta_chunk_segments,
                    negatives=mining.chosen,
                    filtered=dict(sorted(mining.filtered.items())), short_of_k=mining.short_of_k,
                    similarity_hist=mining.similarity_hist.tolist(),
@@ -97,6 +100,7 @@ def summarize(config, tokenizer, meta, corpus, reports: list[ShardReport], figur
         "segments": sum(r.segments for r in reports),
         "meta_documents_used": sum(r.documents_used for r in reports),
         "meta_documents_skipped": sum(r.meta_documents_skipped for r in reports),
+        "single_meta_chunk_segments": sum(r.single_meta_chunk_segments for r in reports),
         "tokens_by_role": dict(sorted(roles.items())),
         "joiner_tokens": dict(sorted(joiners.items())),
         "truncated_tokens": sum(r.truncated_tokens for r in reports),
@@ -144,13 +148,16 @@ def render_summary(summary: dict) -> str:
         f"- meta tokens kept: {meta['placed']} of {meta['offered']} "
         f"({100 * meta['placed'] / max(meta['offered'], 1):.1f}%); dropped where segments are cut: {dropped}, "
         f"{meta['chunks_dropped']} meta-chunks of them entirely",
-        f"- chunk tokens cut at segment ends (meta and negative): {summary['truncated_tokens']}",
+        f"- chunk tokens cut at segment ends and lost (meta and negative): {summary['truncated_tokens']}",
     ]
+    if Strategy(summary["strategy"]).extends:
+        lines.append(f"- segments holding a single meta-chunk, nothing to bridge (a one-chunk meta-document, or no "
+                     f"room for two): {summary['single_meta_chunk_segments']} of {summary['segments']}")
     neg = summary["negatives"]
     if neg["chosen"]:
         filtered = ", ".join(f"{k} {v}" for k, v in neg["filtered"].items()) or "none"
         lines += [
-            f"- negatives: {neg['chosen']} (filtered out: {filtered}; meta-chunks short of k: "
+            f"- negatives: {neg['chosen']} (filtered out: {filtered}; meta-chunks short of their quota: "
             f"{neg['meta_chunks_short_of_k']})",
             f"- negative cosine similarity: mean {neg['similarity_mean']}, "
             f"p10/p50/p90 {neg['similarity_p10_p50_p90']}",

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from nextlong_jax.schema import ROLE_META, ROLE_NEGATIVE, ROLE_PAD
-from synth.assemble import Joiner, Packer, Piece, choose_k
-from synth.negatives import MetaDocument, NegativeFilter, RandomCandidates, mine
+from synth.assemble import Joiner, Packer, Piece, negative_quota
+from synth.negatives import MetaDocument, NegativeFilter, Quota, RandomCandidates, mine
 from synth.overlap import MetaOverlap
 
 
@@ -117,15 +117,16 @@ def test_meta_groups_skip_or_merge_short_documents_within_their_file():
     assert meta_groups(store, 1, merge=False).skipped.tolist() == [7]
 
 
-@pytest.mark.parametrize("remaining,meta,chunks,mean,fixed,headroom,expected", [
-    (8192, 400, 2, 256, None, 1.0, 15),     # (8192 - 400) // 512
-    (8192, 400, 2, 256, None, 1.5, 23),     # the paper's w: (8192 * 1.5 - 400) // 512
-    (8192, 13000, 4, 256, None, 1.5, 1),    # too long already: at least one negative each
-    (131072, 100, 1, 512, None, 1.5, 64),   # capped at max_k
-    (8192, 400, 2, 256, 3, 1.5, 3),         # fixed k wins
+@pytest.mark.parametrize("room,meta,chunks,fixed,max_k,headroom,expected", [
+    (8192, 400, 2, None, None, 1.0, (None, 3896)),  # (8192 - 400) // 2 tokens
+    (8192, 400, 2, None, None, 1.5, (None, 5944)),  # the paper's w: (8192 * 1.5 - 400) // 2
+    (8192, 13000, 4, None, None, 1.5, (None, 1)),   # too long already: one negative each
+    (8192, 400, 2, None, 64, 1.5, (64, 5944)),      # and at most --max-k of them
+    (8192, 400, 2, 3, None, 1.5, (3, None)),        # a fixed k is a count
 ])
-def test_choose_k(remaining, meta, chunks, mean, fixed, headroom, expected):
-    assert choose_k(remaining, meta, chunks, mean, fixed, max_k=64, headroom=headroom) == expected
+def test_negative_quota_is_the_papers_k_times_s_in_tokens(room, meta, chunks, fixed, max_k, headroom, expected):
+    quota = negative_quota(room, meta, chunks, fixed, max_k, headroom, np.full(4, 256))
+    assert (quota.count, quota.tokens) == expected
 
 
 def _rules(chunk_doc, tokens=None, **kw):
@@ -141,7 +142,7 @@ def test_filter_excludes_own_document_near_duplicates_sample_repeats_and_reuse()
     scores = np.array([0.99, 0.9, 0.97, 0.8, 0.7, 0.6], np.float32)
     ids = np.array([2, 0, 3, 4, 5, -1])
     in_sample = {5}
-    chosen = rules.select(scores, ids, k=3, own=MetaDocument(frozenset({0}), NOTHING), in_sample=in_sample)
+    chosen = mine(None, rules, None, Quota(count=3), (scores, ids), MetaDocument(frozenset({0}), NOTHING), in_sample, 6)
     # 2: near-duplicate (0.99 > 0.95); 0: same document; 3 (0.97) near-dup; 4 ok; 5 in sample.
     assert chosen == [(4, pytest.approx(0.8))]
     assert rules.stats.filtered == {"near_duplicate": 2, "same_document": 1,
@@ -151,7 +152,8 @@ def test_filter_excludes_own_document_near_duplicates_sample_repeats_and_reuse()
     rules.place(4, 0.8)
     assert rules.stats.chosen == 1 and rules.reuse[4] == 1
     # Chunk 4 has now been placed max_reuse=1 times.
-    again = rules.select(np.array([0.5], np.float32), np.array([4]), 1, MetaDocument(frozenset(), NOTHING), set())
+    again = list(rules.admissible(np.array([0.5], np.float32), np.array([4]), MetaDocument(frozenset(), NOTHING),
+                                  set()))
     assert again == [] and rules.stats.filtered["reuse_cap"] == 1
 
 
@@ -166,7 +168,7 @@ def test_filter_rejects_a_candidate_repeating_any_chunk_of_the_meta_document():
               np.concatenate([meta[0][:6], rng.integers(0, 5000, 34)])]
     rules = _rules([0, 1, 2, 3], tokens)
     own = MetaDocument(frozenset(), rules.overlap.document([meta[0], np.concatenate([meta[1], boiler])]))
-    chosen = rules.select(np.full(4, 0.5, np.float32), np.arange(4), k=4, own=own, in_sample=set())
+    chosen = list(rules.admissible(np.full(4, 0.5, np.float32), np.arange(4), own, set()))
     assert [c for c, _ in chosen] == [0, 3]
     assert rules.stats.filtered == {"repeats_meta_document": 2}
     assert rules.overlap.containment(3, own.shingles) == pytest.approx(3 / 37)  # 3 of its 37 4-grams
@@ -180,13 +182,31 @@ def test_mine_widens_the_search_when_filters_exhaust_the_first_pass():
     source = RandomCandidates(emb, np.random.default_rng(1))
     rules = _rules(chunk_doc, dedup=1.01, max_reuse=5)
     first = source.candidates(emb[:1], 4)
-    chosen = mine(source, rules, emb[0], 12, (first[0][0], first[1][0]), MetaDocument(frozenset({0}), NOTHING), set(), 50)
+    chosen = mine(source, rules, emb[0], Quota(count=12), (first[0][0], first[1][0]),
+                  MetaDocument(frozenset({0}), NOTHING), set(), 50)
     chosen = [c for c, _ in chosen]
     assert len(chosen) == 12 and len(set(chosen)) == 12
     assert all(chunk_doc[c] != 0 for c in chosen)
-    short = mine(source, _rules(chunk_doc, dedup=1.01), emb[0], 45,
+    short = mine(source, _rules(chunk_doc, dedup=1.01), emb[0], Quota(count=45),
                  (first[0][0], first[1][0]), MetaDocument(frozenset({0}), NOTHING), set(), 50)
     assert len(short) == 40  # only 40 chunks are outside document 0
+
+
+def test_a_quota_in_tokens_takes_a_prefix_of_the_ranking_that_fits():
+    """Negatives of 256 tokens, as the paper's k assumes, take k = budget // 256 of them; longer ones
+    fewer. The first candidate that does not fit ends the prefix (no shorter one is sought after it),
+    and one longer than the whole budget is still taken alone: k is at least 1."""
+    rules = _rules(np.arange(8), dedup=1.01, max_reuse=8)
+    ranked = (np.full(8, 0.5, np.float32), np.arange(8))
+
+    def take(lengths, tokens):
+        quota = Quota(tokens=tokens, lengths=np.asarray(lengths))
+        return [c for c, _ in mine(None, rules, None, quota, ranked, MetaDocument(frozenset(), NOTHING), set(), 8)]
+
+    assert take([256] * 8, 1024) == [0, 1, 2, 3]
+    assert take([512, 300, 100, 200, 10, 10, 10, 10], 1024) == [0, 1, 2]
+    assert take([512, 600, 10, 10, 10, 10, 10, 10], 1024) == [0]
+    assert take([5000, 10, 10, 10, 10, 10, 10, 10], 1024) == [0]
 
 
 @pytest.mark.parametrize("max_reuse, shards", [(8, 8), (3, 8), (10, 4), (1, 1)])

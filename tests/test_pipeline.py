@@ -56,6 +56,12 @@ def _strip_joiners(ids: np.ndarray, roles: np.ndarray, tok) -> np.ndarray:
     return joiner
 
 
+def _meta_tokens(ex, idx, tok) -> np.ndarray:
+    """The meta tokens of the segment at `idx`, its BOS and joiners left out."""
+    ids, roles = ex["input_ids"][idx], ex["token_roles"][idx]
+    return ids[1:][(roles[1:] == 1) & ~_strip_joiners(ids, roles, tok)[1:]]
+
+
 def test_sequences_have_exact_length_and_nextlong_layout(run_out, corpus):
     docs = {json.loads(l)["id"]: json.loads(l)["text"] for l in open(corpus)}
     tok = load_tokenizer("llama3")
@@ -356,6 +362,33 @@ def test_plain_concat_holds_only_meta_documents(corpus, tmp_path):
     assert used == meta_ids
 
 
+@pytest.mark.parametrize("strategy", ["plain-concat", "knn-concat"])
+def test_concat_baselines_carry_a_document_across_sequence_ends(corpus, tmp_path, strategy):
+    """Standard packing: the rest of a document that crosses a sequence's end opens the next sequence
+    (no BOS, positions from 0), so each shard's sequences, joined, are its documents whole and back
+    to back, a BOS before each, and every meta token is kept."""
+    out = tmp_path / strategy
+    assert main(synth_args(corpus, out, "--strategy", strategy)) == 0
+    tok = load_tokenizer("llama3")
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(corpus)}
+    manifest = json.loads((out / "manifest.json").read_text())
+    examples = read_dataset(out, with_provenance=True).as_numpy_iterator()
+    carried = 0
+    for shard in manifest["shards"]:
+        rows = [next(examples) for _ in range(shard["sequences"])]
+        order = list(dict.fromkeys(m.decode() for ex in rows for m in ex["meta_doc_ids"]))
+        want = [t for doc in order for t in [tok.bos_id, *tok.encode(texts[doc])]]
+        np.testing.assert_array_equal(np.concatenate([ex["input_ids"][ex["token_roles"] > 0] for ex in rows]), want)
+        for ex in rows:
+            used = ex["segment_ids"] > 0
+            np.testing.assert_array_equal(ex["positions"][used], np.arange(used.sum()))
+            assert ex["loss_weights"][0] == 0
+        carried += sum(ex["input_ids"][0] != tok.bos_id for ex in rows)
+    assert carried > 0
+    counts = manifest["counts"]
+    assert counts["meta_tokens"]["placed"] == counts["meta_tokens"]["offered"] and counts["truncated_tokens"] == 0
+
+
 def test_reuse_is_counted_where_negatives_are_placed(corpus, tmp_path):
     """Every placed negative is in the counts and nothing else is; no chunk is placed more than
     --max-reuse times over the whole run (all shards)."""
@@ -391,12 +424,19 @@ def test_no_new_meta_document_in_a_short_remainder(corpus, tmp_path, min_segment
 
 @pytest.mark.parametrize("position", ["tail", "random"])
 def test_meta_chunk_position_ablation(corpus, tmp_path, position):
-    """tail puts every meta-chunk after its negatives; random somewhere among them, the same on a rerun."""
+    """tail puts every meta-chunk after its negatives; random somewhere among them, the same on a rerun.
+    Either way the meta tokens are the meta-document's own, in order."""
     out = tmp_path / position
     args = synth_args(corpus, out, "--k", "3", "--meta-position", position, "--max-sequences", "12")
     assert main(args) == 0
-    examples = list(read_dataset(out).as_numpy_iterator())
+    examples = list(read_dataset(out, with_provenance=True).as_numpy_iterator())
     after_bos = [ex["token_roles"][idx[1]] for ex in examples for idx in _segments(ex)]
+    tok = load_tokenizer("llama3")
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(corpus)}
+    for ex in examples:
+        for doc, idx in zip(ex["meta_doc_ids"], _segments(ex)):
+            placed = _meta_tokens(ex, idx, tok)
+            np.testing.assert_array_equal(placed, tok.encode(texts[doc.decode()])[:len(placed)])
     if position == "tail":
         assert set(after_bos) == {2}  # a negative first, in every segment
     else:
@@ -472,3 +512,51 @@ def test_index_build_is_a_step_that_synthesis_reuses(corpus, tmp_path, capsys):
     assert main(["--meta", str(corpus), "--out", str(tmp_path / "run"), "--seq-len", "1024", "--num-shards", "1",
                  "--max-sequences", "2", *options]) == 0
     assert list(cache.glob("index-*")) == [index_dir] and (index_dir / "meta.json").stat().st_mtime_ns == built
+
+
+def _short_text_corpus(path: Path) -> Path:
+    """Very short texts: per topic of the meta-documents, 60 of ~25 tokens in its words (the hard
+    negatives), and 120 of ~4 tokens in none of them, which pull the corpus's mean length down."""
+    rng = np.random.default_rng(5)
+    with open(path, "w") as f:
+        for t, topic in enumerate(TOPICS[:2]):
+            for i in range(60):
+                words = rng.choice(topic.split() + ["the", "of"], 20)
+                f.write(json.dumps({"id": f"near{t}-{i}", "text": " ".join(words) + "."}) + "\n")
+        for i in range(120):
+            f.write(json.dumps({"id": f"far{i}", "text": f"zebra quartz {i}."}) + "\n")
+    return path
+
+
+def _meta_chunks_by_segment(out: Path, texts: dict[str, str], chunk_tokens: int):
+    """(segment length, its meta-document's chunk lengths, meta tokens placed) of every segment."""
+    tok = load_tokenizer("llama3")
+    for ex in read_dataset(out, with_provenance=True).as_numpy_iterator():
+        metas = [m.decode() for m in ex["meta_doc_ids"]]
+        for number, idx in enumerate(_segments(ex)):
+            chunks = [len(c.ids) for c in chunk_document(texts[metas[number]], chunk_tokens, "tokens", tok)]
+            yield 1024 - int(idx[0]), chunks, len(_meta_tokens(ex, idx, tok))
+
+
+def test_every_extended_document_with_room_for_two_meta_chunks_holds_two(tmp_path):
+    """Long meta-chunks (up to 256 tokens) over a corpus of very short texts, the hard ones longer than
+    the mean: counted in negatives of the mean length, the negatives after the first meta-chunk filled
+    the sequence and the second never appeared. Budgeted in tokens, every segment with room for its
+    first two meta-chunks holds both whole; the summary counts the one that cannot (a one-chunk
+    meta-document, let in by --min-meta-chunks 1)."""
+    meta = write_corpus(tmp_path / "meta.jsonl", 6, topics=TOPICS[:2])
+    with open(meta, "a") as f:
+        f.write(json.dumps({"id": "one-chunk", "text": "apple orchard harvest in one line."}) + "\n")
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(meta)}
+    out = tmp_path / "out"
+    assert main(synth_args(meta, out, "--corpus", str(_short_text_corpus(tmp_path / "short.jsonl")),
+                           "--chunk-tokens", "256", "--min-meta-chunks", "1")) == 0
+    segments = list(_meta_chunks_by_segment(out, texts, 256))
+    assert len(segments) == 7
+    for room, chunks, placed in segments:
+        if len(chunks) >= 2 and 1 + chunks[0] + chunks[1] + 2 <= room:  # BOS, two chunks, their joiners
+            assert placed >= chunks[0] + chunks[1], "the second meta-chunk was pushed out by negatives"
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["single_meta_chunk_segments"] == sum(placed <= chunks[0] for _, chunks, placed in segments) == 1
+    assert "pad" not in counts["tokens_by_role"]  # the negatives after the second meta-chunk fill each sequence
+    assert "segments holding a single meta-chunk" in (out / "summary.md").read_text()
