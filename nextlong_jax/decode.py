@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from functools import cached_property, partial
 from typing import Any
@@ -60,6 +61,7 @@ class Completion:
     tokens: list[int]  # generated ids, the stop id included when a row ended on one
     text: str | None  # decoded (cut before a stop string), when the decoder was given a detokenizer
     finish: str  # "eos", "stop" (a stop string) or "length" (the token budget)
+    seconds: tuple[float, float] = (0.0, 0.0)  # its batch's prefill (to the first new tokens) and decoding
 
 
 def sample(logits: jnp.ndarray, keys: jax.Array, sampling: Sampling) -> jnp.ndarray:
@@ -216,11 +218,14 @@ class Decoder:
             placed = {k: jax.device_put(np.ascontiguousarray(v), self._sharding(("batch", "length")))
                       for k, v in features.items()}
             row_keys = jax.device_put(row_keys, self._sharding(("batch",)))
+            started = time.perf_counter()
             tokens, cache = self._prefill_fn(self.params, placed, row_keys, last=last, tail=tail, sampling=sampling)
             prompt_seen = placed["segment_ids"] == 1
             rows = [_Row(self.detokenize, stop_ids, stop_strings) for _ in prompts]
+            prefilled = None
             for step in range(max_new_tokens):
                 host = np.asarray(tokens)
+                prefilled = prefilled or time.perf_counter()
                 for row, token in zip(rows, host):
                     row.add(int(token))
                 if step == max_new_tokens - 1 or all(r.finish for r in rows):
@@ -228,7 +233,8 @@ class Decoder:
                 tokens, cache = self._step_fn(self.params, cache, prompt_seen, tokens,
                                               jnp.asarray(next_position + step), jnp.int32(step), row_keys,
                                               sampling=sampling)
-        return [row.completion() for row in rows]
+        seconds = (prefilled - started, time.perf_counter() - prefilled)
+        return [dataclasses.replace(row.completion(), seconds=seconds) for row in rows]
 
     def _sharding(self, axes: tuple[str | None, ...]) -> NamedSharding:
         return logical_sharding(self.mesh, axes)

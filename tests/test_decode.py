@@ -155,6 +155,16 @@ def test_bad_prompts_are_refused_in_one_line():
         Decoder(decoder.model, decoder.params, decoder.mesh, 0)
 
 
+def test_past_the_trained_positions_is_run_with_a_one_line_warning(caplog):
+    hf_dict = tiny_hf_dict()
+    decoder = _decoder(hf_dict, hf_model(hf_dict))  # max_position_embeddings 1024
+    with caplog.at_level("WARNING"):
+        (done,) = decoder.generate(_prompts(hf_dict["vocab_size"], (1020,)), 8)
+    assert len(done.tokens) == 8
+    (record,) = [r for r in caplog.records if "extrapolation" in r.getMessage()]
+    assert "position 1028, past the 1024" in record.getMessage()
+
+
 def test_prompt_buckets_fit_the_kernels_tiling():
     assert [bucket(n, 2, 512) for n in (1, 3, 64, 65, 1024, 1025, 3000)] == [2, 4, 64, 128, 1024, 2048, 3072]
     for n in range(1, 5000, 37):

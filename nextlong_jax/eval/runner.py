@@ -9,6 +9,7 @@ positions that predict answer tokens, so no [L, vocab] tensor exists.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_m
 
 # What evaluation takes from the training config: how the model runs, not what it is (the
 # architecture and rope come from the checkpoint or HF directory).
+logger = logging.getLogger(__name__)
+
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_backend", "attention_allow_fallback", "attention_block_size", "attention_block_kv",
                   "attention_block_q_bwd", "attention_block_kv_bwd", "attention_block_kv_compute",
                   "attention_block_kv_bwd_compute", "attention_fused_bwd", "remat_policy",
@@ -129,6 +132,10 @@ class Evaluator:
 
     def _scores(self, pairs: list[tuple[list[int], list[int]]], lengths: list[int],
                 progress) -> list[tuple[np.ndarray, np.ndarray]]:
+        longest, trained = max(len(c) + len(t) for c, t in pairs), self.model.config.max_position_embeddings
+        if longest > trained:
+            logger.warning("scoring %d tokens, past the %d the model was trained to (max_position_embeddings): "
+                           "an extrapolation", longest, trained)
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         by_length: dict[int, list[int]] = {}
         for i, length in enumerate(lengths):
