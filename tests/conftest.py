@@ -30,7 +30,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 # loop, leaves these modules out; `make test` (CI) runs everything.
 # A module, or one test of it ("module::test").
 MARKERS = {
-    "compile": ("test_preset_plans", "test_compile_only", "test_splash::test_splash_compiles_for_tpu_v5p",
+    "compile": ("test_preset_plans", "test_compile_only", "test_decode::test_decoding_compiles_for_accelerators_with_their_kernels", "test_splash::test_splash_compiles_for_tpu_v5p",
                 "test_pallas_gpu::test_fwd_bwd_compiles_to_triton_for_8_h100s",
                 "test_pallas_gpu_cp::test_sequence_sharded_fwd_bwd_compiles_to_triton_for_8_h100s"),
     "multiprocess": ("test_train_multihost", "test_presets", "test_train_sharded", "test_train_ring",
@@ -49,8 +49,8 @@ MARKERS = {
 # hands whole modules to its workers in collection order, so these start at once and the short
 # modules fill in behind them, rather than one long module running alone at the end. Only the
 # suite's wall time depends on this order.
-LONGEST = ("test_train_multihost", "test_train_run", "test_smollm2", "test_beam_runner", "test_compile_only",
-           "test_ablation", "test_train_init", "test_pipeline", "test_slot_rows")
+LONGEST = ("test_smollm2", "test_train_multihost", "test_train_run", "test_harness", "test_beam_runner",
+           "test_decode", "test_compile_only", "test_ablation", "test_train_init", "test_pipeline", "test_slot_rows")
 
 
 def pytest_collection_modifyitems(items):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -80,7 +81,7 @@ def test_greedy_tokens_equal_transformers_on_smollm2(smollm2):
     question = chat.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                         add_generation_prompt=True, tokenize=True, return_dict=False)
     essay = tokenizer.encode(" ".join(Path(ROOT / "README.md").read_text().split()[:900]))
-    prompts = [question, essay[:1000]]  # one batch, the question left-padded to the essay's length
+    prompts = [question, essay[:500]]  # one batch, the question left-padded to the essay's length
     config = LlamaConfig.from_hf_dict(json.loads((smollm2 / "config.json").read_text()),
                                       attention_backend="blockwise", attention_block_size=256)
     decoder = Decoder(Llama(config), hf_params(smollm2, config), make_mesh(devices=jax.devices()[:1]), 2,
@@ -220,8 +221,70 @@ def _gathered_cache(decoder: Decoder) -> list[str]:
             if "all-gather(" in line and re.search(rf"\[\d+,\d+,{length},\d+,\d+\]", line.split("=")[1])]
 
 
+@pytest.mark.parametrize("topology", ["v5p-8", "h100-8"])
+def test_decoding_compiles_for_accelerators_with_their_kernels(topology):
+    """Prefill (the training kernel: splash on a TPU, Triton on a GPU, over a sequence-sharded prompt) and
+    the decode step compile for a TPU slice and a GPU host, on this CPU."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "TPU_ACCELERATOR_TYPE": "v5p-8",
+           "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, __file__, "compile", topology], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert f"{topology} decode compiles" in proc.stdout, proc.stdout
+
+
+def _child_compile(topology_name: str) -> None:
+    from nextlong_jax.compile_only import COMPILE_ONLY_GPU_FLAGS, kernel_names
+    from nextlong_jax.model.attention import resolve
+    from nextlong_jax.model.attention.cached import LayerCache
+    from nextlong_jax.topology import compile_only_devices, parse_topology, prepare_environment
+
+    prepare_environment()
+    topology = parse_topology(topology_name)
+    mesh = make_mesh(fsdp=-1, sequence=2, devices=compile_only_devices(topology))
+    backend = resolve("auto", topology.platform, sequence_shards=2)
+    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096,
+                         dtype="bfloat16", attention_backend=backend, attention_block_size=128)
+    model = Llama(config)
+    ids = np.ones((1, 8), np.int32)
+    with jax.set_mesh(mesh), axis_rules():
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids))["params"]
+        shardings = logical_shardings(boxed, mesh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype, sharding=s), boxed,
+                          shardings, is_leaf=lambda x: hasattr(x, "value"))
+    rows, length, tail = mesh.shape["fsdp"], 2048, 16
+    decoder = Decoder(model, params, mesh, rows)
+    shaped = lambda shape, dtype, axes: jax.ShapeDtypeStruct(shape, dtype, sharding=decoder._sharding(axes))
+    keys = jax.eval_shape(lambda: jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), np.arange(rows)))
+    keys = shaped(keys.shape, keys.dtype, ("batch",))
+    options = COMPILE_ONLY_GPU_FLAGS if topology.platform == "gpu" else {}
+    features = {k: shaped((rows, length), np.int32, ("batch", "length"))
+                for k in ("input_ids", "positions", "segment_ids")}
+    with jax.set_mesh(mesh), axis_rules():
+        prefill = decoder._prefill_fn.lower(decoder.params, features, keys, last=length - 1, tail=tail,
+                                            sampling=Sampling()).compile(options)
+        kv = (config.num_hidden_layers, rows, None, config.num_key_value_heads, config.head_dim)
+        cache = LayerCache(*(jax.ShapeDtypeStruct(kv[:2] + (n,) + kv[3:], jnp.bfloat16, sharding=sh)
+                             for n, sh in zip((length, length, tail, tail), decoder._cache_shardings)))
+        step = decoder._step_fn.lower(decoder.params, cache, shaped((rows, length), bool, ("batch", "length")),
+                                      shaped((rows,), np.int32, ("batch",)), shaped((rows,), np.int32, ("batch",)),
+                                      jax.ShapeDtypeStruct((), np.int32), keys, sampling=Sampling()).compile(options)
+    kernels = kernel_names(prefill.as_text())
+    assert kernels, f"no attention kernel in the {topology_name} prefill"
+    print(topology_name, backend, "prefill kernels:", ", ".join(kernels), "; step", step.memory_analysis() is not None)
+    print(f"{topology_name} decode compiles")
+
+
 if __name__ == "__main__":
-    _child(*sys.argv[1:])
+    if sys.argv[1] == "compile":
+        _child_compile(sys.argv[2])
+    else:
+        _child(*sys.argv[1:])
 
 
 def test_generate_cli_answers_chat_prompts_and_writes_jsonl(smollm2, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,5 @@
-"""`nextlong-eval probes` scored: the generate scoring is RULER's metric on a real greedy decode
-(transformers on SmolLM2), the forced scorer gives an oracle 100% and a context-blind model chance,
+"""`nextlong-eval probes` scored (the generate scoring on SmolLM2 decoded by this stack, with lm-eval's
+RULER metric: test_smollm2.py): the forced scorer gives an oracle 100% and a context-blind model chance,
 teacher-forced exact match is a real greedy decode's verdict (transformers `generate`), and the
 sequence-sharded evaluation on 8 devices equals one device. (What the probes are: test_probes.py.)"""
 
@@ -38,38 +38,6 @@ SHORT = ("niah_single_1", "niah_single_2", "niah_multikey_2", "niah_multivalue")
 
 def _probes(tokenizer, essays, length: int = 1024, tasks: tuple[str, ...] = SHORT) -> list[Probe]:
     return ProbeFactory(ProbeSpec(tasks=tasks, lengths=(length,), samples=2), tokenizer, essays).all()
-
-
-def test_generate_scoring_is_rulers_metric_on_smollm2_greedy_decoding(smollm2):
-    """transformers' greedy decoding of SmolLM2-135M-Instruct as the generator (until the stop id or the
-    task's budget): each verdict is RULER's metric on the continuation as lm-eval's RULER utilities
-    compute it (post-processing, string_match_all), and the model tracks some of vt's chains."""
-    import torch
-    from lm_eval.tasks.ruler.common_utils import postprocess_pred, string_match_all
-    from synth.tokenizer import load_tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer, hf_tokenizer = load_tokenizer(str(smollm2)), AutoTokenizer.from_pretrained(smollm2)
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    factory = ProbeFactory(ProbeSpec(tasks=("niah_multikey_2", "vt")), tokenizer)
-    probes = [factory.make("niah_multikey_2", 512, 1), factory.make("vt", 1024, 0), factory.make("vt", 1024, 1)]
-    continuations = []
-
-    def generate(prompts, max_new_tokens, stop_ids):
-        with torch.no_grad():
-            out = [model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_id)[0, len(ids):].tolist()
-                   for ids in prompts]
-        continuations.extend(out)
-        return out
-
-    verdicts = generate_verdicts(probes, generate, tokenizer, [tokenizer.eos_id])
-    texts = hf_tokenizer.batch_decode(continuations, skip_special_tokens=True)  # in budget order: niah, then vt
-    for v, p, text in zip(verdicts, probes, texts):
-        assert v.prediction == postprocess_pred([text])[0]
-        assert v.score == pytest.approx(string_match_all([v.prediction], [p.outputs]))
-    assert sum(v.score for v in verdicts if v.task == "vt") > 0
 
 
 def test_the_scorer_gives_an_oracle_everything_and_a_blind_model_chance(tokenizer, essays):

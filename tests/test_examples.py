@@ -22,7 +22,7 @@ from synth.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("nextlong-synth", "nextlong-train", "nextlong-convert", "nextlong-eval")
-_COMMAND = re.compile(r"^(?:.*&&\s*)?(nextlong-(?:synth|train|convert|eval))\s+([^\"]+)")
+_COMMAND = re.compile(r"^(?:.*&&\s*)?(nextlong-(?:synth|train|convert|eval))\s+(.+)")
 
 
 def _command_lines(text: str, kind: str) -> list[str]:
@@ -47,7 +47,10 @@ def example_commands() -> list[tuple[str, str, list[str]]]:
     for where, text, kind in sources:
         for line in _command_lines(text, kind):
             if match := _COMMAND.match(line):
-                args = [where if a == "THIS" else a for a in shlex.split(match.group(2), comments=True) if a != "..."]
+                text = match.group(2)
+                if "&&" in line[:match.start(1)]:  # inside a quoted remote --command "...": ends at its quote
+                    text = text.split('"')[0]
+                args = [where if a == "THIS" else a for a in shlex.split(text, comments=True) if a != "..."]
                 found.append((where, match.group(1), args))
     return found
 
@@ -132,7 +135,9 @@ def test_eval_example_parses_and_its_config_loads(where, tool, args, monkeypatch
     from nextlong_jax.train_config import load_config
 
     monkeypatch.chdir(ROOT)
-    parsed = build_parser().parse_args(args)  # `make demo` runs one for real
+    parser = build_parser()
+    parsed, lm_eval_args = parser.parse_known_args(args)  # `make demo` runs one for real
+    assert not lm_eval_args or parsed.command == "harness", lm_eval_args  # lm-eval's options go to lm-eval
     if parsed.command == "ablation":
         from nextlong_jax.eval.ablation import AblationConfig
 

@@ -21,7 +21,8 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "sharding"
 # The tiny preset's batch of 2 cannot split over 8 fsdp shards; its own mesh is one device.
 OVERRIDES = {"tiny-cpu": ["data.batch_size=8"],
              # A one-GPU preset's 8 microbatches of one row cannot split over 8 fsdp shards either.
-             "llama3.2-1b-32k-h100": ["optimizer.grad_accum=1"]}
+             "llama3.2-1b-32k-h100": ["optimizer.grad_accum=1"],
+             "smollm2-135m-64k-h100": ["optimizer.grad_accum=1", "data.batch_size=8"]}
 
 
 def test_presets_trace_on_8_devices_with_golden_sharding_specs():

@@ -102,10 +102,16 @@ def test_smollm2_finds_the_needle_at_2k_by_generation(smollm2, tmp_path, capsys,
     from nextlong_jax.eval.cli import main as evaluate
 
     monkeypatch.chdir(ROOT)
+    from lm_eval.tasks.ruler.common_utils import string_match_all
+
     out = tmp_path / "probes"
     assert evaluate(["probes", "--hf", str(smollm2), "--config", "configs/train/tiny-cpu.yaml", "--tasks",
                      "niah_single_1", "--lengths", "2048", "--samples", "3", "--scoring", "generate",
-                     "--out", str(out)]) == 0
+                     "--save-probes", str(tmp_path / "probes.jsonl"), "--out", str(out)]) == 0
     print(capsys.readouterr().out)
-    scores = [p["score"] for p in json.loads((out / "results.json").read_text())["generate"]["probes"]]
-    assert len(scores) == 3 and sum(scores) / len(scores) >= 0.8, scores
+    verdicts = json.loads((out / "results.json").read_text())["generate"]["probes"]
+    golds = [json.loads(line)["outputs"] for line in (tmp_path / "probes.jsonl").read_text().splitlines()]
+    scores = [v["score"] for v in verdicts]
+    assert len(scores) == 3 and sum(scores) / len(scores) >= 0.8, verdicts
+    # The score is RULER's metric as lm-eval computes it, on what this stack's decoder generated.
+    assert scores == [string_match_all([v["prediction"]], [gold]) for v, gold in zip(verdicts, golds)]

@@ -80,8 +80,9 @@ class Attention(nn.Module):
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         # Prefill and decoding collect every layer's keys and values (they make "cache" mutable);
-        # training does not, and this is then a no-op.
-        self.sow("cache", "kv", (k, v))
+        # training does not, and this is then a no-op. Init would make it a variable of the model.
+        if not self.is_initializing():
+            self.sow("cache", "kv", (k, v))
         if cache is not None:
             out = cached_attention(q, cache.parts(k, v, segment_ids))
         else:
