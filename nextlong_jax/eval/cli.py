@@ -48,13 +48,18 @@ def _listed(known: tuple[str, ...], what: str):
     return parse
 
 
-def _model_arguments(p: argparse.ArgumentParser, out_dir: bool = True) -> None:
+def _model_source(p: argparse.ArgumentParser) -> None:
+    """--ckpt or --hf, and the training --config the model runs with."""
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", type=Path, metavar="RUN/checkpoints/STEP", help="an orbax checkpoint step")
     model.add_argument("--hf", type=Path, metavar="DIR", help="a local Hugging Face Llama directory")
     p.add_argument("--config", type=Path, required=True,
                    help="training YAML whose mesh, attention kernel and dtypes the evaluation runs with (the "
                         "architecture comes from the model)")
+
+
+def _model_arguments(p: argparse.ArgumentParser, out_dir: bool = True) -> None:
+    _model_source(p)
     if out_dir:
         p.add_argument("--out", type=Path, required=True, help="directory for the results")
     p.add_argument("--seed", type=int, default=0)
@@ -141,10 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                "configs/train/llama3-8b-128k.yaml --tasks ruler --metadata '{\"max_seq_lengths\":[131072]}' "
                "--output_path out/ruler-128k --log_samples",
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    model = harness.add_mutually_exclusive_group(required=True)
-    model.add_argument("--ckpt", type=Path, metavar="RUN/checkpoints/STEP", help="an orbax checkpoint step")
-    model.add_argument("--hf", type=Path, metavar="DIR", help="a local Hugging Face Llama directory")
-    harness.add_argument("--config", type=Path, required=True, help="training YAML: mesh, attention kernel, dtypes")
+    _model_source(harness)
     harness.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                          help="dotted override of --config (repeatable)")
     harness.add_argument("--tokenizer", help="HF tokenizer directory (default: the model's)")
@@ -261,19 +263,16 @@ def _prompts(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _prompt_ids(rows: list[dict], tokenizer_spec: str, chat_template: bool) -> list[list[int]]:
+def _prompt_ids(rows: list[dict], tokenizer, chat_template: bool) -> list[list[int]]:
     """Token ids as transformers would give them: a chat template rendered by the tokenizer's own
     (`apply_chat_template`), plain text with the tokenizer's own special tokens (a BOS for Llama 3)."""
-    from synth.tokenizer import load_tokenizer
-
     if not chat_template and not any("messages" in r for r in rows):
-        backend = load_tokenizer(tokenizer_spec).backend
-        return [backend.encode(r["prompt"], add_special_tokens=True).ids for r in rows]
+        return [tokenizer.backend.encode(r["prompt"], add_special_tokens=True).ids for r in rows]
     from transformers import AutoTokenizer
 
-    chat = AutoTokenizer.from_pretrained(tokenizer_spec, local_files_only=True)
+    chat = AutoTokenizer.from_pretrained(tokenizer.name, local_files_only=True)
     if chat.chat_template is None:
-        raise ValueError(f"the tokenizer {tokenizer_spec} has no chat template: leave out --chat-template and "
+        raise ValueError(f"the tokenizer {tokenizer.name} has no chat template: leave out --chat-template and "
                          '"messages"')
     return [chat.apply_chat_template(r.get("messages") or [{"role": "user", "content": r["prompt"]}],
                                      add_generation_prompt=True, tokenize=True, return_dict=False) for r in rows]
@@ -289,10 +288,9 @@ def run_generate(args: argparse.Namespace) -> str:
     from nextlong_jax.train_config import load_config
 
     config = load_config(args.config, ["data.source=unused", *args.overrides])
-    spec = _tokenizer_spec(args)
+    tokenizer = load_tokenizer(_tokenizer_spec(args))
     rows = _prompts(args)
-    ids = _prompt_ids(rows, spec, args.chat_template)
-    tokenizer = load_tokenizer(spec)
+    ids = _prompt_ids(rows, tokenizer, args.chat_template)
     evaluator = Evaluator.load(config, ckpt=args.ckpt, hf=args.hf)
     eos = evaluator.model.config.eos_token_id
     stop_ids = {*(eos if isinstance(eos, tuple) else (eos,)), tokenizer.eos_id} - {None}

@@ -31,10 +31,10 @@ from nextlong_jax.train_config import Config
 from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_mesh,
                                       start_runtime)
 
-# What evaluation takes from the training config: how the model runs, not what it is (the
-# architecture and rope come from the checkpoint or HF directory).
 logger = logging.getLogger(__name__)
 
+# What evaluation takes from the training config: how the model runs, not what it is (the
+# architecture and rope come from the checkpoint or HF directory).
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_backend", "attention_allow_fallback", "attention_block_size", "attention_block_kv",
                   "attention_block_q_bwd", "attention_block_kv_bwd", "attention_block_kv_compute",
                   "attention_block_kv_bwd_compute", "attention_fused_bwd", "remat_policy",
