@@ -27,7 +27,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention.cached import LayerCache
-from nextlong_jax.model.config import NO_REMAT
 from nextlong_jax.model.llama import Llama
 from nextlong_jax.sharding import axis_rules, logical_sharding, logical_shardings
 
@@ -150,10 +149,7 @@ class Decoder:
         if self.batch_size < 1 or self.batch_size % shards:
             raise DecodeError(f"batch size {self.batch_size} must be a positive multiple of the mesh's batch shards "
                               f"(data x fsdp = {shards})")
-        # Nothing is differentiated: no activation is recomputed, none saved. The layers run as a scan
-        # whatever the training config says: the same parameters, and on a CPU a decode step 5x faster
-        # than unrolled (SmolLM2-135M: 56 vs 292 ms; XLA slices each layer's cache in place in a scan).
-        self.model = Llama(self.model.config.replace(remat_policy=NO_REMAT, scan_layers=True))
+        self.model = Llama(self.model.config.for_inference())
         # Host arrays (a converted model) would cross to the devices at every step. Abstract parameters
         # (jax.ShapeDtypeStruct) make a decoder whose programs are only lowered and compiled (plans).
         if not all(isinstance(p, jax.ShapeDtypeStruct) for p in jax.tree.leaves(self.params)):

@@ -71,6 +71,43 @@ def test_a_rerun_reuses_every_finished_stage(ablation, monkeypatch):
     assert {arm: (out / "runs" / arm / "metrics.jsonl").read_text() for arm in ARMS} == metrics
 
 
+def test_ruler_through_the_harness_joins_the_report(ablation, tmp_path, monkeypatch):
+    """harness_tasks: RULER as lm-eval runs it on an arm's last step, in eval/ARM/ruler.json and a table of the
+    report (one arm here: the trained runs are reused, its evaluation redone)."""
+    import dataclasses
+    import shutil
+
+    import re
+
+    import lm_eval.tasks
+
+    from nextlong_jax.eval.ablation import RULER_LENGTHS
+
+    # The lengths lm-eval's RULER tasks report a metric for (the others include niah_single_1's list).
+    yaml = (Path(lm_eval.tasks.__file__).parent / "ruler" / "niah_single_1.yaml").read_text()
+    assert tuple(int(n) for n in re.findall(r'metric: "(\d+)"', yaml)) == RULER_LENGTHS
+    config, out, report_path = ablation
+    config = dataclasses.replace(config, arms=("nextlong",), harness_tasks=("niah_single_1",), harness_lengths=(4096,),
+                                 harness_samples=1)
+    evaluated, report = out / "eval" / "nextlong", report_path.read_text()
+    shutil.move(evaluated, tmp_path / "evaluated")  # put back afterwards: the other tests read the module's run
+    monkeypatch.chdir(ROOT)
+    try:
+        report = run_ablation(config, out, log=lambda _: None).read_text()
+        scores = json.loads((evaluated / "ruler.json").read_text())
+        summary = json.loads((evaluated / "summary.json").read_text())
+    finally:
+        shutil.rmtree(evaluated, ignore_errors=True)
+        shutil.move(tmp_path / "evaluated", evaluated)
+        report_path.write_text(report)
+    assert list(scores) == ["niah_single_1"] and list(scores["niah_single_1"]) == ["4096"]
+    score = scores["niah_single_1"]["4096"]
+    assert 0 <= score <= 1 and summary["ruler"] == scores
+    table = report[report.index("RULER through lm-evaluation-harness"):].splitlines()
+    assert "| arm | niah_single_1 4K | mean |" in table
+    assert f"| nextlong | {100 * score:.0f} | {100 * score:.1f} |" in table
+
+
 def test_a_bad_preset_is_refused_with_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("arms: [nextlong, quest]\n")
@@ -78,6 +115,12 @@ def test_a_bad_preset_is_refused_with_the_key(tmp_path):
         AblationConfig.load(bad)
     bad.write_text("sequence: 3\n")
     with pytest.raises(ValueError, match="unknown key.*sequence"):
+        AblationConfig.load(bad)
+    bad.write_text("harness_tasks: [niah_single_1]\nharness_lengths: [2048]\n")
+    with pytest.raises(ValueError, match=r"harness_lengths among lm-eval's RULER lengths .* \(not \[2048\]\)"):
+        AblationConfig.load(bad)
+    bad.write_text("harness_tasks: [niah_single_1]\n")
+    with pytest.raises(ValueError, match="harness_tasks need harness_lengths"):
         AblationConfig.load(bad)
 
 

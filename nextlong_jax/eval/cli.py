@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from nextlong_jax.eval.probes import TASKS
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     probes.add_argument("--tokenizer", help="'llama3' (bundled), a tokenizer.json or an HF tokenizer directory "
                                             "(default: --hf's directory when it holds one, else llama3)")
     probes.add_argument("--save-probes", type=Path, metavar="FILE", help="also write the probes as JSONL")
+    probes.add_argument("--batch-size", type=int,
+                        help="probes decoded together by --scoring generate, a multiple of the mesh's batch shards "
+                             "(default: one per shard; more where memory allows: a decode step costs little more)")
     dependency = sub.add_parser(
         "dependency", help="does the model use distant related text? loss on meta-chunks with and without it",
         description="On sequences nextlong-synth made from held-out meta-documents (--data), the loss on each "
@@ -201,7 +205,8 @@ def run_probes(args: argparse.Namespace) -> str:
     for scoring in args.scoring:
         started = time.perf_counter()
         if scoring == "generate":
-            results[scoring] = generate_verdicts(probes, evaluator.generate, tokenizer, stops)
+            generate = partial(evaluator.generate, batch_size=args.batch_size)
+            results[scoring] = generate_verdicts(probes, generate, tokenizer, stops)
         else:
             bar = tqdm(total=len(probes), desc="probes", unit="probe", dynamic_ncols=True)
             results[scoring] = [verdict(p, *s) for p, s in zip(probes, evaluator.score(probes, progress=bar))]
@@ -312,23 +317,10 @@ def run_generate(args: argparse.Namespace) -> str:
             f"{dict(evaluator.mesh.shape)}; written: {args.out}")
 
 
-def _harness_tasks(lm_eval_args: list[str]) -> list[str]:
-    """The task names given to lm-eval's --tasks (space or comma separated)."""
-    if "--tasks" not in lm_eval_args:
-        return []
-    names = []
-    for arg in lm_eval_args[lm_eval_args.index("--tasks") + 1:]:
-        if arg.startswith("--"):
-            break
-        names += [n for n in arg.split(",") if n]
-    return names
-
-
 def run_harness(args: argparse.Namespace, lm_eval_args: list[str]) -> str:
     """Runs lm-eval's own command line with this stack's model; returns where the results went."""
     try:
         import lm_eval.__main__
-        from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ValueError(f"nextlong-eval harness needs lm-eval ({e}): pip install 'nextlong-jax[harness]'") from None
     import jax
@@ -340,16 +332,8 @@ def run_harness(args: argparse.Namespace, lm_eval_args: list[str]) -> str:
     from nextlong_jax.eval.runner import stored_model
 
     stored_model(args.ckpt, args.hf)  # not a Llama, no checkpoint: one line before lm-eval starts
-    tasks = _harness_tasks(lm_eval_args)
-    if not tasks:
+    if not {"--tasks", "-t"} & set(lm_eval_args):
         raise ValueError("name the lm-eval tasks: --tasks ruler (or niah_single_1,ruler_vt,...)")
-    include = lm_eval_args[lm_eval_args.index("--include_path") + 1] if "--include_path" in lm_eval_args else None
-    known = set(TaskManager(include_path=include).all_tasks)
-    unknown = [t for t in tasks if t not in known and not Path(t).exists()]
-    if unknown:
-        raise ValueError(f"lm-eval knows no task {', '.join(unknown)}: `lm-eval ls tasks` lists them "
-                         "(RULER's are niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, "
-                         "ruler_vt, ruler_cwe, ruler_fwe, ruler_qa_squad, ruler_qa_hotpot; the group: ruler)")
     tokenizer = args.tokenizer or model_tokenizer(args.hf, args.ckpt)
     # `pretrained` only names the model in lm-eval's output directories, as for its hf model.
     model_args = {"pretrained": args.hf or args.ckpt, "config": args.config, "hf": args.hf, "ckpt": args.ckpt,
@@ -363,6 +347,13 @@ def run_harness(args: argparse.Namespace, lm_eval_args: list[str]) -> str:
     saved, sys.argv = sys.argv, argv
     try:
         lm_eval.__main__.cli_evaluate()
+    except ValueError as e:  # lm-eval checks the task names before it loads the model
+        if not str(e).startswith("Tasks not found: "):
+            raise
+        raise ValueError(f"lm-eval knows no task {str(e).removeprefix('Tasks not found: ')}: `lm-eval ls tasks` "
+                         "lists them (RULER's are niah_single_1..3, niah_multikey_1..3, niah_multivalue, "
+                         "niah_multiquery, ruler_vt, ruler_cwe, ruler_fwe, ruler_qa_squad, ruler_qa_hotpot; the "
+                         "group: ruler)") from None
     finally:
         sys.argv = saved
     where = lm_eval_args[lm_eval_args.index("--output_path") + 1] if "--output_path" in lm_eval_args else None

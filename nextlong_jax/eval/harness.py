@@ -33,23 +33,28 @@ class NextLongLM(TemplateLM):
     separated by ';'. `tokenizer` defaults to the model's. `batch_size` rounds up to a multiple of the
     mesh's batch shards; `max_length` defaults to the model's max_position_embeddings, as lm-eval's hf."""
 
-    def __init__(self, config: str, hf: str | None = None, ckpt: str | None = None, tokenizer: str | None = None,
-                 overrides: str = "", batch_size: int | str = 1, max_length: int | None = None,
-                 max_gen_toks: int = 256, add_bos_token: bool | None = None, seed: int = 0, **_lm_eval_extras):
+    def __init__(self, config: str | None = None, hf: str | None = None, ckpt: str | None = None,
+                 tokenizer: str | None = None, overrides: str = "", batch_size: int | str = 1,
+                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
+                 seed: int = 0, evaluator: Evaluator | None = None, **_lm_eval_extras):
+        """`evaluator`: a model already loaded (the ablation's), in place of config + hf/ckpt."""
         super().__init__()
         import transformers
 
         from nextlong_jax.convert import model_tokenizer
         from nextlong_jax.train_config import load_config
 
-        if (hf is None) == (ckpt is None):
-            raise ValueError("the nextlong model takes exactly one of hf=DIR or ckpt=RUN/checkpoints/STEP")
         hf_dir, ckpt_dir = (Path(hf) if hf else None), (Path(ckpt) if ckpt else None)
-        loaded = load_config(Path(config), ["data.source=unused", *filter(None, str(overrides).split(";"))])
-        self.evaluator = Evaluator.load(loaded, ckpt=ckpt_dir, hf=hf_dir)
+        if evaluator is None:
+            if (hf is None) == (ckpt is None) or config is None:
+                raise ValueError("the nextlong model takes config=YAML and exactly one of hf=DIR or "
+                                 "ckpt=RUN/checkpoints/STEP")
+            loaded = load_config(Path(config), ["data.source=unused", *filter(None, str(overrides).split(";"))])
+            evaluator = Evaluator.load(loaded, ckpt=ckpt_dir, hf=hf_dir)
+        self.evaluator = evaluator
         spec = tokenizer or model_tokenizer(hf_dir, ckpt_dir)
         if spec is None:
-            raise ValueError(f"no tokenizer beside {ckpt}: pass tokenizer=DIR in the model arguments")
+            raise ValueError("no tokenizer beside the model: pass tokenizer=DIR in the model arguments")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
         rows = self.evaluator.rows
         asked = rows if batch_size == "auto" else int(str(batch_size).split(":")[0])
@@ -63,7 +68,12 @@ class NextLongLM(TemplateLM):
     # --- what lm-eval asks of a model --------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+        """The tokenizer's EOS, as lm-eval's hf; the model's where the tokenizer names none (a bare
+        tokenizer.json)."""
+        if self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        eos = self.evaluator.model.config.eos_token_id
+        return eos[0] if isinstance(eos, tuple) else eos
 
     @property
     def prefix_token_id(self) -> int:
@@ -165,3 +175,19 @@ class NextLongLM(TemplateLM):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
+
+
+def ruler_scores(lm: NextLongLM, tasks: tuple[str, ...], lengths: tuple[int, ...], samples: int,
+                 tokenizer: str) -> dict[str, dict[str, float]]:
+    """RULER tasks as lm-eval runs them: {task: {length: mean score in [0, 1]}}, the first `samples` of
+    each length. One evaluation per length, because lm-eval's `limit` takes a task's first documents and
+    RULER's come length after length."""
+    from lm_eval import simple_evaluate
+
+    scores: dict[str, dict[str, float]] = {task: {} for task in tasks}
+    for length in lengths:
+        results = simple_evaluate(model=lm, tasks=list(tasks), limit=samples, bootstrap_iters=0,
+                                  metadata={"tokenizer": tokenizer, "max_seq_lengths": [length]})
+        for task in tasks:
+            scores[task][str(length)] = float(results["results"][task][f"{length},none"])
+    return scores

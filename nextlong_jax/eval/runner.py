@@ -96,7 +96,7 @@ class Evaluator:
 
         start_runtime()
         stored = stored_model(ckpt, hf)
-        model_config = stored.replace(**{f: getattr(config.model, f) for f in RUNTIME_FIELDS})
+        model_config = stored.replace(**{f: getattr(config.model, f) for f in RUNTIME_FIELDS}).for_inference()
         # One row per batch shard; no optimizer steps, so no accumulation.
         config = dataclasses.replace(config, model=model_config,
                                      data=dataclasses.replace(config.data, batch_size=jax.device_count()),
@@ -212,14 +212,18 @@ class Evaluator:
         one per batch shard)."""
         return Decoder(self.model, self.params, self.mesh, batch_size or self.rows, detokenize)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids=()) -> list[list[int]]:
-        """Greedy continuations of `prompts`: the new token ids, without the stop id a row ended on."""
-        done = self._greedy.generate(prompts, max_new_tokens, stop_ids=stop_ids)
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids=(),
+                 batch_size: int | None = None) -> list[list[int]]:
+        """Greedy continuations of `prompts`, `batch_size` at a time (default: one per batch shard): the new
+        token ids, without the stop id a row ended on."""
+        if batch_size not in self._decoders:
+            self._decoders[batch_size] = self.decoder(batch_size=batch_size)
+        done = self._decoders[batch_size].generate(prompts, max_new_tokens, stop_ids=stop_ids)
         return [c.tokens[:-1] if c.finish == "eos" else c.tokens for c in done]
 
     @cached_property
-    def _greedy(self):
-        return self.decoder()
+    def _decoders(self) -> dict[int | None, Decoder]:
+        return {}
 
     @cached_property
     def _nll_fn(self):

