@@ -32,8 +32,8 @@ from nextlong_jax.sharding import axis_rules, logical_sharding, logical_sharding
 
 logger = logging.getLogger(__name__)
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
-TAIL_AXES = ("layers", "batch", None, "kv_heads", "head_dim")  # the tail is short: whole on each device
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # cached.cache_layout
+TAIL_AXES = ("layers", "batch", "kv_heads", None, "head_dim")  # the tail is short: whole on each device
 
 
 class DecodeError(ValueError):
@@ -97,7 +97,7 @@ def bucket(length: int, unit: int, block: int) -> int:
 
 
 def _kv(variables: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Every layer's keys and values the model sowed, stacked [layers, B, L, K, D]."""
+    """Every layer's keys and values the model sowed, stacked [layers, B, K, L, D] (cache_layout)."""
     ((k, v),) = variables["cache"]["layers"]["attn"]["kv"]
     return k, v
 
@@ -110,7 +110,7 @@ def _prefill(model: Llama, params, features: dict[str, jnp.ndarray], row_keys: j
 
     logits, variables = model.apply({"params": params}, method=run, mutable=["cache"])
     k, v = _kv(variables)
-    empty = jnp.zeros((k.shape[0], k.shape[1], tail, *k.shape[3:]), k.dtype)
+    empty = jnp.zeros((*k.shape[:3], tail, k.shape[4]), k.dtype)
     return sample(logits, _step_keys(row_keys, 0), sampling), LayerCache(k, v, empty, empty)
 
 
@@ -118,7 +118,7 @@ def _step(model: Llama, params, cache: LayerCache, prompt_seen: jnp.ndarray, tok
           positions: jnp.ndarray, step: jnp.ndarray, row_keys: jax.Array, *, sampling: Sampling):
     """Feeds `tokens` [B] (at `positions` [B]) as the step-th generated ones: writes their keys and
     values into tail slot `step` and returns the next tokens and the cache."""
-    batch, slots = cache.tail_k.shape[1:3]
+    batch, slots = cache.tail_k.shape[1], cache.tail_k.shape[3]
     tail_seen = jnp.broadcast_to(jnp.arange(slots) < step, (batch, slots))
 
     def run(module: Llama):
@@ -127,7 +127,7 @@ def _step(model: Llama, params, cache: LayerCache, prompt_seen: jnp.ndarray, tok
 
     logits, variables = model.apply({"params": params}, method=run, mutable=["cache"])
     k, v = _kv(variables)
-    at = (0, 0, step, 0, 0)
+    at = (0, 0, 0, step, 0)
     cache = cache._replace(tail_k=lax.dynamic_update_slice(cache.tail_k, k.astype(cache.tail_k.dtype), at),
                            tail_v=lax.dynamic_update_slice(cache.tail_v, v.astype(cache.tail_v.dtype), at))
     return sample(logits, _step_keys(row_keys, step + 1), sampling), cache

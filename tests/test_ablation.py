@@ -71,9 +71,10 @@ def test_a_rerun_reuses_every_finished_stage(ablation, monkeypatch):
     assert {arm: (out / "runs" / arm / "metrics.jsonl").read_text() for arm in ARMS} == metrics
 
 
-def test_ruler_through_the_harness_joins_the_report(ablation, tmp_path, monkeypatch):
-    """harness_tasks: RULER as lm-eval runs it on an arm's last step, in eval/ARM/ruler.json and a table of the
-    report (one arm here: the trained runs are reused, its evaluation redone)."""
+def test_ruler_through_the_harness_joins_the_report(ablation, tmp_path, monkeypatch, capfd):
+    """harness_tasks: RULER as lm-eval runs it on each arm's last step, from tasks lm-eval generates once, in
+    eval/ARM/ruler.json and a table of the report (two arms here: the trained runs are reused, their
+    evaluation redone)."""
     import dataclasses
     import shutil
 
@@ -87,25 +88,30 @@ def test_ruler_through_the_harness_joins_the_report(ablation, tmp_path, monkeypa
     yaml = (Path(lm_eval.tasks.__file__).parent / "ruler" / "niah_single_1.yaml").read_text()
     assert tuple(int(n) for n in re.findall(r'metric: "(\d+)"', yaml)) == RULER_LENGTHS
     config, out, report_path = ablation
-    config = dataclasses.replace(config, arms=("nextlong",), harness_tasks=("niah_single_1",), harness_lengths=(4096,),
-                                 harness_samples=1)
-    evaluated, report = out / "eval" / "nextlong", report_path.read_text()
-    shutil.move(evaluated, tmp_path / "evaluated")  # put back afterwards: the other tests read the module's run
+    arms = ("nextlong", "plain-concat")
+    config = dataclasses.replace(config, arms=arms, harness_tasks=("niah_single_1",), harness_lengths=(4096,),
+                                 harness_samples=2)
+    original = report_path.read_text()
+    for arm in arms:  # put back afterwards: the other tests read the module's run
+        shutil.move(out / "eval" / arm, tmp_path / arm)
     monkeypatch.chdir(ROOT)
     try:
         report = run_ablation(config, out, log=lambda _: None).read_text()
-        scores = json.loads((evaluated / "ruler.json").read_text())
-        summary = json.loads((evaluated / "summary.json").read_text())
+        scores = {arm: json.loads((out / "eval" / arm / "ruler.json").read_text()) for arm in arms}
+        summaries = {arm: json.loads((out / "eval" / arm / "summary.json").read_text()) for arm in arms}
     finally:
-        shutil.rmtree(evaluated, ignore_errors=True)
-        shutil.move(tmp_path / "evaluated", evaluated)
-        report_path.write_text(report)
-    assert list(scores) == ["niah_single_1"] and list(scores["niah_single_1"]) == ["4096"]
-    score = scores["niah_single_1"]["4096"]
-    assert 0 <= score <= 1 and summary["ruler"] == scores
+        for arm in arms:
+            shutil.rmtree(out / "eval" / arm, ignore_errors=True)
+            shutil.move(tmp_path / arm, out / "eval" / arm)
+        report_path.write_text(original)
+    assert capfd.readouterr().err.count("Generating synthetic samples: repeat | 4096: 100%") == 1  # once, for both arms
     table = report[report.index("RULER through lm-evaluation-harness"):].splitlines()
     assert "| arm | niah_single_1 4K | mean |" in table
-    assert f"| nextlong | {100 * score:.0f} | {100 * score:.1f} |" in table
+    for arm in arms:
+        assert list(scores[arm]) == ["niah_single_1"] and list(scores[arm]["niah_single_1"]) == ["4096"]
+        score = scores[arm]["niah_single_1"]["4096"]
+        assert score in (0, 0.5, 1) and summaries[arm]["ruler"] == scores[arm]  # two samples, each 0 or 1
+        assert f"| {arm} | {100 * score:.0f} | {100 * score:.1f} |" in table
 
 
 def test_a_bad_preset_is_refused_with_the_key(tmp_path):

@@ -208,7 +208,7 @@ def _child(prompts: str) -> None:
 def _gathered_cache(decoder: Decoder) -> list[str]:
     """The all-gathers in the compiled decode step of a 64-token prompt whose result is cache-shaped."""
     length = 64
-    cache_like = [np.zeros((2, 2, n, 2, 16), np.float32) for n in (length, length, 16, 16)]
+    cache_like = [np.zeros((2, 2, 2, n, 16), np.float32) for n in (length, length, 16, 16)]  # [layers, B, K, T, D]
     from nextlong_jax.model.attention.cached import LayerCache
 
     with jax.set_mesh(decoder.mesh), axis_rules():
@@ -218,7 +218,7 @@ def _gathered_cache(decoder: Decoder) -> list[str]:
         compiled = decoder._step_fn.lower(decoder.params, cache, seen, np.zeros(2, np.int32), np.zeros(2, np.int32),
                                           np.int32(0), keys, sampling=Sampling()).compile().as_text()
     return [line.strip() for line in compiled.splitlines()
-            if "all-gather(" in line and re.search(rf"\[\d+,\d+,{length},\d+,\d+\]", line.split("=")[1])]
+            if "all-gather(" in line and re.search(rf"\[\d+,\d+,\d+,{length},\d+\]", line.split("=")[1])]
 
 
 @pytest.mark.parametrize("topology", ["v5p-8", "h100-8"])
@@ -268,8 +268,8 @@ def _child_compile(topology_name: str) -> None:
     with jax.set_mesh(mesh), axis_rules():
         prefill = decoder._prefill_fn.lower(decoder.params, features, keys, last=length - 1, tail=tail,
                                             sampling=Sampling()).compile(options)
-        kv = (config.num_hidden_layers, rows, None, config.num_key_value_heads, config.head_dim)
-        cache = LayerCache(*(jax.ShapeDtypeStruct(kv[:2] + (n,) + kv[3:], jnp.bfloat16, sharding=sh)
+        kv = (config.num_hidden_layers, rows, config.num_key_value_heads, None, config.head_dim)
+        cache = LayerCache(*(jax.ShapeDtypeStruct(kv[:3] + (n,) + kv[4:], jnp.bfloat16, sharding=sh)
                              for n, sh in zip((length, length, tail, tail), decoder._cache_shardings)))
         step = decoder._step_fn.lower(decoder.params, cache, shaped((rows, length), bool, ("batch", "length")),
                                       shaped((rows,), np.int32, ("batch",)), shaped((rows,), np.int32, ("batch",)),

@@ -143,8 +143,9 @@ def _last_step(run: Path) -> Path:
     return run / "checkpoints" / str(steps[-1])
 
 
-def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[dict], out: Path) -> dict:
-    """Probes and the dependency probe of one trained arm, written under `out`; resumable."""
+def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[dict], ruler, out: Path) -> dict:
+    """Probes, the dependency probe and RULER through the harness (`ruler`: its tasks, shared by the arms)
+    of one trained arm, written under `out`; resumable."""
     from nextlong_jax.eval.dependency import measure
     from nextlong_jax.eval.dependency import write as write_dependency
     from nextlong_jax.eval.report import summary as summarize
@@ -162,7 +163,7 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
     write_results(out, {"forced": verdicts}, {"arm": arm, "model": str(_last_step(run))})
     dependency = measure(evaluator, heldout, seed=cfg.seed)
     write_dependency(out, dependency, {"arm": arm})
-    ruler = _ruler(cfg, evaluator, out) if cfg.harness_tasks else {}
+    ruler = _ruler(cfg, evaluator, ruler, out) if cfg.harness_tasks else {}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = metrics[-max(1, len(metrics) // 10):]  # the last tenth of the run: less noisy than one step
     exact = summarize(verdicts, "exact")
@@ -183,17 +184,25 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
     return summary
 
 
-def _ruler(cfg: AblationConfig, evaluator, out: Path) -> dict[str, dict[str, float]]:
+def _ruler(cfg: AblationConfig, evaluator, ruler, out: Path) -> dict[str, dict[str, float]]:
     """The harness's RULER scores of one arm, written to `out`/ruler.json."""
-    try:
-        from nextlong_jax.eval.harness import NextLongLM, ruler_scores
-    except ImportError as e:
-        raise ValueError(f"harness_tasks need lm-eval ({e}): pip install 'nextlong-jax[harness]'") from None
-    tokenizer = cfg.tokenizer_dir()
-    lm = NextLongLM(evaluator=evaluator, tokenizer=tokenizer, max_length=max(cfg.harness_lengths), seed=cfg.seed)
-    scores = ruler_scores(lm, cfg.harness_tasks, cfg.harness_lengths, cfg.harness_samples, tokenizer)
+    from nextlong_jax.eval.harness import NextLongLM, ruler_scores
+
+    lm = NextLongLM(evaluator=evaluator, tokenizer=ruler.tokenizer, max_length=max(cfg.harness_lengths), seed=cfg.seed)
+    scores = ruler_scores(lm, ruler, cfg.harness_lengths, cfg.harness_samples)
     (out / "ruler.json").write_text(json.dumps(scores, indent=1) + "\n")
     return scores
+
+
+def _ruler_tasks(cfg: AblationConfig):
+    """The RULER tasks every arm is asked, in the arms' tokenizer; None without harness_tasks."""
+    if not cfg.harness_tasks:
+        return None
+    try:
+        from nextlong_jax.eval.harness import RulerTasks
+    except ImportError as e:
+        raise ValueError(f"harness_tasks need lm-eval ({e}): pip install 'nextlong-jax[harness]'") from None
+    return RulerTasks(cfg.harness_tasks, cfg.tokenizer_dir())
 
 
 def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
@@ -217,10 +226,11 @@ def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
     probes = ProbeFactory(ProbeSpec(tasks=cfg.probe_tasks, lengths=cfg.probe_lengths, samples=cfg.probe_samples,
                                     seed=cfg.seed), load_tokenizer(cfg.tokenizer()), corpus_texts("sample:pydocs")).all()
     heldout = list(read_dataset(out / "data" / "heldout", with_provenance=True).as_numpy_iterator())
+    ruler = _ruler_tasks(cfg)
     summaries = []
     for arm in cfg.arms:
         log(f"[ablation] evaluate {arm}")
-        summaries.append(_evaluate(cfg, arm, out / "runs" / arm, probes, heldout, out / "eval" / arm))
+        summaries.append(_evaluate(cfg, arm, out / "runs" / arm, probes, heldout, ruler, out / "eval" / arm))
     return write_report(cfg, out, summaries, time.perf_counter() - started)
 
 

@@ -177,17 +177,34 @@ class NextLongLM(TemplateLM):
         return out
 
 
-def ruler_scores(lm: NextLongLM, tasks: tuple[str, ...], lengths: tuple[int, ...], samples: int,
-                 tokenizer: str) -> dict[str, dict[str, float]]:
-    """RULER tasks as lm-eval runs them: {task: {length: mean score in [0, 1]}}, the first `samples` of
-    each length. One evaluation per length, because lm-eval's `limit` takes a task's first documents and
-    RULER's come length after length."""
+class RulerTasks:
+    """lm-eval's RULER tasks at each length, generated once and asked of every model (lm-eval writes 500
+    samples a length, tokenizing each: seconds at 4K, minutes at 64K)."""
+
+    def __init__(self, tasks: tuple[str, ...], tokenizer: str):
+        self.tasks, self.tokenizer = tasks, tokenizer
+        self._loaded: dict[int, tuple] = {}
+
+    def at(self, length: int) -> tuple:
+        """(lm-eval's task manager, the tasks) at `length` tokens."""
+        if length not in self._loaded:
+            from lm_eval.tasks import TaskManager
+
+            manager = TaskManager(metadata={"tokenizer": self.tokenizer, "max_seq_lengths": [length]})
+            self._loaded[length] = manager, list(manager.load(list(self.tasks))["tasks"].values())
+        return self._loaded[length]
+
+
+def ruler_scores(lm: NextLongLM, ruler: RulerTasks, lengths: tuple[int, ...], samples: int) -> dict[str, dict[str, float]]:
+    """RULER as lm-eval runs it: {task: {length: mean score in [0, 1]}}, the first `samples` of each length.
+    One evaluation per length, because lm-eval's `limit` takes a task's first documents and RULER's come
+    length after length."""
     from lm_eval import simple_evaluate
 
-    scores: dict[str, dict[str, float]] = {task: {} for task in tasks}
+    scores: dict[str, dict[str, float]] = {task: {} for task in ruler.tasks}
     for length in lengths:
-        results = simple_evaluate(model=lm, tasks=list(tasks), limit=samples, bootstrap_iters=0,
-                                  metadata={"tokenizer": tokenizer, "max_seq_lengths": [length]})
-        for task in tasks:
+        manager, tasks = ruler.at(length)
+        results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=samples, bootstrap_iters=0)
+        for task in ruler.tasks:
             scores[task][str(length)] = float(results["results"][task][f"{length},none"])
     return scores

@@ -14,7 +14,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from nextlong_jax.model.attention import Backend, attention
-from nextlong_jax.model.attention.cached import LayerCache, cached_attention
+from nextlong_jax.model.attention.cached import LayerCache, cache_layout, cached_attention
 from nextlong_jax.model.config import LAYER_INPUT, NO_REMAT, REMAT_SAVES, LlamaConfig
 from nextlong_jax.model.loss import next_token_loss
 from nextlong_jax.model.rope import apply_rope, rope_tables
@@ -82,7 +82,7 @@ class Attention(nn.Module):
         # Prefill and decoding collect every layer's keys and values (they make "cache" mutable);
         # training does not, and this is then a no-op. Init would make it a variable of the model.
         if not self.is_initializing():
-            self.sow("cache", "kv", (k, v))
+            self.sow("cache", "kv", (cache_layout(k), cache_layout(v)))
         if cache is not None:
             out = cached_attention(q, cache.parts(k, v, segment_ids))
         else:
