@@ -48,6 +48,13 @@ def _samples(out: Path) -> dict[str, list[dict]]:
     return found
 
 
+def _fresh_ruler_generators() -> None:
+    """lm-eval's cwe generator draws from a module-level random state that carries over from one evaluation to
+    the next in a process: each side starts from it afresh, as in a process of its own."""
+    for name in [m for m in sys.modules if m.startswith("lm_eval.tasks.ruler.")]:
+        del sys.modules[name]
+
+
 def test_samples_equal_lm_eval_hf(smollm2, tmp_path, capsys, monkeypatch):
     from lm_eval.__main__ import cli_evaluate
 
@@ -57,12 +64,14 @@ def test_samples_equal_lm_eval_hf(smollm2, tmp_path, capsys, monkeypatch):
     tasks = _local_tasks(tmp_path)
     lm_eval_args = ["--tasks", ",".join((*RULER_TASKS, "local_mc", "local_rolling")), "--include_path", str(tasks),
                     "--limit", "1", "--metadata", json.dumps({"max_seq_lengths": [LENGTH]}), "--log_samples"]
+    _fresh_ruler_generators()
     assert main(["harness", "--hf", str(smollm2), "--config", "configs/train/tiny-cpu.yaml", *lm_eval_args,
                  "--output_path", str(tmp_path / "ours")]) == 0
     assert f"results written under {tmp_path / 'ours'}" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", ["lm-eval", "run", "--model", "hf", "--device", "cpu", "--model_args",
                                       f"pretrained={smollm2},dtype=float32", *lm_eval_args,
                                       "--output_path", str(tmp_path / "hf")])
+    _fresh_ruler_generators()
     cli_evaluate()
     ours, theirs = _samples(tmp_path / "ours"), _samples(tmp_path / "hf")
     assert set(ours) == set(theirs) == {*RULER_TASKS, "local_mc", "local_rolling"}
