@@ -143,9 +143,8 @@ def _last_step(run: Path) -> Path:
     return run / "checkpoints" / str(steps[-1])
 
 
-def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[dict], ruler, out: Path) -> dict:
-    """Probes, the dependency probe and RULER through the harness (`ruler`: its tasks, shared by the arms)
-    of one trained arm, written under `out`; resumable."""
+def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[dict], out: Path) -> dict:
+    """Probes and the dependency probe of one trained arm, written under `out`; resumable."""
     from nextlong_jax.eval.dependency import measure
     from nextlong_jax.eval.dependency import write as write_dependency
     from nextlong_jax.eval.report import summary as summarize
@@ -163,7 +162,6 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
     write_results(out, {"forced": verdicts}, {"arm": arm, "model": str(_last_step(run))})
     dependency = measure(evaluator, heldout, seed=cfg.seed)
     write_dependency(out, dependency, {"arm": arm})
-    ruler = _ruler(cfg, evaluator, ruler, out) if cfg.harness_tasks else {}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = metrics[-max(1, len(metrics) // 10):]  # the last tenth of the run: less noisy than one step
     exact = summarize(verdicts, "exact")
@@ -173,7 +171,6 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
         "exact": exact["mean"] / 100,  # the mean of the task means
         "string_match_all": summarize(verdicts, "string_match_all")["mean"] / 100,
         "answer_logprob": float(np.mean([v.answer_logprob / len(v.ranks) for v in verdicts])),
-        "ruler": ruler,
         "dependency_gap": dependency.mean_gap,
         "gap_by_distance": dependency.gap_by_distance,
         "final_meta_loss": float(np.mean([m["meta_loss"] for m in last if m["meta_loss"] is not None])),
@@ -184,13 +181,22 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
     return summary
 
 
-def _ruler(cfg: AblationConfig, evaluator, ruler, out: Path) -> dict[str, dict[str, float]]:
-    """The harness's RULER scores of one arm, written to `out`/ruler.json."""
+def _ruler(cfg: AblationConfig, run: Path, ruler, out: Path) -> dict[str, dict[str, float]]:
+    """RULER through the harness on one trained arm (`ruler`: the tasks every arm is asked), written to
+    `out`/ruler.json; resumable, and a stage of its own, so harness_tasks added to a finished ablation
+    run only it."""
     from nextlong_jax.eval.harness import NextLongLM, ruler_scores
+    from nextlong_jax.eval.runner import Evaluator
+    from nextlong_jax.train_config import load_config
 
-    lm = NextLongLM(evaluator=evaluator, tokenizer=ruler.tokenizer, max_length=max(cfg.harness_lengths), seed=cfg.seed)
+    done = out / "ruler.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    config = load_config(cfg.train_config, ["data.source=unused", *cfg.train_overrides])
+    lm = NextLongLM(evaluator=Evaluator.load(config, ckpt=_last_step(run)), tokenizer=ruler.tokenizer,
+                    max_length=max(cfg.harness_lengths), seed=cfg.seed)
     scores = ruler_scores(lm, ruler, cfg.harness_lengths, cfg.harness_samples)
-    (out / "ruler.json").write_text(json.dumps(scores, indent=1) + "\n")
+    done.write_text(json.dumps(scores, indent=1) + "\n")
     return scores
 
 
@@ -230,7 +236,10 @@ def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
     summaries = []
     for arm in cfg.arms:
         log(f"[ablation] evaluate {arm}")
-        summaries.append(_evaluate(cfg, arm, out / "runs" / arm, probes, heldout, ruler, out / "eval" / arm))
+        summary = _evaluate(cfg, arm, out / "runs" / arm, probes, heldout, out / "eval" / arm)
+        if ruler is not None:
+            summary["ruler"] = _ruler(cfg, out / "runs" / arm, ruler, out / "eval" / arm)
+        summaries.append(summary)
     return write_report(cfg, out, summaries, time.perf_counter() - started)
 
 
