@@ -78,8 +78,14 @@ class Preemption:
     def __init__(self, checkpointer: Checkpointer):
         self._checkpointer = checkpointer
         self._signalled = threading.Event()
+        self._previous = None
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+
+    def close(self) -> None:
+        """SIGTERM goes back to its previous handler: a program that trains in-process keeps its own."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def requested(self, step: int) -> bool:
         if jax.process_count() > 1:

@@ -132,6 +132,7 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
         finally:
             # Waits for an asynchronous save of a good step; a failure mid-step (unreadable data,
             # say) never reaches `save`, so nothing half-done is written.
+            preemption.close()
             checkpoints.close()
     return step
 

@@ -24,6 +24,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # A size limit turns on jax's file lock around each read and write of an entry: two training processes
 # at once (the two hosts, a run and its reference) must not read an entry the other is still writing.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
+# The suite compiles some hundreds of small CPU programs and runs each a few times, so LLVM's optimizing
+# passes cost more than they save (test_train.py: 35 s -> 24 s; SmolLM2's decoding unchanged). Children
+# with virtual devices add their device count to these flags; those compiling for TPUs and GPUs drop
+# them, as a user's `--compile-only` has none (the plans' fingerprints include XLA_FLAGS).
+os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=1")))
 
 
 # Markers by module, one table (pyproject.toml describes them): `make test-fast`, a contributor's inner

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # The environment of a child process with 8 CPU devices.
-ENV_8_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-                 "PYTHONPATH": str(ROOT)}
+ENV_8_DEVICES = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+                 "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"}
 TIMEOUT_S = 600
 
 _worker: subprocess.Popen | None = None

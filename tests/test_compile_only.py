@@ -88,8 +88,10 @@ def test_reduced_llama_compiles_with_the_platform_kernel(target, children):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, "-m", "nextlong_jax.train_cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=900, env=env)
 
 
 def test_cli_plans_prints_json_and_refuses_what_does_not_fit():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from helpers import train_in_process
-from multidevice import ENV_8_DEVICES, run_on_8_devices
+from multidevice import run_on_8_devices
 from nextlong_jax.model.config import LlamaConfig, RopeScaling
 from nextlong_jax.testing import hf_model, tiny_hf_dict
 from nextlong_jax.train_setup import TrainError
@@ -33,23 +32,11 @@ OVERRIDES = ["train.steps=1", "checkpoint.every=1", "data.batch_size=1", "model.
              "model.intermediate_size=64", "optimizer.learning_rate=0.0"]
 
 
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
-
-
-def _train(data: Path, out: Path, *overrides: str, flags: tuple[str, ...] = (),
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The tiny preset at OVERRIDES' size (learning rate 0 unless `overrides` say otherwise)."""
-    return _run("-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml", "--data", str(data),
-                "--out", str(out), *flags, *OVERRIDES, *overrides, env=env)
-
-
 def _in_process(capsys, *flags: str, overrides: tuple[str, ...] = ()) -> tuple[int, str]:
     """At OVERRIDES' size (then `overrides`): the exit code and the last line of stderr."""
-    code, err = train_in_process(capsys, ["--config", "configs/train/tiny-cpu.yaml", *flags, *OVERRIDES, *overrides])
-    err = err.strip()
-    return code, err.splitlines()[-1] if err else ""
+    run = train_in_process(capsys, ["--config", "configs/train/tiny-cpu.yaml", *flags, *OVERRIDES, *overrides])
+    err = run.stderr.strip()
+    return run.returncode, err.splitlines()[-1] if err else ""
 
 
 def _weights(directory: Path) -> dict[str, np.ndarray]:
@@ -59,17 +46,17 @@ def _weights(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def test_warm_start_keeps_the_hf_weights(train_data, tmp_path):
+def test_warm_start_keeps_the_hf_weights(train_data, tmp_path, capsys):
+    from nextlong_jax.convert_cli import main as convert
+
     hf_dir = tmp_path / "hf"
     hf_model(tiny_hf_dict(**SHAPE)).save_pretrained(hf_dir, safe_serialization=True)
     run = tmp_path / "run"
-    trained = _run("-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",
-                   "--data", str(train_data), "--out", str(run), "--init-from-hf", str(hf_dir), *OVERRIDES)
+    trained = train_in_process(capsys, ["--config", "configs/train/tiny-cpu.yaml", "--data", str(train_data),
+                                        "--out", str(run), "--init-from-hf", str(hf_dir), *OVERRIDES])
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     exported = tmp_path / "exported"
-    converted = _run("-m", "nextlong_jax.convert_cli", "orbax-to-hf", "--ckpt",
-                     str(run / "checkpoints" / "1"), "--out", str(exported))
-    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert convert(["orbax-to-hf", "--ckpt", str(run / "checkpoints" / "1"), "--out", str(exported)]) == 0
     original, roundtrip = _weights(hf_dir), _weights(exported)
     assert set(roundtrip) <= set(original) and "model.embed_tokens.weight" in roundtrip
     for name, tensor in roundtrip.items():
@@ -177,10 +164,16 @@ def stage_one(train_data, tmp_path_factory) -> Path:
     """The first stage in small: two steps on 8 devices (fsdp 4 x tensor 2); its step 2 is warm-started
     below on other meshes."""
     out = tmp_path_factory.mktemp("stage-one") / "run"
-    done = _train(train_data, out, "train.steps=2", "data.batch_size=4", "mesh.fsdp=4", "mesh.tensor=2",
-                  "optimizer.learning_rate=1e-2", "optimizer.warmup_steps=0", env=ENV_8_DEVICES)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_on_8_devices(__file__, "stage-one", str(train_data), str(out))
     return out / "checkpoints" / "2"
+
+
+def _stage_one(data: str, out: str) -> None:
+    from nextlong_jax.train_cli import main
+
+    assert main(["--config", str(ROOT / "configs/train/tiny-cpu.yaml"), "--data", data, "--out", out, *OVERRIDES,
+                 "train.steps=2", "data.batch_size=4", "mesh.fsdp=4", "mesh.tensor=2", "optimizer.learning_rate=1e-2",
+                 "optimizer.warmup_steps=0"]) == 0
 
 
 def test_init_optimizer_carries_adam_state_to_another_mesh(stage_one):
@@ -224,12 +217,14 @@ def _child(ckpt: Path) -> None:
     print("init optimizer ok")
 
 
-def test_init_optimizer_on_the_cli_continues_adam_and_restarts_the_schedule(train_data, stage_one, tmp_path):
+def test_init_optimizer_on_the_cli_continues_adam_and_restarts_the_schedule(train_data, stage_one, tmp_path, capsys):
     """The 64K -> 512K chain in small, on one device from an 8-device checkpoint: after one step at
     learning rate 0 the parameters are the first stage's exactly, Adam has counted 2 + 1 updates, the
     schedule 1, and the run's first checkpoint is step 1."""
     second = tmp_path / "second"
-    done = _train(train_data, second, "model.rope_theta=1000000.0", flags=("--init-from", str(stage_one), "--init-optimizer"))
+    done = train_in_process(capsys, ["--config", "configs/train/tiny-cpu.yaml", "--data", str(train_data), "--out",
+                                     str(second), "--init-from", str(stage_one), "--init-optimizer", *OVERRIDES,
+                                     "model.rope_theta=1000000.0"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"model from {stage_one}: rope_theta 500000 -> 1000000 (config)\n" in done.stdout
     assert "Adam's moments and update count from" in done.stdout
@@ -259,4 +254,4 @@ def test_warm_start_mismatches_are_one_line_errors(train_data, stage_one, tmp_pa
 
 
 if __name__ == "__main__":
-    _child(Path(sys.argv[1]))
+    _stage_one(*sys.argv[2:]) if sys.argv[1] == "stage-one" else _child(Path(sys.argv[1]))

@@ -41,7 +41,7 @@ def _launch(data: Path, out: Path, layout: str, steps: int) -> list[subprocess.P
     procs = []
     for host in range(HOSTS):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(HOSTS),
                "JAX_PROCESS_ID": str(host)}
         cmd = [sys.executable, "-m", "nextlong_jax.train_cli", "--config", "configs/train/tiny-cpu.yaml",

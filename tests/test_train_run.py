@@ -36,7 +36,8 @@ def _command(data: Path, out: Path, *overrides: str) -> list[str]:
             "--data", str(data), "--out", str(out), *ARGS, *overrides]
 
 
-def _in_process(capsys, data: Path | str, out: Path, *overrides: str) -> tuple[int, str]:
+def _in_process(capsys, data: Path | str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A run that needs no signal, in this process."""
     return train_in_process(capsys, _command(data, out, *overrides)[3:])
 
 
@@ -122,8 +123,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 def test_old_and_damaged_checkpoints(train_data, tmp_path, capsys):
     """A checkpoint from before training keys were saved resumes; a damaged one is a one-line error."""
     def run(steps: int) -> subprocess.CompletedProcess:
-        return subprocess.run(_command(train_data, tmp_path, CONSTANT_LR, f"train.steps={steps}"), cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=300)
+        return _in_process(capsys, train_data, tmp_path, CONSTANT_LR, f"train.steps={steps}")
 
     assert run(2).returncode == 0
     shutil.rmtree(tmp_path / "checkpoints" / "2" / "rng")
@@ -132,11 +132,12 @@ def test_old_and_damaged_checkpoints(train_data, tmp_path, capsys):
     assert "resumed from step 2" in resumed.stdout
     assert sorted(_losses(tmp_path)) == [1, 2, 3]
     shutil.rmtree(tmp_path / "checkpoints" / "3" / "opt_state")
-    code, err = _in_process(capsys, train_data, tmp_path, CONSTANT_LR, "train.steps=4")
-    assert code == 1 and err.strip().splitlines()[-1].startswith("nextlong-train: error: cannot resume from"), err
+    damaged = run(4)
+    assert damaged.returncode == 1, damaged.stderr
+    assert damaged.stderr.strip().splitlines()[-1].startswith("nextlong-train: error: cannot resume from"), damaged.stderr
 
 
-def test_sigterm_saves_stops_and_resumes(train_data, tmp_path):
+def test_sigterm_saves_stops_and_resumes(train_data, tmp_path, capsys):
     proc = _train(train_data, tmp_path, CONSTANT_LR, "checkpoint.every=1000", "train.steps=1000")
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -147,9 +148,7 @@ def test_sigterm_saves_stops_and_resumes(train_data, tmp_path):
     assert proc.returncode == 143, out  # not 0: the run did not reach train.steps
     saved = int(out.split("preempted: saved step ")[1].split(";")[0])
     assert saved >= 2 and saved in _committed(tmp_path)  # saved although no save was due
-    resumed = subprocess.run(_command(train_data, tmp_path, CONSTANT_LR, "checkpoint.every=1000",
-                                      f"train.steps={saved + 1}"),
-                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = _in_process(capsys, train_data, tmp_path, CONSTANT_LR, "checkpoint.every=1000", f"train.steps={saved + 1}")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from step {saved}" in resumed.stdout
 
@@ -164,9 +163,9 @@ def test_a_damaged_shard_stops_training_in_one_line(train_data, tmp_path, capsys
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     for source, message in ((data, f"shard {shard} is "), (data / "*.tfrecord", f"{shard}: record ")):
         out = tmp_path / f"run-{len(message)}"
-        code, err = _in_process(capsys, source, out, CONSTANT_LR, "train.steps=40")
-        error = err.strip().splitlines()[-1]
-        assert code == 1 and error.startswith("nextlong-train: error: ") and message in error, err[-2000:]
+        run = _in_process(capsys, source, out, CONSTANT_LR, "train.steps=40")
+        error = run.stderr.strip().splitlines()[-1]
+        assert run.returncode == 1 and error.startswith("nextlong-train: error: ") and message in error, run.stderr[-2000:]
         ckpts = out / "checkpoints"
         leftovers = [p.name for p in ckpts.iterdir() if not p.name.isdigit()] if ckpts.exists() else []
         assert not leftovers, leftovers
@@ -178,11 +177,11 @@ def test_a_mixture_of_sources_trains_and_mismatched_weights_are_one_line(train_d
     data_at = cmd.index("--data")
     extra = ["--data", str(train_data / "*.tfrecord"), "--data-weights", "1", "3"]
     mixed = cmd[:data_at + 2] + extra + cmd[data_at + 2:]
-    proc = subprocess.run(mixed, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = train_in_process(capsys, mixed[3:])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "checkpoints" / "2" / "progress" / "metadata").read_text())["train_config"]["data"][
         "weights"] == [1.0, 3.0]
     bad = mixed[:mixed.index("--data-weights") + 2] + mixed[mixed.index("--data-weights") + 3:]
-    code, err = train_in_process(capsys, bad[3:])
-    assert code == 1
-    assert "weights [1.0] must be 2 positive numbers, one per source" in err.strip().splitlines()[-1]
+    refused = train_in_process(capsys, bad[3:])
+    assert refused.returncode == 1
+    assert "weights [1.0] must be 2 positive numbers, one per source" in refused.stderr.strip().splitlines()[-1]

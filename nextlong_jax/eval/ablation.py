@@ -11,16 +11,21 @@ gap) and the plots. Every stage is resumable: rerun the command and finished arm
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
 from nextlong_jax.eval.probes import SYNTHETIC
+
+if TYPE_CHECKING:
+    from nextlong_jax.eval.runner import Evaluator
 
 ARMS = ("nextlong", "random-negatives", "plain-concat", "knn-concat")
 REPORT = "report.md"
@@ -143,21 +148,36 @@ def _last_step(run: Path) -> Path:
     return run / "checkpoints" / str(steps[-1])
 
 
-def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[dict], out: Path) -> dict:
+def _train_config(cfg: AblationConfig):
+    from nextlong_jax.train_config import load_config
+
+    return load_config(cfg.train_config, ["data.source=unused", *cfg.train_overrides])
+
+
+def _arm_evaluator(cfg: AblationConfig, run: Path) -> Callable[[], Evaluator]:
+    """The evaluator of one trained arm, loaded (and compiled) at the first stage that needs it and shared by
+    the next: a finished stage costs nothing."""
+    @functools.cache
+    def load():
+        from nextlong_jax.eval.runner import Evaluator
+
+        return Evaluator.load(_train_config(cfg), ckpt=_last_step(run))
+    return load
+
+
+def _evaluate(cfg: AblationConfig, arm: str, run: Path, evaluator: Callable[[], Evaluator], probes,
+              heldout: list[dict], out: Path) -> dict:
     """Probes and the dependency probe of one trained arm, written under `out`; resumable."""
     from nextlong_jax.eval.dependency import measure
     from nextlong_jax.eval.dependency import write as write_dependency
     from nextlong_jax.eval.report import summary as summarize
     from nextlong_jax.eval.report import write_results
-    from nextlong_jax.eval.runner import Evaluator
     from nextlong_jax.eval.scoring import verdict
-    from nextlong_jax.train_config import load_config
 
     done = out / "summary.json"
     if done.is_file():
         return json.loads(done.read_text())
-    config = load_config(cfg.train_config, ["data.source=unused", *cfg.train_overrides])
-    evaluator = Evaluator.load(config, ckpt=_last_step(run))
+    config, evaluator = _train_config(cfg), evaluator()
     verdicts = [verdict(p, *s) for p, s in zip(probes, evaluator.score(probes))]
     write_results(out, {"forced": verdicts}, {"arm": arm, "model": str(_last_step(run))})
     dependency = measure(evaluator, heldout, seed=cfg.seed)
@@ -181,20 +201,18 @@ def _evaluate(cfg: AblationConfig, arm: str, run: Path, probes, heldout: list[di
     return summary
 
 
-def _ruler(cfg: AblationConfig, run: Path, ruler, out: Path) -> dict[str, dict[str, float]]:
+def _ruler(cfg: AblationConfig, evaluator: Callable[[], Evaluator], ruler,
+           out: Path) -> dict[str, dict[str, float]]:
     """RULER through the harness on one trained arm (`ruler`: the tasks every arm is asked), written to
     `out`/ruler.json; resumable, and a stage of its own, so harness_tasks added to a finished ablation
     run only it."""
     from nextlong_jax.eval.harness import NextLongLM, ruler_scores
-    from nextlong_jax.eval.runner import Evaluator
-    from nextlong_jax.train_config import load_config
 
     done = out / "ruler.json"
     if done.is_file():
         return json.loads(done.read_text())
-    config = load_config(cfg.train_config, ["data.source=unused", *cfg.train_overrides])
-    lm = NextLongLM(evaluator=Evaluator.load(config, ckpt=_last_step(run)), tokenizer=ruler.tokenizer,
-                    max_length=max(cfg.harness_lengths), seed=cfg.seed)
+    lm = NextLongLM(evaluator=evaluator(), tokenizer=ruler.tokenizer, max_length=max(cfg.harness_lengths),
+                    seed=cfg.seed)
     scores = ruler_scores(lm, ruler, cfg.harness_lengths, cfg.harness_samples)
     done.write_text(json.dumps(scores, indent=1) + "\n")
     return scores
@@ -236,9 +254,10 @@ def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
     summaries = []
     for arm in cfg.arms:
         log(f"[ablation] evaluate {arm}")
-        summary = _evaluate(cfg, arm, out / "runs" / arm, probes, heldout, out / "eval" / arm)
+        run, evaluator = out / "runs" / arm, _arm_evaluator(cfg, out / "runs" / arm)
+        summary = _evaluate(cfg, arm, run, evaluator, probes, heldout, out / "eval" / arm)
         if ruler is not None:
-            summary["ruler"] = _ruler(cfg, out / "runs" / arm, ruler, out / "eval" / arm)
+            summary["ruler"] = _ruler(cfg, evaluator, ruler, out / "eval" / arm)
         summaries.append(summary)
     return write_report(cfg, out, summaries, time.perf_counter() - started)
 
