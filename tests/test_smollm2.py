@@ -90,7 +90,7 @@ def test_smollm2_uses_the_meta_document_across_the_negatives(smollm2, tmp_path, 
                        "1024", "--chunk-tokens", "128", "--num-shards", "1", "--tokenizer", str(smollm2),
                        "--out", str(data)]) == 0
     assert evaluate(["dependency", "--hf", str(smollm2), "--config", "configs/train/tiny-cpu.yaml", "--data",
-                     str(data), "--max-sequences", "4", "--out", str(out)]) == 0
+                     str(data), "--max-sequences", "2", "--out", str(out)]) == 0
     print(capsys.readouterr().out)
     result = json.loads((out / "dependency.json").read_text())
     near = next(r for r in result["gap_by_distance"] if r["from"] == 0)
