@@ -141,8 +141,10 @@ def plan(config: Config, topology: Topology, cache: Path | None = None) -> Plan:
         recorded = cache / f"{topology.name}-{key[:16]}.json" if cache else None
         if recorded and recorded.exists():
             stored = json.loads(recorded.read_text())
-            if stored["fingerprint"] == key:
-                return Plan(**{**stored, "cached": True})
+            if stored["fingerprint"] == key:  # the program is the one recorded; the budget is today's
+                budget = topology.chip.budget_gib
+                return Plan(**{**stored, "cached": True, "budget_gib": round(budget, 2),
+                               "fits": stored["total_gib"] <= budget})
         compiled = lowered.compile()
     seconds = time.perf_counter() - start
     backend, blocks = setup.model.config.attention_backend, setup.model.config.attention_blocks
