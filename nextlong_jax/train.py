@@ -41,8 +41,10 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
     if `init_optimizer`), if given, and keeps that model's tokenizer beside its checkpoints (what an
     export of any step carries); see `warm_start`."""
     from nextlong_jax.checkpoint import Checkpointer, Preemption
+    from nextlong_jax.compile_cache import use_compilation_cache
 
     start_runtime()
+    compiled = use_compilation_cache(config.train.compilation_cache, out_dir)
     started = None
     if init_from_hf or init_from:
         model, started = warm_model(config, init_from_hf=init_from_hf, init_from=init_from)
@@ -134,6 +136,9 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
             # say) never reaches `save`, so nothing half-done is written.
             preemption.close()
             checkpoints.close()
+            if compiled:
+                reporter.message(compiled.summary())
+                compiled.close()
     return step
 
 

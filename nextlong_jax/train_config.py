@@ -127,6 +127,9 @@ class TrainRunConfig:
     max_consecutive_nonfinite: int = 5  # stop after this many skipped (NaN/inf) updates in a row
     # MFU's denominator; 0: the published bf16 peak of a known GPU/TPU when computing in bf16, else no MFU
     peak_flops_per_device: float = 0.0
+    # jax's persistent compilation cache: "auto" in OUT/jax-cache, "off", or a directory (local or a URL);
+    # JAX_COMPILATION_CACHE_DIR, where set, wins. A restart loads the step instead of compiling it again.
+    compilation_cache: str = "auto"
 
 
 FlagValue = str | int | bool

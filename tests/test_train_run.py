@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,9 +42,13 @@ def _in_process(capsys, data: Path | str, out: Path, *overrides: str) -> subproc
     return train_in_process(capsys, _command(data, out, *overrides)[3:])
 
 
-def _train(data: Path, out: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(_command(data, out, *overrides), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+def _train(data: Path, out: Path, *overrides: str, env: dict[str, str] = ENV) -> subprocess.Popen:
+    return subprocess.Popen(_command(data, out, *overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+# Without the test run's shared cache: each run keeps its own, in OUT/jax-cache (train.compilation_cache).
+OWN_CACHE = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -59,7 +64,8 @@ def _committed(out: Path) -> list[int]:
 
 def test_sigkill_resume_reproduces_losses_and_loss_goes_down(train_data, tmp_path):
     reference = _train(train_data, tmp_path / "ref")
-    victim = _train(train_data, tmp_path / "killed")  # both at once: two cores, and the results must not care
+    # both at once: two cores, and the results must not care
+    victim = _train(train_data, tmp_path / "killed", env=OWN_CACHE)
     deadline = time.time() + 240
     while not [s for s in _committed(tmp_path / "killed") if s >= 2] and victim.poll() is None:
         assert time.time() < deadline, "no checkpoint appeared"
@@ -68,10 +74,14 @@ def test_sigkill_resume_reproduces_losses_and_loss_goes_down(train_data, tmp_pat
     victim.wait()
     ref_out, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, ref_out
-    resumed = _train(train_data, tmp_path / "killed")
+    resumed = _train(train_data, tmp_path / "killed", env=OWN_CACHE)
     res_out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, res_out
     assert "resumed from step" in res_out
+    # The restart compiled nothing: every program came from the cache the killed run left in its directory.
+    loaded = re.search(rf"compilation cache {tmp_path / 'killed' / 'jax-cache'}: (\d+) program\(s\) loaded, "
+                       r"(\d+) compiled", res_out)
+    assert loaded and int(loaded[1]) > 0 and loaded[2] == "0", res_out[-3000:]
     resumed_from = int(res_out.split("resumed from step ")[1].split()[0])
     assert "summary: steps 1-6 of 6, loss " in ref_out and f"summary: steps {resumed_from + 1}-6 of 6" in res_out
 
@@ -113,8 +123,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
     assert main(["--config", "configs/train/tiny-cpu.yaml", "--out", str(tmp_path), "train.stepz=1"]) == 1
     assert capsys.readouterr().err.strip() == ("nextlong-train: error: unknown key train.stepz "
-                                               "(known in train: max_consecutive_nonfinite, peak_flops_per_device, "
-                                               "seed, steps)")
+                                               "(known in train: compilation_cache, max_consecutive_nonfinite, "
+                                               "peak_flops_per_device, seed, steps)")
     assert main(["--config", "configs/train/tiny-cpu.yaml", "--out", str(tmp_path),
                  "--data", str(tmp_path / "none-*.tfrecord")]) == 1
     assert "no TFRecord shards match" in capsys.readouterr().err
