@@ -9,25 +9,23 @@ import sys
 import time
 from pathlib import Path
 
+import apache_beam  # noqa: F401 - the dev extra installs it: a broken install fails here rather than skipping
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import tensorflow as tf
 
-pytest.importorskip("apache_beam")
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from helpers import synth_args, write_corpus  # noqa: E402
-from mirror_filesystem import MirrorFileSystem  # noqa: E402
-from nextlong_jax.data import find_shards  # noqa: E402
-from synth.cli import main  # noqa: E402
-from synth.corpus import CorpusSpec, ReadStats, read_documents, resolve_sources  # noqa: E402
-from synth.config import build_config  # noqa: E402
-from synth.errors import SynthError  # noqa: E402
-from synth.shards import OpenInputs, ShardInputs, make_shard  # noqa: E402
-from synth.staging import Mirror, staging_dir  # noqa: E402
-from synth.store import StoreRef  # noqa: E402
+from helpers import synth_args, write_corpus
+from mirror_filesystem import MirrorFileSystem
+from nextlong_jax.data import find_shards
+from synth.cli import main
+from synth.corpus import CorpusSpec, ReadStats, read_documents, resolve_sources
+from synth.config import build_config
+from synth.errors import SynthError
+from synth.shards import OpenInputs, ShardInputs, make_shard
+from synth.staging import Mirror, staging_dir
+from synth.store import StoreRef
 
 BEAM = ["--runner", "beam", "--beam-options", "--direct_num_workers=2 --direct_running_mode=multi_processing"]
 # Beam in this process: for what the workers' processes do not change (a rerun finding its work done, an

@@ -30,6 +30,8 @@ CASES = {  # name: (B, L, H, K, D, block_q, block_k, packed)
     "gqa": (1, 64, 4, 2, 16, 16, 16, False),
     "packed-padding-tail": (2, 64, 2, 1, 16, 16, 8, True),
     "ragged-length-gqa": (2, 72, 4, 2, 32, 32, 16, True),  # 72 pads to 96
+    # 24 pads to 32 (Triton's tiles): the softmax scale must stay 1/sqrt(24), not the padded 1/sqrt(32)
+    "head-dim-24": (1, 32, 2, 1, 24, 16, 16, False),
 }
 
 
