@@ -134,6 +134,22 @@ def test_summary_counts_roles_and_similarities(run_out):
     assert (run_out / "summary.md").read_text().startswith("# NExtLong synthesis summary")
 
 
+def test_the_summarys_similarities_are_the_shards_negative_scores(run_out):
+    """The summary's count, histogram, mean and quantiles of negative cosine similarity, recomputed from the
+    scores the shards carry (one per negative chunk they hold)."""
+    from synth.report import SIMILARITY_BINS
+
+    negatives = json.loads((run_out / "manifest.json").read_text())["counts"]["negatives"]
+    scores = np.sort(np.concatenate([e["negative_scores"] for e in
+                                     read_dataset(run_out, with_provenance=True).as_numpy_iterator()]))
+    assert negatives["chosen"] == len(scores) > 0
+    assert negatives["similarity_mean"] == pytest.approx(float(scores.mean()), abs=1e-4)
+    bins = np.searchsorted(SIMILARITY_BINS, scores, side="right") - 1  # the bin whose lower edge is below
+    assert negatives["similarity_histogram"] == {f"{SIMILARITY_BINS[b]:.2f}": n for b, n in sorted(Counter(bins).items())}
+    ranks = [int(np.ceil(q * len(scores))) - 1 for q in (0.1, 0.5, 0.9)]  # the q-th score's bin, by its upper edge
+    assert negatives["similarity_p10_p50_p90"] == [round(float(SIMILARITY_BINS[bins[r] + 1]), 2) for r in ranks]
+
+
 def test_same_arguments_give_identical_bytes(run_out, corpus, tmp_path):
     other = tmp_path / "again"
     assert main(synth_args(corpus, other, "--k", "auto")) == 0
