@@ -38,7 +38,7 @@ from nextlong_jax.gguf import smollm2  # noqa: E402
 from nextlong_jax.model import Llama, LlamaConfig  # noqa: E402
 from nextlong_jax.sharding import make_mesh  # noqa: E402
 from nextlong_jax.warm_start import hf_params  # noqa: E402
-from synth.tokenizer import load_tokenizer  # noqa: E402
+from nextlong_contract.tokenizer import load_tokenizer  # noqa: E402
 
 
 class Clock(BaseStreamer):

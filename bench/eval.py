@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from nextlong_jax.eval.probes import Probe, ProbeFactory, ProbeSpec  # noqa: E402
-from nextlong_jax.eval.runner import Evaluator  # noqa: E402
-from nextlong_jax.eval.scoring import token_scores, verdict  # noqa: E402
+from nextlong_eval.probes import Probe, ProbeFactory, ProbeSpec  # noqa: E402
+from nextlong_eval.runner import Evaluator  # noqa: E402
+from nextlong_eval.scoring import token_scores, verdict  # noqa: E402
 from nextlong_jax.testing import hf_model, tiny_hf_dict  # noqa: E402
 from nextlong_jax.train_config import load_config  # noqa: E402
-from synth.tokenizer import load_tokenizer  # noqa: E402
+from nextlong_contract.tokenizer import load_tokenizer  # noqa: E402
 
 MODEL = dict(vocab_size=128256, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=16384,

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 def chunk_texts(limit: int) -> list[str]:
     from synth.chunking import chunk_document
     from synth.corpus import CorpusSpec, ReadStats, read_documents
-    from synth.tokenizer import load_tokenizer
+    from nextlong_contract.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     texts: list[str] = []

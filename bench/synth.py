@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import synth.local_runner  # noqa: E402,F401  (TensorFlow's import is start-up, not throughput)
 from synth.cli import main as synth_main  # noqa: E402
 from synth.corpus import CorpusSpec, ReadStats, read_documents  # noqa: E402
-from synth.tokenizer import load_tokenizer  # noqa: E402
+from nextlong_contract.tokenizer import load_tokenizer  # noqa: E402
 
 
 def documents(sample: str, limit: int | None):

@@ -1,6 +1,6 @@
 """Training input: TFRecord shards written by synthesis -> per-host numpy batches.
 
-What the shards hold is the contract in `nextlong_jax.schema`, read through `nextlong_jax.output_reader`;
+What the shards hold is the contract in `nextlong_contract.schema`, read through `nextlong_contract.reader`;
 provenance features are ignored. No shard is trusted blindly: against a manifest, local or at a URL,
 every shard's size (and on request its sha256) is checked before step 1; without one, a shard that
 fails to read mid-run is named, with the record where it broke, instead of surfacing as TensorFlow's
@@ -10,7 +10,7 @@ Order is a pure function of (files, seed): files are shuffled per epoch, read in
 records pass a seeded shuffle buffer. Resuming skips the records already consumed, before parsing,
 so a restarted run sees exactly the batches an uninterrupted one would.
 
-A source whose manifest declares `document_len` (documents in slots, see `nextlong_jax.schema`)
+A source whose manifest declares `document_len` (documents in slots, see `nextlong_contract.schema`)
 trains as rows of that length, at that length's attention cost (`BatchIterator.document_len` tells
 the trainer which). A mixture of sources with different document lengths then draws whole batches
 per source, not sequences, so every batch has one document length.
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nextlong_jax.output_reader import check_shards, names_output, parser, read_output
-from nextlong_jax.schema import FLOAT_FEATURES, ROLE_NEGATIVE, TRAINING_FEATURES, ManifestError, segment_starts
+from nextlong_contract.reader import check_shards, names_output, parser, read_output
+from nextlong_contract.schema import FLOAT_FEATURES, ROLE_NEGATIVE, TRAINING_FEATURES, ManifestError, segment_starts
 from nextlong_jax.train_config import DataConfig
 
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from nextlong_jax.schema import TRAINING_FEATURES
+from nextlong_contract.schema import TRAINING_FEATURES
 
 
 def host_rows(sharding: NamedSharding, global_shape: tuple[int, int]) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from nextlong_jax import load_balance
-from nextlong_jax.schema import ROLE_META, ROLE_NEGATIVE
+from nextlong_contract.schema import ROLE_META, ROLE_NEGATIVE
 from nextlong_jax.model.attention.backends import require_sequence_parallel
 from nextlong_jax.model.llama import Llama
 from nextlong_jax.model.loss import next_token_targets, target_loss

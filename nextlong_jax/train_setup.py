@@ -15,7 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nextlong_jax.hardware import claim_gpu_memory
-from nextlong_jax.schema import FLOAT_FEATURES, TRAINING_FEATURES
+from nextlong_contract.schema import FLOAT_FEATURES, TRAINING_FEATURES
 from nextlong_jax.model.attention import BackendError, resolve
 from nextlong_jax.model.attention.backends import platform_family
 from nextlong_jax.model.config import LlamaConfig

@@ -1,6 +1,6 @@
 """Are a dataset's token ids the model's? An embedding lookup takes any id, one beyond the vocabulary
 clamped to its last row without a word, so the trainer and `nextlong-eval dependency` check here
-before a model reads data: the tokenizer a synthesis output's manifest records (`nextlong_jax.schema`)
+before a model reads data: the tokenizer a synthesis output's manifest records (`nextlong_contract.schema`)
 against the model's tokenizer and vocab_size, and the ids themselves as they are read.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from nextlong_jax.data import DataError
-from nextlong_jax.schema import vocabulary_sha256
+from nextlong_contract.schema import vocabulary_sha256
 
 RESYNTHESIZE = "re-synthesize the data with the model's tokenizer (nextlong-synth --tokenizer MODEL_DIR)"
 

@@ -20,7 +20,7 @@ documents. Every meta token is accounted for: placed, or dropped where a segment
 (`PackStats`).
 
 Loss convention: `loss_weights[t]` weighs the prediction of `input_ids[t]` from the tokens before
-it; the first token of every segment gets weight 0 (`nextlong_jax.schema.segment_starts`).
+it; the first token of every segment gets weight 0 (`nextlong_contract.schema.segment_starts`).
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE, segment_starts
+from nextlong_contract.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE, segment_starts
 from synth.meta_groups import MetaGroups, meta_groups
 from synth.negatives import CandidateSource, MetaDocument, NegativeFilter, Quota, mine
 
 if TYPE_CHECKING:
     from synth.config import MiningConfig
     from synth.store import ChunkStore
-    from synth.tokenizer import TextTokenizer
+    from nextlong_contract.tokenizer import TextTokenizer
 
 
 @dataclass

@@ -38,11 +38,11 @@ import numpy as np
 from apache_beam.metrics import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from nextlong_jax.schema import MANIFEST
+from nextlong_contract.schema import MANIFEST
 from synth.config import SynthConfig
 from synth.corpus import CorpusSpec, Document, ReadStats, checked_records, duplicate_id, resolve_sources
 from synth.embed import load_embedder
-from synth.errors import SynthError
+from synth.errors import USER_ERRORS, SynthError
 from synth.index.base import META
 from synth.report import RunFigures
 from synth.shards import OpenInputs, ShardInputs, finished_report, make_shard, publish_shard
@@ -51,7 +51,7 @@ from synth.stages import (SUMMARY, Collection, check_collections, collection_dir
 from synth.staging import Mirror
 from synth.store import (BuildStats, StoreRef, block_path, build_block, count_reused, counted_files,
                          embedding_name)
-from synth.tokenizer import load_tokenizer
+from nextlong_contract.tokenizer import load_tokenizer
 
 NAMESPACE = "nextlong-synth"
 RECALL_MICROS, NEAR_DUPLICATES = "index.recall_at_10_micros", "corpus.near_duplicate_documents"
@@ -218,10 +218,10 @@ def _user_errors():
     wrapped in the runner's own error, traceback included: show it as the one line it is."""
     try:
         yield
-    except SynthError:
+    except USER_ERRORS:
         raise
     except Exception as error:
-        found = re.search(r"SynthError: (.+)", str(error))
+        found = re.search(r"(?:SynthError|TokenizerError): (.+)", str(error))
         if found is None:
             raise
         raise SynthError(found.group(1).strip()) from error

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from synth.tokenizer import TextTokenizer
+from nextlong_contract.tokenizer import TextTokenizer
 
 CHUNK_UNITS = ("tokens", "chars")
 # Every token of the supported vocabularies is far shorter than this, so a character limit at

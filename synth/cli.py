@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from synth.config import FLAT_DEFAULTS, OPTIONS, build_config
-from synth.errors import SynthError
+from synth.errors import USER_ERRORS, SynthError
 
 DESCRIPTION = """\
 Turn short documents into long-context training sequences (NExtLong, arXiv 2501.12766).
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             from synth.tfds_metadata import write_tfds_metadata
 
             write_tfds_metadata(config.output.out)
-    except SynthError as exc:
+    except USER_ERRORS as exc:
         print(f"nextlong-synth: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -145,7 +145,7 @@ def _index_build(argv: list[str]) -> int:
         from synth.local_runner import build_corpus_index
 
         report = build_corpus_index(config)
-    except SynthError as exc:
+    except USER_ERRORS as exc:
         print(f"nextlong-synth: error: {exc}", file=sys.stderr)
         return 2
     print(f"- index {report['kind']} ({report['backend']}): {report['vectors']} vectors in {report['seconds']}s, "
@@ -172,7 +172,7 @@ def _inspect(argv: list[str]) -> int:
 
     try:
         view = inspect(args.out, args.index)
-    except SynthError as exc:
+    except USER_ERRORS as exc:
         print(f"nextlong-synth: error: {exc}", file=sys.stderr)
         return 2
     if args.html is None:

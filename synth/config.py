@@ -18,7 +18,7 @@ from synth.chunking import MIN_CHAR_LIMIT
 from synth.corpus import FORMATS, CorpusSpec
 from synth.embed import EMBED_BACKENDS, EmbeddingConfig
 from synth.errors import SynthError
-from synth.index import INDEX_KINDS, IndexConfig
+from synth.index.base import INDEX_KINDS, IndexConfig
 from synth.staging import local_or_staged
 from synth.strategies import Strategy
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from nextlong_jax.schema import is_url
+from nextlong_contract.urls import is_url
 from synth.errors import SynthError
 from synth.files import Location, match_urls, open_binary, signature, size, url_files
 

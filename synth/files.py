@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
-from nextlong_jax.schema import url_filesystems
+from nextlong_contract.urls import url_filesystems
 from synth.errors import SynthError
 
 Location = Path | str  # a local path, or a URL

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nextlong_jax.output_reader import parser, read_output
-from nextlong_jax.schema import MANIFEST, ROLE_NAMES, ROLE_NEGATIVE, ROLE_PAD, Manifest, ManifestError
+from nextlong_contract.reader import parser, read_output
+from nextlong_contract.schema import MANIFEST, ROLE_NAMES, ROLE_NEGATIVE, ROLE_PAD, Manifest, ManifestError
 from synth.errors import SynthError
-from synth.tokenizer import TextTokenizer, load_tokenizer
+from nextlong_contract.tokenizer import TextTokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)

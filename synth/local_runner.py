@@ -23,7 +23,7 @@ from synth.shards import OpenInputs, ShardInputs, make_shards
 from synth.stages import (build_collection, check_collections, check_meta_groups, corpus_index, finish,
                           index_recall, near_duplicates, prepare)
 from synth.staging import Mirror
-from synth.tokenizer import load_tokenizer
+from nextlong_contract.tokenizer import load_tokenizer
 
 
 def build_corpus_index(config: SynthConfig) -> dict:

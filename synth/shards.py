@@ -32,9 +32,9 @@ from synth.overlap import MetaOverlap
 from synth.report import ShardReport
 from synth.staging import Mirror
 from synth.store import StoreRef
-from synth.strategies import Strategy
+from synth.strategies import Order
 from synth.tfrecord import shard_name, to_example, write_json, write_shard
-from synth.tokenizer import TextTokenizer, load_tokenizer
+from nextlong_contract.tokenizer import TextTokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -116,16 +116,18 @@ def publish_shard(config: SynthConfig, shard: int, mirror: Mirror) -> None:
 def _concatenation_order(opened: OpenInputs, shard: int) -> list[int]:
     """This shard's meta-documents in the order its concatenation baseline packs them (`synth.baselines`)."""
     config, ext = opened.config, opened.extension
-    strategy, seed = config.mining.strategy, config.mining.seed
+    seed = config.mining.seed
     docs = _shard_order(ext.meta.num_docs, shard, config.output.num_shards, seed)
-    if strategy is Strategy.KNN_CONCAT:
-        vectors = document_vectors(ext.meta.embeddings, ext.meta.doc_chunk_offsets, docs)
-        return [docs[i] for i in knn_walk(vectors, list(range(len(docs))))]
-    if strategy is Strategy.KEYWORD_CONCAT:
-        texts = [opened.tokenizer.decode([t for c in ext.meta.doc_chunks(d) for t in ext.meta.tokens(c).tolist()])
-                 for d in docs]
-        return [docs[i] for i in keyword_order(texts, seed)]
-    return docs
+    match config.mining.strategy.order:
+        case Order.KNN_WALK:
+            vectors = document_vectors(ext.meta.embeddings, ext.meta.doc_chunk_offsets, docs)
+            return [docs[i] for i in knn_walk(vectors, list(range(len(docs))))]
+        case Order.KEYWORDS:
+            texts = [opened.tokenizer.decode([t for c in ext.meta.doc_chunks(d) for t in ext.meta.tokens(c).tolist()])
+                     for d in docs]
+            return [docs[i] for i in keyword_order(texts, seed)]
+        case Order.SHUFFLED:
+            return docs
 
 
 def _sequences(opened: OpenInputs, shard: int, packer: Packer, rules: NegativeFilter) -> Iterator[Sequence]:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
+from nextlong_contract.schema import MANIFEST, Manifest, ShardEntry
 from synth.assemble import Extension
 from synth.config import SynthConfig
 from synth.corpus import CorpusSpec, ReadStats, corpus_fingerprint, read_documents
@@ -31,7 +31,7 @@ from synth.report import RunFigures, render_summary, summarize
 from synth.staging import Mirror
 from synth.store import BuildStats, ChunkStore, StoreRef, build_store, store_key
 from synth.tfrecord import write_json
-from synth.tokenizer import TextTokenizer, load_tokenizer
+from nextlong_contract.tokenizer import TextTokenizer, load_tokenizer
 
 SUMMARY = "summary.md"
 RECALL_QUERIES = 256

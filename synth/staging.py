@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nextlong_jax.schema import is_url
+from nextlong_contract.urls import is_url
 from synth.errors import SynthError
 from synth.files import beam_filesystems, match_urls, open_binary, temporary_name, temporary_sibling
 

@@ -27,7 +27,7 @@ from synth.config import ChunkingConfig
 from synth.corpus import Document
 from synth.embed import Embedder
 from synth.files import temporary_sibling
-from synth.tokenizer import TextTokenizer
+from nextlong_contract.tokenizer import TextTokenizer
 
 _TOKENS, _TOKEN_OFFSETS, _DOC_OFFSETS, _DOC_IDS, _DOC_SOURCES = (
     "tokens.npy", "token_offsets.npy", "doc_chunk_offsets.npy", "doc_ids.json", "doc_sources.json")

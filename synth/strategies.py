@@ -9,7 +9,15 @@ configuration whether `--doc-len` applies, the shard maker how to lay sequences 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
+
+
+class Order(Enum):
+    """How a concatenation orders a shard's meta-documents (`synth.baselines`)."""
+
+    SHUFFLED = "shuffled"  # the shard's seeded order, as plain concatenation
+    KNN_WALK = "knn-walk"  # each document followed by its nearest unvisited neighbour (document vectors)
+    KEYWORDS = "keywords"  # documents sharing TF-IDF keywords placed together
 
 
 class Strategy(StrEnum):
@@ -36,18 +44,24 @@ class Strategy(StrEnum):
         """Negatives come from the corpus index (built, or found in the cache, and its recall measured)."""
         return _NEEDS[self].searches_index
 
+    @property
+    def order(self) -> Order:
+        """How a concatenation orders its documents (meaningless for strategies that extend)."""
+        return _NEEDS[self].order
+
 
 @dataclass(frozen=True)
 class _Needs:
     extends: bool
     embeds: bool
     searches_index: bool
+    order: Order = Order.SHUFFLED
 
 
 _NEEDS = {
     Strategy.NEXTLONG: _Needs(extends=True, embeds=True, searches_index=True),
     Strategy.RANDOM_NEGATIVES: _Needs(extends=True, embeds=True, searches_index=False),  # scored by cosine
     Strategy.PLAIN_CONCAT: _Needs(extends=False, embeds=False, searches_index=False),
-    Strategy.KNN_CONCAT: _Needs(extends=False, embeds=True, searches_index=False),  # walks document vectors
-    Strategy.KEYWORD_CONCAT: _Needs(extends=False, embeds=False, searches_index=False),  # TF-IDF of the text
+    Strategy.KNN_CONCAT: _Needs(extends=False, embeds=True, searches_index=False, order=Order.KNN_WALK),
+    Strategy.KEYWORD_CONCAT: _Needs(extends=False, embeds=False, searches_index=False, order=Order.KEYWORDS),
 }

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nextlong_jax.output_reader import read_output
-from nextlong_jax.schema import FLOAT_FEATURES, INT_FEATURES, PROVENANCE_FEATURES, ManifestError
+from nextlong_contract.reader import read_output
+from nextlong_contract.schema import FLOAT_FEATURES, INT_FEATURES, PROVENANCE_FEATURES, ManifestError
 from synth.errors import SynthError
 from synth.strategies import Strategy
 

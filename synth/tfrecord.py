@@ -1,5 +1,5 @@
-"""TFRecord output, written to the contract in `nextlong_jax.schema` (also the README's "Output format"),
-and read back through the contract's one reader (`nextlong_jax.output_reader`).
+"""TFRecord output, written to the contract in `nextlong_contract.schema` (also the README's "Output format"),
+and read back through the contract's one reader (`nextlong_contract.reader`).
 
 One `tf.train.Example` per training sequence. Shards are named
 `PREFIX-00000-of-00008.tfrecord` (`.tfrecord.gz` with GZIP), written under a temporary name and
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from nextlong_jax.output_reader import parser, read_output
-from nextlong_jax.schema import FLOAT_FEATURES, INT_FEATURES, PROVENANCE_FEATURES, stream_sha256
+from nextlong_contract.reader import parser, read_output
+from nextlong_contract.schema import FLOAT_FEATURES, INT_FEATURES, PROVENANCE_FEATURES, stream_sha256
 from synth.assemble import Sequence
 from synth.files import temporary_sibling
 

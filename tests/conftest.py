@@ -70,7 +70,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from synth.tokenizer import load_tokenizer
+    from nextlong_contract.tokenizer import load_tokenizer
 
     return load_tokenizer("llama3")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nextlong_jax.eval.ablation import ARMS, AblationConfig, run_ablation
+from nextlong_eval.ablation import ARMS, AblationConfig, run_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_ruler_through_the_harness_joins_the_report(ablation, tmp_path, monkeypa
 
     import lm_eval.tasks
 
-    from nextlong_jax.eval.ablation import RULER_LENGTHS
+    from nextlong_eval.ablation import RULER_LENGTHS
 
     # The lengths lm-eval's RULER tasks report a metric for (the others include niah_single_1's list).
     yaml = (Path(lm_eval.tasks.__file__).parent / "ruler" / "niah_single_1.yaml").read_text()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nextlong_jax.schema import ROLE_META, ROLE_NEGATIVE, ROLE_PAD
+from nextlong_contract.schema import ROLE_META, ROLE_NEGATIVE, ROLE_PAD
 from synth.assemble import Joiner, Packer, Piece, negative_quota
 from synth.negatives import MetaDocument, NegativeFilter, Quota, RandomCandidates, mine
 from synth.overlap import MetaOverlap

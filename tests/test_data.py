@@ -10,7 +10,7 @@ import pytest
 
 from nextlong_jax.data import (BatchIterator, DataError, Shards, apply_negative_weight, check_slots, find_shards,
                                host_shards, resume_batches)
-from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
+from nextlong_contract.schema import MANIFEST, Manifest, ShardEntry
 from nextlong_jax.train_config import DataConfig
 
 SEQ = 16

@@ -73,7 +73,7 @@ def test_greedy_tokens_equal_transformers_on_smollm2(smollm2):
     import torch
     import transformers
 
-    from synth.tokenizer import load_tokenizer
+    from nextlong_contract.tokenizer import load_tokenizer
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(str(smollm2))
@@ -288,7 +288,7 @@ if __name__ == "__main__":
 
 
 def test_generate_cli_answers_chat_prompts_and_writes_jsonl(smollm2, tmp_path, capsys, monkeypatch):
-    from nextlong_jax.eval.cli import main
+    from nextlong_eval.cli import main
 
     monkeypatch.chdir(ROOT)
     prompts = tmp_path / "prompts.jsonl"

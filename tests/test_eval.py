@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nextlong_jax.eval.probes import Probe, ProbeFactory, ProbeSpec
-from nextlong_jax.eval.scoring import generate_verdicts, token_scores, verdict
+from nextlong_eval.probes import Probe, ProbeFactory, ProbeSpec
+from nextlong_eval.scoring import generate_verdicts, token_scores, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "train" / "tiny-cpu.yaml"
@@ -27,7 +27,7 @@ SHAPE = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden
 
 @pytest.fixture(scope="module")
 def essays():
-    from nextlong_jax.eval.probes import corpus_texts
+    from nextlong_eval.probes import corpus_texts
 
     return corpus_texts("sample:pydocs", 300)
 
@@ -41,7 +41,7 @@ def _probes(tokenizer, essays, length: int = 1024, tasks: tuple[str, ...] = SHOR
 
 
 def test_the_scorer_gives_an_oracle_everything_and_a_blind_model_chance(tokenizer, essays):
-    from nextlong_jax.eval.probes import SYNTHETIC
+    from nextlong_eval.probes import SYNTHETIC
 
     rng = np.random.default_rng(0)
     probes = _probes(tokenizer, essays, tasks=SYNTHETIC)
@@ -72,7 +72,7 @@ def tiny_hf(tmp_path_factory):
 
 
 def _scorer(hf_dir: Path, *overrides: str):
-    from nextlong_jax.eval.runner import Evaluator
+    from nextlong_eval.runner import Evaluator
     from nextlong_jax.train_config import load_config
 
     return Evaluator.load(load_config(CONFIG, ["data.source=unused", *overrides]), hf=hf_dir)
@@ -127,7 +127,7 @@ def synthesized(tmp_path_factory):
 def test_the_dependency_probe_replaces_only_the_earlier_meta_chunks(synthesized):
     """The replaced context keeps the original's length, layout and positions: only the tokens of
     m_1..m_j-1 change, each span to other meta-documents' text of its exact length."""
-    from nextlong_jax.eval.dependency import meta_spans, replaced, targets
+    from nextlong_eval.dependency import meta_spans, replaced, targets
 
     spans = [meta_spans(e) for e in synthesized]
     chosen = targets(spans, per_segment=2)
@@ -202,7 +202,7 @@ def _child(hf_dir: str, inputs: str) -> None:
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    from nextlong_jax.eval.cli import main
+    from nextlong_eval.cli import main
 
     monkeypatch.chdir(ROOT)
     common = ["--config", str(CONFIG), "--out", str(tmp_path / "out")]
@@ -219,7 +219,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
 def test_dependency_refuses_ids_beyond_the_model(train_data, tmp_path, capsys, monkeypatch):
     """The tiny model's 311 ids against Llama-3 data: refused by the manifest before the model loads, and
     for an output whose manifest predates its tokenizer record, by the ids themselves."""
-    from nextlong_jax.eval.cli import main
+    from nextlong_eval.cli import main
     from nextlong_jax.testing import hf_model, tiny_hf_dict
 
     monkeypatch.chdir(ROOT)

@@ -38,7 +38,7 @@ def _command_lines(text: str, kind: str) -> list[str]:
 def example_commands() -> list[tuple[str, str, list[str]]]:
     """(where, tool, arguments) of every example, in file order. In a preset's header, THIS is the
     preset itself; `...` stands for the arguments of the example above it and is left out."""
-    from nextlong_jax.eval.cli import EPILOG as EVAL_EPILOG
+    from nextlong_eval.cli import EPILOG as EVAL_EPILOG
 
     sources = [("README.md", (ROOT / "README.md").read_text(), "markdown"), ("nextlong-synth --help", EPILOG, "text"),
                ("nextlong-eval --help", EVAL_EPILOG, "text")]
@@ -131,7 +131,7 @@ def test_convert_example_parses(where, tool, args):
 @pytest.mark.parametrize("where,tool,args", [e for e in EXAMPLES if e[1] == "nextlong-eval"],
                          ids=lambda value: value if isinstance(value, str) else None)
 def test_eval_example_parses_and_its_config_loads(where, tool, args, monkeypatch):
-    from nextlong_jax.eval.cli import build_parser
+    from nextlong_eval.cli import build_parser
     from nextlong_jax.train_config import load_config
 
     monkeypatch.chdir(ROOT)
@@ -139,7 +139,7 @@ def test_eval_example_parses_and_its_config_loads(where, tool, args, monkeypatch
     parsed, lm_eval_args = parser.parse_known_args(args)  # `make demo` runs one for real
     assert not lm_eval_args or parsed.command == "harness", lm_eval_args  # lm-eval's options go to lm-eval
     if parsed.command == "ablation":
-        from nextlong_jax.eval.ablation import AblationConfig
+        from nextlong_eval.ablation import AblationConfig
 
         load_config(AblationConfig.load(parsed.config).train_config, ["data.source=unused"])
     else:

@@ -58,7 +58,7 @@ def _fresh_ruler_generators() -> None:
 def test_samples_equal_lm_eval_hf(smollm2, tmp_path, capsys, monkeypatch):
     from lm_eval.__main__ import cli_evaluate
 
-    from nextlong_jax.eval.cli import main
+    from nextlong_eval.cli import main
 
     monkeypatch.chdir(ROOT)
     tasks = _local_tasks(tmp_path)
@@ -96,7 +96,7 @@ def _pairs(resps: list) -> list[tuple[float, bool | None]]:
 
 
 def test_harness_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    from nextlong_jax.eval.cli import main
+    from nextlong_eval.cli import main
 
     monkeypatch.chdir(ROOT)
     llama = tmp_path / "llama"

@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 import helpers
-from nextlong_jax.output_reader import parser
-from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE
+from nextlong_contract.reader import parser
+from nextlong_contract.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE
 from synth.assemble import Joiner, Packer, Piece
 from synth.chunking import chunk_document
 from synth.cli import main
@@ -20,7 +20,7 @@ from synth.embed import HashingEmbedder
 from synth.errors import SynthError
 from synth.inspect import Inspected, inspect, render_html, spans
 from synth.tfrecord import read_dataset, to_example
-from synth.tokenizer import load_tokenizer
+from nextlong_contract.tokenizer import load_tokenizer
 
 ROLE_IDS = {name: role for role, name in ROLE_NAMES.items()}
 META_RGB, NEGATIVE_RGB = (0xCD, 0xE3, 0xFF), (0xFF, 0xD8, 0xB0)  # synth.inspect's role backgrounds

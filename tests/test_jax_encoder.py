@@ -14,7 +14,7 @@ CHUNKS = 40
 def _texts() -> list[str]:
     from synth.chunking import chunk_document
     from synth.corpus import CorpusSpec, ReadStats, read_documents
-    from synth.tokenizer import load_tokenizer
+    from nextlong_contract.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     docs = read_documents(CorpusSpec("sample:pydocs", max_docs=20), ReadStats())

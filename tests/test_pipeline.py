@@ -3,7 +3,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from synth.chunking import chunk_document
 from synth.cli import main
 from synth.config import build_config
 from synth.tfrecord import read_dataset
-from synth.tokenizer import load_tokenizer
+from nextlong_contract.tokenizer import load_tokenizer
 
 
 def shard_bytes(out: Path) -> dict[str, object]:
@@ -213,39 +212,29 @@ def test_changed_settings_in_same_output_are_refused(run_out, corpus, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "synth.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
-def _kill_when(proc, ready, timeout=120):
-    deadline = time.time() + timeout
-    while not ready() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before the kill point"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def _killed_at(target: str, calls: int, *args: str) -> None:
+    """`nextlong-synth ARGS`, killed (SIGKILL) right after the `calls`-th return of `target`."""
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "kill_at.py"), target, str(calls), "-m",
+                          "synth.cli", *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == -signal.SIGKILL, f"the run ended before the kill point:\n{run.stderr[-3000:]}"
 
 
 def test_kill_and_resume_is_byte_identical(tmp_path):
-    # Big enough that each stage lasts seconds, so both kill points are reached mid-stage.
-    data = write_corpus(tmp_path / "docs.jsonl", 1200, seed=3)
+    data = write_corpus(tmp_path / "docs.jsonl", 160, seed=3)  # 20 blocks of 8 documents
     reference = tmp_path / "reference"
     assert main(synth_args(data, reference, "--num-shards", "6")) == 0
     out = tmp_path / "killed"
     args = synth_args(data, out, "--num-shards", "6")
     cache = out / ".cache"
-    # First kill: in the middle of chunking/embedding (some blocks written, not all).
-    proc = _cli(*args)
-    _kill_when(proc, lambda: len(list(cache.glob("chunks-*/block-*/emb-*.npy"))) >= 3)
+    # First kill: in the middle of chunking/embedding, after 3 of the 20 blocks.
+    _killed_at("synth.store:_write_block", 3, *args)
     embedded = {p: p.stat().st_mtime_ns for p in cache.glob("chunks-*/block-?????/emb-*.npy")}
-    assert embedded
-    # Second kill: after some shards were written, before the manifest.
-    proc = _cli(*args)
-    _kill_when(proc, lambda: len(list(out.glob("nextlong-*.tfrecord"))) >= 2)
+    assert len(embedded) == 3
+    # Second kill: after 2 of the 6 shards, before the manifest.
+    _killed_at("synth.shards:make_shard", 2, *args)
     assert not (out / "manifest.json").exists()
-    done = sorted(out.glob("nextlong-*.tfrecord"))
-    stamps = {p.name: p.stat().st_mtime_ns for p in done}
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("nextlong-*.tfrecord")}
+    assert len(stamps) == 2
     assert main(args) == 0  # the same command again, in this process
     assert shard_bytes(out) == shard_bytes(reference)
     assert all((out / n).stat().st_mtime_ns == t for n, t in stamps.items()), \

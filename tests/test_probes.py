@@ -15,10 +15,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from nextlong_jax.eval.probes import (CWE_TEMPLATE, FWE_TEMPLATE, NIAH, NIAH_TEMPLATE, NOISE, QA_TEMPLATE, SYNTHETIC,
+from nextlong_eval.probes import (CWE_TEMPLATE, FWE_TEMPLATE, NIAH, NIAH_TEMPLATE, NOISE, QA_TEMPLATE, SYNTHETIC,
                                       VT_TEMPLATE, ProbeFactory, ProbeSpec, fit, lines, niah_prompt, vt_chain,
                                       vt_prompt, vt_with_example)
-from nextlong_jax.eval.scoring import generate_verdicts, postprocess, string_match_all, string_match_part
+from nextlong_eval.scoring import generate_verdicts, postprocess, string_match_all, string_match_part
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 # The needle RULER writes: one regex per kind of key and value.
@@ -27,7 +27,7 @@ KIND = {"numbers": r"\d{7}", "uuids": UUID, "words": r"[^\s]+(?: [^\s]+)?-[^\s]+
 
 @pytest.fixture(scope="module")
 def essays():
-    from nextlong_jax.eval.probes import corpus_texts
+    from nextlong_eval.probes import corpus_texts
 
     return corpus_texts("sample:pydocs", 300)
 
@@ -232,7 +232,7 @@ def test_niah_single_1_and_vt_are_lm_evals_ruler_text(smollm2, monkeypatch):
 
     import nltk
     from transformers import AutoTokenizer
-    from synth.tokenizer import load_tokenizer
+    from nextlong_contract.tokenizer import load_tokenizer
 
     monkeypatch.setattr(nltk, "download", lambda *a, **k: True)  # lm-eval fetches punkt at import; noise needs none
     from lm_eval.tasks.ruler import cwe_utils, fwe_utils, niah_utils, prepare_niah, qa_utils, vt_utils
@@ -292,8 +292,8 @@ def _vt_parts(text: str) -> tuple[int, list[str], list[int], str]:
 
 
 def test_results_record_each_scoring_and_weigh_every_task_alike(tmp_path):
-    from nextlong_jax.eval.report import write_results
-    from nextlong_jax.eval.scoring import Generated, Verdict
+    from nextlong_eval.report import write_results
+    from nextlong_eval.scoring import Generated, Verdict
 
     generated = ([Generated("niah_single_1", 1024, i, i / 4, "", 1.0) for i in range(4)]
                  + [Generated("niah_single_1", 2048, 0, 0.5, "", 0.0), Generated("cwe", 1024, 0, None, "", 0.0)])

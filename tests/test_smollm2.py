@@ -81,7 +81,7 @@ def test_smollm2_uses_the_meta_document_across_the_negatives(smollm2, tmp_path, 
     """A pretrained model, on NExtLong sequences synthesized in its tokens from documents it never saw
     arranged this way: its loss on a meta-chunk is lower with the real earlier meta-chunks than with
     other documents' text in their place."""
-    from nextlong_jax.eval.cli import main as evaluate
+    from nextlong_eval.cli import main as evaluate
     from synth.cli import main as synthesize
 
     monkeypatch.chdir(ROOT)
@@ -100,7 +100,7 @@ def test_smollm2_uses_the_meta_document_across_the_negatives(smollm2, tmp_path, 
 def test_smollm2_finds_the_needle_at_2k_by_generation(smollm2, tmp_path, capsys, monkeypatch):
     """RULER's niah_single_1 at 2048 tokens, decoded by this stack and scored RULER's way: a 135M model
     that reads finds most needles (the issue measured 100% with transformers' decoding)."""
-    from nextlong_jax.eval.cli import main as evaluate
+    from nextlong_eval.cli import main as evaluate
 
     monkeypatch.chdir(ROOT)
     from lm_eval.tasks.ruler.common_utils import string_match_all

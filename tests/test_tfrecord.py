@@ -1,8 +1,8 @@
 import numpy as np
 import tensorflow as tf
 
-from nextlong_jax.output_reader import feature_spec
-from nextlong_jax.schema import MANIFEST, Manifest, ShardEntry
+from nextlong_contract.reader import feature_spec
+from nextlong_contract.schema import MANIFEST, Manifest, ShardEntry
 from synth.assemble import Sequence
 from synth.tfrecord import read_dataset, shard_name, to_example, write_json, write_shard
 
@@ -54,11 +54,11 @@ def test_shards_parse_back_with_plain_tf_data(tmp_path):
 
 
 def test_writer_and_reader_share_one_contract():
-    """Synthesis writes through the objects of `nextlong_jax.schema`, and every reader of an output
-    (training, `read_dataset`, `inspect`) finds, checks and parses it through `nextlong_jax.output_reader`."""
+    """Synthesis writes through the objects of `nextlong_contract.schema`, and every reader of an output
+    (training, `read_dataset`, `inspect`) finds, checks and parses it through `nextlong_contract.reader`."""
     import nextlong_jax.data as training
-    import nextlong_jax.output_reader as reader
-    import nextlong_jax.schema as schema
+    import nextlong_contract.reader as reader
+    import nextlong_contract.schema as schema
     import synth.assemble as packer
     import synth.inspect as inspect
     import synth.stages as stages

@@ -10,8 +10,9 @@ An index directory holds `meta.json` (requested kind, effective backend, config,
 backend's files. It is written under a temporary name and renamed when complete, so a killed save
 never leaves a directory that looks like an index but is not one.
 
-Backends, one module each: `flat` (exact), `ivfpq`, `hnsw` (faiss) and `scann`; `BACKENDS` maps
-each kind to its build, load and training needs.
+Backends, one module each: `flat` (exact), `ivfpq`, `hnsw` (faiss) and `scann`; `backend` gives
+each kind's build, load and training needs, importing its module on first use, so what only names
+the kinds (the synthesis options) loads no index library.
 """
 
 from __future__ import annotations
@@ -24,24 +25,36 @@ from typing import Sequence
 import numpy as np
 
 from synth.errors import SynthError
-from synth.index import flat, hnsw, ivfpq, scann
 from synth.index.base import (FLAT, FORMAT, HNSW, INDEX_KINDS, IVFPQ, META, MIN_TRAIN_POINTS, POINTS_PER_CENTROID,
                               SCANN, Backend, ChunkIndex, IndexConfig, best_k, check_matrix)
 
-__all__ = ["INDEX_KINDS", "BACKENDS", "ChunkIndex", "IndexConfig", "build_index", "build_saved", "load_index",
+__all__ = ["INDEX_KINDS", "backend", "ChunkIndex", "IndexConfig", "build_index", "build_saved", "load_index",
            "exact_search", "exact_search_blocks", "recall_at_k"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS: dict[str, Backend] = {FLAT: flat.BACKEND, IVFPQ: ivfpq.BACKEND, HNSW: hnsw.BACKEND, SCANN: scann.BACKEND}
-assert tuple(BACKENDS) == INDEX_KINDS
+
+def backend(kind: str) -> Backend:
+    """The backend of an index kind (one of INDEX_KINDS)."""
+    match kind:
+        case "faiss-flat":
+            from synth.index import flat as module
+        case "faiss-ivfpq":
+            from synth.index import ivfpq as module
+        case "faiss-hnsw":
+            from synth.index import hnsw as module
+        case "scann":
+            from synth.index import scann as module
+        case _:
+            raise SynthError(f"unknown index kind {kind!r}; known: {', '.join(INDEX_KINDS)}")
+    return module.BACKEND
 
 
 def _trainable(config: IndexConfig, n: int) -> bool:
     """Whether n vectors are enough to train `config.kind`; if not, the index is exact (with a warning)."""
     if not n:
         raise SynthError("cannot build an index over 0 embeddings (is the corpus empty?)")
-    centroids = BACKENDS[config.kind].centroids(config, n)
+    centroids = backend(config.kind).centroids(config, n)
     needed = max(MIN_TRAIN_POINTS, POINTS_PER_CENTROID * centroids) if centroids else 0
     if n < needed:
         log.warning("%s needs at least %d vectors to train, got %d: using exact %s search",
@@ -53,8 +66,8 @@ def build_index(embeddings: np.ndarray, config: IndexConfig) -> ChunkIndex:
     """Index the rows of `embeddings` (float32, L2-normalised); deterministic for a given config."""
     vectors = check_matrix(embeddings, "embeddings")
     if not _trainable(config, len(vectors)):
-        return flat.build(vectors, config)
-    return BACKENDS[config.kind].build(vectors, config)
+        return backend(FLAT).build(vectors, config)
+    return backend(config.kind).build(vectors, config)
 
 
 def build_saved(blocks: Sequence[np.ndarray], config: IndexConfig, directory: Path) -> ChunkIndex:
@@ -65,10 +78,14 @@ def build_saved(blocks: Sequence[np.ndarray], config: IndexConfig, directory: Pa
     blocks = [check_matrix(block, "embeddings") for block in blocks if len(block)]
     trainable = _trainable(config, sum(len(block) for block in blocks))
     if trainable and config.kind == IVFPQ:
-        return ivfpq.build_sharded(blocks, config, directory)
+        from synth.index.ivfpq import build_sharded
+
+        return build_sharded(blocks, config, directory)
     if trainable and config.kind == SCANN:
-        return scann.build_parts(blocks, config, directory)
-    index = (BACKENDS[config.kind] if trainable else flat).build(np.concatenate(blocks), config)
+        from synth.index.scann import build_parts
+
+        return build_parts(blocks, config, directory)
+    index = backend(config.kind if trainable else FLAT).build(np.concatenate(blocks), config)
     index.save(directory)
     return index
 
@@ -88,7 +105,7 @@ def load_index(directory: Path) -> ChunkIndex:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{META} is not in format {FORMAT}")
         config = IndexConfig(**meta["config"])
-        index = BACKENDS[meta["backend"]].load(directory, meta, config)
+        index = backend(meta["backend"]).load(directory, meta, config)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SynthError) as error:
         raise SynthError(f"cannot load the index at {directory}: {_one_line(error)}; "
                          f"delete it to rebuild") from error
@@ -101,7 +118,7 @@ def load_index(directory: Path) -> ChunkIndex:
 def exact_search(embeddings: np.ndarray, queries: np.ndarray,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product search: the ground truth that recall is measured against."""
-    return flat.build(check_matrix(embeddings, "embeddings"), IndexConfig()).search(queries, k)
+    return backend(FLAT).build(check_matrix(embeddings, "embeddings"), IndexConfig()).search(queries, k)
 
 
 def exact_search_blocks(blocks: Sequence[np.ndarray], queries: np.ndarray,

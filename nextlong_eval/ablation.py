@@ -22,12 +22,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from nextlong_jax.eval.probes import SYNTHETIC
+from nextlong_eval.probes import SYNTHETIC
+from synth.strategies import Strategy
 
 if TYPE_CHECKING:
-    from nextlong_jax.eval.runner import Evaluator
+    from nextlong_eval.runner import Evaluator
 
-ARMS = ("nextlong", "random-negatives", "plain-concat", "knn-concat")
+# The default arms: the method and the paper's Standard (plain) and KNN concatenations, with random
+# negatives to isolate what "hard" adds. Any strategy of `nextlong-synth --strategy` may be an arm.
+ARMS = tuple(str(s) for s in (Strategy.NEXTLONG, Strategy.RANDOM_NEGATIVES, Strategy.PLAIN_CONCAT, Strategy.KNN_CONCAT))
 REPORT = "report.md"
 # The lengths lm-eval's RULER tasks report a metric for (the metric_list of lm_eval/tasks/ruler/*.yaml).
 RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -94,9 +97,9 @@ class AblationConfig:
         unknown = sorted(set(raw) - names)
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        bad = [a for a in raw.get("arms", ()) if a not in ARMS]
+        bad = [a for a in raw.get("arms", ()) if a not in set(Strategy)]
         if bad:
-            raise ValueError(f"{path}: unknown arm(s) {', '.join(bad)}; known: {', '.join(ARMS)}")
+            raise ValueError(f"{path}: unknown arm(s) {', '.join(bad)}; known: {', '.join(Strategy)}")
         odd = [n for n in raw.get("harness_lengths", ()) if n not in RULER_LENGTHS]
         if odd or bool(raw.get("harness_tasks")) != bool(raw.get("harness_lengths")):
             raise ValueError(f"{path}: harness_tasks need harness_lengths among lm-eval's RULER lengths "
@@ -123,14 +126,18 @@ def _split_meta(cfg: AblationConfig, out: Path) -> tuple[Path, Path]:
 
 
 def _synthesize(cfg: AblationConfig, meta: Path, out: Path, cache: Path, strategy: str, sequences: int) -> None:
-    from synth.cli import main as synth
+    from synth.config import build_config
+    from synth.errors import USER_ERRORS
+    from synth.local_runner import run
+    from synth.report import render_summary
 
-    options = {**cfg.synth, "tokenizer": cfg.tokenizer()}
-    flags = [f"--{k}" if v is True else f"--{k}={v}" for k, v in options.items() if v is not False]
-    args = ["--meta", str(meta), "--out", str(out), "--cache-dir", str(cache), "--strategy", strategy,
-            "--max-sequences", str(sequences), "--seed", str(cfg.seed), *flags]
-    if synth(args) != 0:
-        raise RuntimeError(f"nextlong-synth {' '.join(args)} failed (its error is above)")
+    options = {k: v for k, v in cfg.synth.items() if v is not False}  # flag names, as on the command line
+    options.update({"tokenizer": cfg.tokenizer(), "meta": str(meta), "out": str(out), "cache-dir": str(cache),
+                    "strategy": strategy, "max-sequences": sequences, "seed": cfg.seed})
+    try:
+        print(render_summary(run(build_config(options))), end="")
+    except USER_ERRORS as e:
+        raise RuntimeError(f"synthesizing {strategy} into {out}: {e}") from None
 
 
 def _train(cfg: AblationConfig, data: Path, run: Path) -> None:
@@ -159,7 +166,7 @@ def _arm_evaluator(cfg: AblationConfig, run: Path) -> Callable[[], Evaluator]:
     the next: a finished stage costs nothing."""
     @functools.cache
     def load():
-        from nextlong_jax.eval.runner import Evaluator
+        from nextlong_eval.runner import Evaluator
 
         return Evaluator.load(_train_config(cfg), ckpt=_last_step(run))
     return load
@@ -168,11 +175,11 @@ def _arm_evaluator(cfg: AblationConfig, run: Path) -> Callable[[], Evaluator]:
 def _evaluate(cfg: AblationConfig, arm: str, run: Path, evaluator: Callable[[], Evaluator], probes,
               heldout: list[dict], out: Path) -> dict:
     """Probes and the dependency probe of one trained arm, written under `out`; resumable."""
-    from nextlong_jax.eval.dependency import measure
-    from nextlong_jax.eval.dependency import write as write_dependency
-    from nextlong_jax.eval.report import summary as summarize
-    from nextlong_jax.eval.report import write_results
-    from nextlong_jax.eval.scoring import verdict
+    from nextlong_eval.dependency import measure
+    from nextlong_eval.dependency import write as write_dependency
+    from nextlong_eval.report import summary as summarize
+    from nextlong_eval.report import write_results
+    from nextlong_eval.scoring import verdict
 
     done = out / "summary.json"
     if done.is_file():
@@ -206,7 +213,7 @@ def _ruler(cfg: AblationConfig, evaluator: Callable[[], Evaluator], ruler,
     """RULER through the harness on one trained arm (`ruler`: the tasks every arm is asked), written to
     `out`/ruler.json; resumable, and a stage of its own, so harness_tasks added to a finished ablation
     run only it."""
-    from nextlong_jax.eval.harness import NextLongLM, ruler_scores
+    from nextlong_eval.harness import NextLongLM, ruler_scores
 
     done = out / "ruler.json"
     if done.is_file():
@@ -223,7 +230,7 @@ def _ruler_tasks(cfg: AblationConfig):
     if not cfg.harness_tasks:
         return None
     try:
-        from nextlong_jax.eval.harness import RulerTasks
+        from nextlong_eval.harness import RulerTasks
     except ImportError as e:
         raise ValueError(f"harness_tasks need lm-eval ({e}): pip install 'nextlong-jax[harness]'") from None
     return RulerTasks(cfg.harness_tasks, cfg.tokenizer_dir())
@@ -232,9 +239,9 @@ def _ruler_tasks(cfg: AblationConfig):
 def run_ablation(cfg: AblationConfig, out: Path, log=print) -> Path:
     """Synthesize, train and evaluate every arm; returns the report's path."""
     from synth.tfrecord import read_dataset
-    from synth.tokenizer import load_tokenizer
+    from nextlong_contract.tokenizer import load_tokenizer
 
-    from nextlong_jax.eval.probes import ProbeFactory, ProbeSpec, corpus_texts
+    from nextlong_eval.probes import ProbeFactory, ProbeSpec, corpus_texts
 
     started = time.perf_counter()
     train_meta, heldout_meta = _split_meta(cfg, out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nextlong_jax.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE
+from nextlong_contract.schema import ROLE_META, ROLE_NAMES, ROLE_NEGATIVE
 from nextlong_jax.vocabulary import check_token_ids
 
 DISTANCE_EDGES = (0, 256, 1024, 4096, 16384, 65536, 262144)

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nextlong_jax import load_balance
 from nextlong_jax.decode import Decoder, bucket
-from nextlong_jax.eval.probes import Probe
+from nextlong_eval.probes import Probe
 from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.llama import Llama
 from nextlong_jax.model.loss import next_token_targets, target_loss

@@ -21,7 +21,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from nextlong_jax.decode import Sampling
-from nextlong_jax.eval.runner import Evaluator
+from nextlong_eval.runner import Evaluator
 
 MODEL_NAME = "nextlong"
 

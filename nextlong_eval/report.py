@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nextlong_jax.eval.probes import Probe
+from nextlong_eval.probes import Probe
 
 RESULTS, TABLE = "results.json", "table.md"
 # The metric each scoring is summarized by, in percent, and what it means.
