@@ -1,12 +1,10 @@
 """The Beam runner (DirectRunner, two worker processes) against the local runner."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import apache_beam  # noqa: F401 - the dev extra installs it: a broken install fails here rather than skipping
@@ -220,23 +218,19 @@ def test_worker_errors_reach_the_user_as_one_line(inputs, tmp_path, capsys):
 
 
 def test_killed_pipeline_resumes_to_the_same_examples(inputs, tmp_path):
-    """The driver and its workers killed mid-way (SIGKILL to the process group); the same command
-    again reuses the finished blocks and writes what an uninterrupted run writes."""
+    """A Beam run killed (SIGKILL) right after its third block; the same command again reuses the
+    finished blocks and writes what an uninterrupted run writes."""
     meta, corpus = inputs
     args = ["--corpus", str(corpus), "--num-shards", "6", "--docs-per-block", "2"]
     assert main(synth_args(meta, tmp_path / "reference", *args)) == 0
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "synth.cli", *synth_args(meta, out, *args, *BEAM)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    blocks = out / ".cache"
-    deadline = time.time() + 300
-    while len(list(blocks.glob("chunks-*/block-*/emb-*.npy"))) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before the kill point"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = subprocess.run([sys.executable, str(Path(__file__).parent / "kill_at.py"), "synth.store:_write_block", "3",
+                             "-m", "synth.cli", *synth_args(meta, out, *args, *IN_PROCESS)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, f"the run ended before the kill point:\n{killed.stderr[-3000:]}"
     assert not (out / "manifest.json").exists()
-    kept = {p: p.stat().st_mtime_ns for p in blocks.glob("chunks-*/block-*/emb-*.npy")}
+    kept = {p: p.stat().st_mtime_ns for p in (out / ".cache").glob("chunks-*/block-*/emb-*.npy")}
+    assert len(kept) == 3
 
     assert main(synth_args(meta, out, *args, *IN_PROCESS)) == 0  # the same work, in this process
     assert _examples(out) == _examples(tmp_path / "reference")
