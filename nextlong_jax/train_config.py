@@ -129,7 +129,12 @@ class TrainRunConfig:
     peak_flops_per_device: float = 0.0
     # jax's persistent compilation cache: "auto" in OUT/jax-cache, "off", or a directory (local or a URL);
     # JAX_COMPILATION_CACHE_DIR, where set, wins. A restart loads the step instead of compiling it again.
-    compilation_cache: str = "auto"
+    # YAML reads a bare `off` (or `no`) as false: false means "off", true "auto".
+    compilation_cache: str | bool = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.compilation_cache, bool):
+            object.__setattr__(self, "compilation_cache", "auto" if self.compilation_cache else "off")
 
 
 FlagValue = str | int | bool

@@ -24,6 +24,10 @@ def test_yaml_preset_and_dotted_overrides(tmp_path):
     assert (c.model.hidden_size, c.model.num_key_value_heads, c.model.rope_theta) == (4096, 8, 2e8)
     assert (c.mesh.data, c.train.steps, c.optimizer.learning_rate, c.loss.negative_weight) == (2, 50, 1e-4, 0.5)
     assert config_from_dict(c.to_dict()) == c
+    # YAML reads a bare `off` as false; the cache setting means the word
+    path.write_text("model: {preset: llama3-8b}\ntrain: {compilation_cache: off}\n")
+    assert load_config(path).train.compilation_cache == "off"
+    assert load_config(path, ["train.compilation_cache=on"]).train.compilation_cache == "auto"
 
 
 def test_preset_extends_another(tmp_path):
