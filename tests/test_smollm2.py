@@ -97,9 +97,9 @@ def test_smollm2_uses_the_meta_document_across_the_negatives(smollm2, tmp_path, 
     assert result["mean_gap"] > 0 and near["count"] and near["mean"] > 0, result["gap_by_distance"]
 
 
-def test_smollm2_finds_the_needle_at_2k_by_generation(smollm2, tmp_path, capsys, monkeypatch):
-    """RULER's niah_single_1 at 2048 tokens, decoded by this stack and scored RULER's way: a 135M model
-    that reads finds most needles (the issue measured 100% with transformers' decoding)."""
+def test_smollm2_finds_the_needle_by_generation(smollm2, tmp_path, capsys, monkeypatch):
+    """RULER's niah_single_1 at 1024 tokens, decoded by this stack and scored RULER's way: a 135M model
+    that reads finds most needles (the issue measured 100% at 1K-4K with transformers' decoding)."""
     from nextlong_eval.cli import main as evaluate
 
     monkeypatch.chdir(ROOT)
@@ -107,7 +107,7 @@ def test_smollm2_finds_the_needle_at_2k_by_generation(smollm2, tmp_path, capsys,
 
     out = tmp_path / "probes"
     assert evaluate(["probes", "--hf", str(smollm2), "--config", "configs/train/tiny-cpu.yaml", "--tasks",
-                     "niah_single_1", "--lengths", "2048", "--samples", "3", "--scoring", "generate",
+                     "niah_single_1", "--lengths", "1024", "--samples", "3", "--scoring", "generate",
                      "--batch-size", "3", "--save-probes", str(tmp_path / "probes.jsonl"), "--out", str(out)]) == 0
     print(capsys.readouterr().out)
     verdicts = json.loads((out / "results.json").read_text())["generate"]["probes"]
