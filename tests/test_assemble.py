@@ -148,6 +148,7 @@ def test_filter_excludes_own_document_near_duplicates_sample_repeats_and_reuse()
     assert rules.stats.filtered == {"near_duplicate": 2, "same_document": 1,
                                     "already_in_sample": 1, "index_padding": 1}
     assert in_sample == {4, 5}
+    assert rules.stats.short_of_k == 1  # the whole corpus (6 chunks) was judged: 1 of 3
     assert rules.stats.chosen == 0  # selected, not yet placed
     rules.place(4, 0.8)
     assert rules.stats.chosen == 1 and rules.reuse[4] == 1
@@ -187,9 +188,12 @@ def test_mine_widens_the_search_when_filters_exhaust_the_first_pass():
     chosen = [c for c, _ in chosen]
     assert len(chosen) == 12 and len(set(chosen)) == 12
     assert all(chunk_doc[c] != 0 for c in chosen)
-    short = mine(source, _rules(chunk_doc, dedup=1.01), emb[0], Quota(count=45),
+    assert rules.stats.short_of_k == 0  # met by searching deeper
+    short_rules = _rules(chunk_doc, dedup=1.01)
+    short = mine(source, short_rules, emb[0], Quota(count=45),
                  (first[0][0], first[1][0]), MetaDocument(frozenset({0}), NOTHING), set(), 50)
     assert len(short) == 40  # only 40 chunks are outside document 0
+    assert short_rules.stats.short_of_k == 1
 
 
 def test_a_quota_in_tokens_takes_a_prefix_of_the_ranking_that_fits():
@@ -207,6 +211,9 @@ def test_a_quota_in_tokens_takes_a_prefix_of_the_ranking_that_fits():
     assert take([512, 300, 100, 200, 10, 10, 10, 10], 1024) == [0, 1, 2]
     assert take([512, 600, 10, 10, 10, 10, 10, 10], 1024) == [0]
     assert take([5000, 10, 10, 10, 10, 10, 10, 10], 1024) == [0]
+    assert rules.stats.short_of_k == 0  # a budget that ends the prefix is met, not short
+    assert take([10] * 8, 1024) == list(range(8))
+    assert rules.stats.short_of_k == 1  # 80 of 1024 tokens: the corpus ran out
 
 
 @pytest.mark.parametrize("max_reuse, shards", [(8, 8), (3, 8), (10, 4), (1, 1)])
