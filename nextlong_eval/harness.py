@@ -188,9 +188,12 @@ class RulerTasks:
     def at(self, length: int) -> tuple:
         """(lm-eval's task manager, the tasks) at `length` tokens."""
         if length not in self._loaded:
+            import lm_eval.tasks
             from lm_eval.tasks import TaskManager
 
-            manager = TaskManager(metadata={"tokenizer": self.tokenizer, "max_seq_lengths": [length]})
+            # Indexing only RULER's folder: lm-eval's whole task tree is ~14,000 YAML files (6 s a length).
+            manager = TaskManager(include_path=Path(lm_eval.tasks.__file__).parent / "ruler", include_defaults=False,
+                                  metadata={"tokenizer": self.tokenizer, "max_seq_lengths": [length]})
             self._loaded[length] = manager, list(manager.load(list(self.tasks))["tasks"].values())
         return self._loaded[length]
 
