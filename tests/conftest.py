@@ -31,25 +31,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=1")))
 
 
-# Markers by module, one table (pyproject.toml describes them): `make test-fast`, a contributor's inner
-# loop, leaves these modules out; `make test` (CI) runs everything.
-# A module, or one test of it ("module::test").
-MARKERS = {
-    "compile": ("test_preset_plans", "test_compile_only", "test_decode::test_decoding_compiles_for_accelerators_with_their_kernels", "test_splash::test_splash_compiles_for_tpu_v5p",
-                "test_pallas_gpu::test_fwd_bwd_compiles_to_triton_for_8_h100s",
-                "test_pallas_gpu_cp::test_sequence_sharded_fwd_bwd_compiles_to_triton_for_8_h100s"),
-    "multiprocess": ("test_train_multihost", "test_presets", "test_train_sharded", "test_train_ring",
-                     "test_train_init", "test_sharding", "test_jax_encoder",
-                     "test_slot_rows::test_slot_rows_train_like_the_masked_rows_on_8_devices",
-                     "test_pallas_gpu_cp::test_context_parallel_matches_reference_on_8_devices",
-                     "test_decode::test_sharded_decoding_equals_one_device"),
-    "slow": ("test_beam_runner", "test_ablation", "test_train_run", "test_examples", "test_eval",
-             "test_smollm2", "test_decode::test_greedy_tokens_equal_transformers_on_smollm2",
-             "test_decode::test_generate_cli_answers_chat_prompts_and_writes_jsonl", "test_harness::test_samples_equal_lm_eval_hf",
-             "test_pipeline::test_kill_and_resume_is_byte_identical",
-             "test_probes::test_niah_single_1_and_vt_are_lm_evals_ruler_text"),
-}
-
 # The longest modules, longest first (each 30-90 s on 2 cores), run first: `make test`'s pytest-xdist
 # hands whole modules to its workers in collection order, so these start at once and the short
 # modules fill in behind them, rather than one long module running alone at the end. Only the
@@ -59,11 +40,6 @@ LONGEST = ("test_smollm2", "test_train_multihost", "test_train_run", "test_harne
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        for marker, places in MARKERS.items():
-            if module in places or f"{module}::{item.originalname}" in places:
-                item.add_marker(marker)
     rank = {module: i for i, module in enumerate(LONGEST)}
     items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(LONGEST)))
 

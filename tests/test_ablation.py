@@ -11,6 +11,8 @@ import pytest
 
 from nextlong_eval.ablation import ARMS, AblationConfig, run_ablation
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -25,6 +25,8 @@ from synth.shards import OpenInputs, ShardInputs, make_shard
 from synth.staging import Mirror, staging_dir
 from synth.store import StoreRef
 
+pytestmark = pytest.mark.slow
+
 BEAM = ["--runner", "beam", "--beam-options", "--direct_num_workers=2 --direct_running_mode=multi_processing"]
 # Beam in this process: for what the workers' processes do not change (a rerun finding its work done, an
 # error the driver raises, the mirror filesystem this process registers); 8 s less a run than BEAM.

@@ -22,6 +22,8 @@ from multidevice import ROOT
 from nextlong_jax.hardware import CHIPS_BY_NAME
 from nextlong_jax.topology import TopologyError, parse_topology
 
+pytestmark = pytest.mark.compile
+
 # Two 512-token attention blocks per row (one per shard when the length is split in two): the kernels'
 # real tiling at the smallest shapes, since libtpu's compile time grows with them.
 REDUCED = ["data.seq_len=1024", "model.hidden_size=256", "model.num_attention_heads=4", "model.num_key_value_heads=2",

@@ -69,6 +69,7 @@ def test_greedy_tokens_equal_transformers_generate(overrides):
         assert completion.finish == "length" and completion.text is None
 
 
+@pytest.mark.slow
 def test_greedy_tokens_equal_transformers_on_smollm2(smollm2):
     import torch
     import transformers
@@ -174,6 +175,7 @@ def test_prompt_buckets_fit_the_kernels_tiling():
         assert length >= n and length % 8 == 0 and chunk % min(64, chunk // 2) == 0
 
 
+@pytest.mark.multiprocess
 def test_sharded_decoding_equals_one_device():
     from multidevice import run_on_8_devices
 
@@ -221,6 +223,7 @@ def _gathered_cache(decoder: Decoder) -> list[str]:
             if "all-gather(" in line and re.search(rf"\[\d+,\d+,\d+,{length},\d+\]", line.split("=")[1])]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("topology", ["v5p-8", "h100-8"])
 def test_decoding_compiles_for_accelerators_with_their_kernels(topology):
     """Prefill (the training kernel: splash on a TPU, Triton on a GPU, over a sequence-sharded prompt) and
@@ -287,6 +290,7 @@ if __name__ == "__main__":
         _child(*sys.argv[1:])
 
 
+@pytest.mark.slow
 def test_generate_cli_answers_chat_prompts_and_writes_jsonl(smollm2, tmp_path, capsys, monkeypatch):
     from nextlong_eval.cli import main
 

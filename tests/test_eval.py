@@ -18,6 +18,8 @@ import pytest
 from nextlong_eval.probes import Probe, ProbeFactory, ProbeSpec
 from nextlong_eval.scoring import generate_verdicts, token_scores, verdict
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "train" / "tiny-cpu.yaml"
 SHAPE = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

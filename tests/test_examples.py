@@ -20,6 +20,8 @@ import pytest
 from synth.cli import EPILOG, _flat_options, _parser, main as synth_main
 from synth.config import build_config
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("nextlong-synth", "nextlong-train", "nextlong-convert", "nextlong-eval")
 _COMMAND = re.compile(r"^(?:.*&&\s*)?(nextlong-(?:synth|train|convert|eval))\s+(.+)")

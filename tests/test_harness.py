@@ -55,6 +55,7 @@ def _fresh_ruler_generators() -> None:
     sys.modules.pop("lm_eval.tasks.ruler.cwe_utils", None)
 
 
+@pytest.mark.slow
 def test_samples_equal_lm_eval_hf(smollm2, tmp_path, capsys, monkeypatch):
     from lm_eval.__main__ import cli_evaluate
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
 
 from multidevice import run_on_8_devices
+
+pytestmark = pytest.mark.multiprocess
 
 CHUNKS = 40
 

@@ -106,14 +106,17 @@ def _child(part: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.compile
 def test_compile_only_devices_for_each_gpu():
     assert "devices ok" in _child("devices")
 
 
+@pytest.mark.multiprocess
 def test_per_device_kernel_under_a_mesh_matches_reference_on_8_devices():
     assert "sharded ok" in run_on_8_devices(__file__, "sharded")
 
 
+@pytest.mark.compile
 def test_fwd_bwd_compiles_to_triton_for_8_h100s():
     out = _child("compile")
     assert "compile ok" in out, out

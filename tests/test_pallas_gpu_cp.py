@@ -101,10 +101,12 @@ def test_unsharded_odd_head_dim_distinct_backward_blocks_and_recurring_padding()
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, err_msg=f"d{which}")
 
 
+@pytest.mark.multiprocess
 def test_context_parallel_matches_reference_on_8_devices():
     assert "context parallel ok" in run_on_8_devices(__file__, "sharded")
 
 
+@pytest.mark.compile
 def test_sequence_sharded_fwd_bwd_compiles_to_triton_for_8_h100s():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)

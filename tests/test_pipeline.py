@@ -219,6 +219,7 @@ def _killed_at(target: str, calls: int, *args: str) -> None:
     assert run.returncode == -signal.SIGKILL, f"the run ended before the kill point:\n{run.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_byte_identical(tmp_path):
     data = write_corpus(tmp_path / "docs.jsonl", 160, seed=3)  # 20 blocks of 8 documents
     reference = tmp_path / "reference"

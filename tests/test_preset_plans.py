@@ -29,6 +29,8 @@ from nextlong_jax.model.attention.backends import resolve
 from nextlong_jax.topology import parse_topology
 from nextlong_jax.train_config import load_config
 
+pytestmark = pytest.mark.compile
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "plans"
 RECORD = os.environ.get("NEXTLONG_RECORD_PLANS") == "1"  # `make plans`: write GOLDEN instead of reading it

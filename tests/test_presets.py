@@ -14,7 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from multidevice import run_on_8_devices
+
+pytestmark = pytest.mark.multiprocess
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml"))
 GOLDEN = Path(__file__).resolve().parent / "golden" / "sharding"

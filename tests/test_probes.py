@@ -221,6 +221,7 @@ def test_generate_scoring_asks_once_per_budget_and_reads_up_to_the_stop(tokenize
     assert {v.task: v.score for v in verdicts} == {t: 0.5 if t == "niah_multivalue" else 1.0 for t in SYNTHETIC}
 
 
+@pytest.mark.slow
 def test_niah_single_1_and_vt_are_lm_evals_ruler_text(smollm2, monkeypatch):
     """lm-eval's RULER (its own port of RULER's scripts): the same templates, and from its generator,
     for the same tokenizer and length, the same text once its keys, values and positions are written

@@ -58,10 +58,12 @@ def test_ring_without_sequence_axis_is_blockwise():
                                np.asarray(attention(q, k, v, backend="reference")), atol=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_ring_attention_matches_reference_on_8_devices():
     assert "attention ok" in run_on_8_devices(__file__, "attention")
 
 
+@pytest.mark.multiprocess
 def test_ring_llama_loss_and_grads_match_single_device():
     assert "model ok" in run_on_8_devices(__file__, "model")
 

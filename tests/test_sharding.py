@@ -6,7 +6,11 @@ the pytest process keeps its single CPU device for every other test module.
 
 from __future__ import annotations
 
+import pytest
+
 from multidevice import run_on_8_devices
+
+pytestmark = pytest.mark.multiprocess
 
 
 def test_mesh_shape_resolves_minus_one():

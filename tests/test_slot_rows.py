@@ -6,6 +6,7 @@ fraction of the attention work, counted from the compiled program and from the k
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from multidevice import run_on_8_devices
 
@@ -32,6 +33,7 @@ def _slotted_batch(b: int = 4) -> dict[str, np.ndarray]:
                 positions=positions, token_roles=roles.astype(np.int32), loss_weights=weights)
 
 
+@pytest.mark.multiprocess
 def test_slot_rows_train_like_the_masked_rows_on_8_devices():
     assert "slot rows ok" in run_on_8_devices(__file__)
 

@@ -84,10 +84,12 @@ def test_kernel_is_built_once_from_the_vectorised_tables(monkeypatch):
         splash._clamp(Blocks(512, 1024, 512, 1024, kv_bwd_compute=384), 4096, 1)
 
 
+@pytest.mark.multiprocess
 def test_splash_matches_reference_on_8_devices():
     assert "splash ok" in run_on_8_devices(__file__, "attention")
 
 
+@pytest.mark.compile
 def test_splash_compiles_for_tpu_v5p():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost",
            "PYTHONPATH": str(ROOT)}

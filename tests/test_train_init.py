@@ -21,6 +21,8 @@ from nextlong_jax.model.config import LlamaConfig, RopeScaling
 from nextlong_jax.testing import hf_model, tiny_hf_dict
 from nextlong_jax.train_setup import TrainError
 
+pytestmark = pytest.mark.multiprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,

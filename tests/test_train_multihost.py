@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from multidevice import run_on_8_devices
+
+pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTS = 2

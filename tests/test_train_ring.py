@@ -13,6 +13,8 @@ import pytest
 
 from multidevice import run_on_8_devices
 
+pytestmark = pytest.mark.multiprocess
+
 
 def _config(mesh, grad_accum: int = 2):
     from nextlong_jax.model import LlamaConfig

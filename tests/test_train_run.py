@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from helpers import train_in_process
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -5,7 +5,11 @@ The device count is fixed before jax starts, so the check runs in a child interp
 
 from __future__ import annotations
 
+import pytest
+
 from multidevice import run_on_8_devices
+
+pytestmark = pytest.mark.multiprocess
 
 
 def test_sharded_train_step_matches_single_device():
