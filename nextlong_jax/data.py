@@ -11,8 +11,7 @@ records pass a seeded shuffle buffer. Resuming skips the records already consume
 so a restarted run sees exactly the batches an uninterrupted one would.
 
 A source whose manifest declares `document_len` (documents in slots, see `nextlong_contract.schema`)
-trains as rows of that length, at that length's attention cost (`BatchIterator.document_len` tells
-the trainer which). A mixture of sources with different document lengths then draws whole batches
+trains as rows of that length, at that length's attention cost (each `Batch` says its length). A mixture of sources with different document lengths then draws whole batches
 per source, not sequences, so every batch has one document length.
 """
 
@@ -21,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -181,8 +181,16 @@ def apply_negative_weight(batch: dict[str, np.ndarray], weight: float) -> dict[s
     return {**batch, "loss_weights": weights}
 
 
+class Batch(NamedTuple):
+    """One per-host batch: numpy arrays by feature name, and the length of the slots its rows hold their
+    documents in (`seq_len` where the source declares none)."""
+
+    rows: dict[str, np.ndarray]
+    document_len: int
+
+
 class BatchIterator:
-    """Per-host batches as numpy dicts; `position` is what a checkpoint stores to resume exactly."""
+    """Per-host `Batch`es; `position` is what a checkpoint stores to resume exactly."""
 
     def __init__(self, sources: Shards | list[Shards], config: DataConfig, per_host_batch: int, *,
                  negative_weight: float | None = None, start_batches: int = 0):
@@ -198,13 +206,12 @@ class BatchIterator:
         self._per_host_batch = per_host_batch
         self._negative_weight = negative_weight
         self.batches = start_batches
-        self.document_len = config.seq_len  # of the batch last returned: its rows' slots, in tokens
         self._it = iter(_dataset(sources, config, per_host_batch, start_batches).as_numpy_iterator())
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         import tensorflow as tf
 
         try:
@@ -215,12 +222,12 @@ class BatchIterator:
                             f"shard (error: {e.message.splitlines()[0]})") from None
         self.batches += 1
         source = self._sources[int(batch.pop(SOURCE)[0])]
-        self.document_len = source.document_len or self._seq_len
-        if self.document_len < self._seq_len:
-            check_slots(batch["segment_ids"], self.document_len, source.files[0])
+        document_len = source.document_len or self._seq_len
+        if document_len < self._seq_len:
+            check_slots(batch["segment_ids"], document_len, source.files[0])
         if self._negative_weight is not None:
             batch = apply_negative_weight(batch, self._negative_weight)
-        return batch
+        return Batch(batch, document_len)
 
     @property
     def position(self) -> dict[str, int]:

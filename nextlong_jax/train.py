@@ -101,10 +101,10 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
         try:
             while step < config.train.steps:
                 lr = float(setup.schedule(step - skipped))  # optax counts applied updates only
-                rows = next(data)
+                rows, document_len = next(data)
                 check_token_ids(rows["input_ids"], config.model.vocab_size, f"the batch of step {step + 1}")
                 batch = global_batch(rows, setup.batch_sharding, config.data.batch_size)
-                slots = config.data.seq_len // data.document_len
+                slots = config.data.seq_len // document_len
                 if slots not in steps:
                     steps[slots] = jit_step(setup, config.optimizer.grad_accum, slots)
                 state, metrics = steps[slots](state, batch)
@@ -117,7 +117,7 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
                 skipped += not finite
                 row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items() if k != "weight"}
                 row.update(lr=lr, tokens_per_s=tokens_per_step / seconds,
-                           mfu=(config.model.flops_per_token(data.document_len) * tokens_per_step / seconds
+                           mfu=(config.model.flops_per_token(document_len) * tokens_per_step / seconds
                                 / (peak * mesh.size) if peak else None),
                            skipped=skipped)
                 reporter.log(step, row)

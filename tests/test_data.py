@@ -71,10 +71,11 @@ def test_bad_inputs_fail_at_start_naming_the_file(shards, tmp_path):
 def test_resume_skips_to_exactly_the_same_batches(shards):
     config = DataConfig(seq_len=SEQ, shuffle_buffer=4, seed=3)
     found = find_shards(str(shards), SEQ)
-    full = [next(it) for it in [BatchIterator(found, config, 2)] for _ in range(12)]  # crosses epochs (15 records)
+    full = [next(it).rows for it in [BatchIterator(found, config, 2)] for _ in range(12)]  # crosses epochs (15 records)
     resumed = BatchIterator(found, config, 2, start_batches=7)
     for want in full[7:]:
-        got = next(resumed)
+        got, document_len = next(resumed)
+        assert document_len == SEQ  # no manifest, so no slots
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
     assert resumed.position == {"batches": 12, "per_host_batch": 2}
@@ -178,12 +179,12 @@ def test_a_weighted_mixture_draws_by_its_weights_and_resumes_exactly(tmp_path):
                         shuffle_buffer=4, seed=5)
     _mark(tmp_path / "b", 100.0)
     sources = [find_shards(str(tmp_path / name / "*.tfrecord"), SEQ) for name in ("a", "b")]
-    full = [next(it) for it in [BatchIterator(sources, config, 4)] for _ in range(100)]
+    full = [next(it).rows for it in [BatchIterator(sources, config, 4)] for _ in range(100)]
     from_b = np.mean([w >= 100 for b in full for w in b["loss_weights"][:, 0]])
     assert abs(from_b - 0.75) < 0.05, from_b
     resumed = BatchIterator(sources, config, 4, start_batches=60)
     for want in full[60:70]:
-        np.testing.assert_array_equal(next(resumed)["loss_weights"], want["loss_weights"])
+        np.testing.assert_array_equal(next(resumed).rows["loss_weights"], want["loss_weights"])
     with pytest.raises(ValueError, match=r"weights \[1.0\] must be 2 positive numbers"):
         DataConfig(source=("x", "y"), weights=(1.0,))
 
@@ -217,17 +218,14 @@ def test_a_mixture_of_document_lengths_draws_whole_batches_and_resumes_exactly(s
     assert (packed.document_len, whole.document_len) == (4, None)
     config = DataConfig(source=("a", "b"), seq_len=SEQ, shuffle_buffer=4, seed=3)
     it = BatchIterator([whole, packed], config, 2)
-    seen = []
-    for _ in range(12):
-        batch = next(it)
-        seen.append((it.document_len, batch))
+    seen = [next(it) for _ in range(12)]
+    for batch, length in seen:
         # the packed source's rows have segments 1..4; the other's all 1
-        assert (batch["segment_ids"].max() > 1) == (it.document_len == 4), batch["segment_ids"]
-    assert {length for length, _ in seen} == {4, SEQ}
+        assert (batch["segment_ids"].max() > 1) == (length == 4), batch["segment_ids"]
+    assert {length for _, length in seen} == {4, SEQ}
     resumed = BatchIterator([whole, packed], config, 2, start_batches=5)
-    for length, want in seen[5:]:
-        got = next(resumed)
-        assert resumed.document_len == length
+    for (want, want_length), (got, length) in zip(seen[5:], resumed):
+        assert length == want_length
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
     with pytest.raises(DataError, match="draws whole batches of 2 sequences"):

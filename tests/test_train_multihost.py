@@ -123,7 +123,7 @@ def _one_process_reference(data: str, layout: str, steps: int) -> None:
         setup = build(config, mesh)
         state, step = init_state(setup, config.train.seed), jit_step(setup, config.optimizer.grad_accum)
         for _ in range(steps):
-            parts = [next(h) for h in hosts]
+            parts = [next(h).rows for h in hosts]
             batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             state, metrics = step(state, global_batch(batch, setup.batch_sharding))
             losses.append(float(metrics["loss"]))
