@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from synth.config import FLAT_DEFAULTS, OPTIONS, build_config
+from synth.config import FLAGS, OPTIONS, build_config
 from synth.errors import USER_ERRORS, SynthError
 
 DESCRIPTION = """\
@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for option in OPTIONS:
         group = groups.get(option.group) or groups.setdefault(option.group, p.add_argument_group(option.group))
+        # Unset flags stay None (store_true's False too), so they neither override a preset nor a field's default.
         group.add_argument(f"--{option.cli or option.flag}", dest=option.flag.replace("-", "_"),
-                           help=option.help_text or argparse.SUPPRESS, **option.arguments)
+                           help=option.help_text or argparse.SUPPRESS, **{**option.arguments, "default": None})
     p.add_argument("--workers", type=int, default=1,
                    help="processes making output shards with the local runner (default 1); the output is the same")
     p.add_argument("--runner", choices=("local", "beam"), default="local",
@@ -68,7 +69,7 @@ def _flat_options(args: argparse.Namespace) -> dict:
         if not isinstance(loaded, dict):
             raise SynthError(f"{args.config}: expected a mapping of option: value")
         flat.update({str(k).replace("_", "-"): v for k, v in loaded.items()})
-    for key in FLAT_DEFAULTS:
+    for key in FLAGS:
         value = getattr(args, key.replace("-", "_"), None)
         if value is not None:
             flat[key] = value

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from synth.errors import SynthError
+from synth.options import MODEL, option
 
 DEFAULT_EMBEDDER = "minilm"
 DEFAULT_HASHING_DIM = 384
@@ -45,10 +46,16 @@ EMBED_BACKENDS = ("torch", "jax")
 
 @dataclass(frozen=True)
 class EmbeddingConfig:
-    backend: str = "torch"  # torch: sentence-transformers; jax: `synth.jax_encoder` on jax's devices
-    device: str = "cpu"  # where the torch backend runs: cpu, cuda, cuda:1, mps, ...
-    max_tokens: int | None = None  # the encoder's window; None: the model's own max_seq_length
-    trust_remote_code: bool = False  # models with their own code (jina-embeddings-v3) need it
+    backend: str = option("embed-backend", MODEL, "torch (sentence-transformers) or jax (the same BERT-family "
+                                                  "encoders on jax's devices: TPU, GPU or CPU, data-parallel)",
+                          "torch", choices=EMBED_BACKENDS)
+    device: str = option("embed-device", MODEL, "where the torch backend runs: cpu, cuda, cuda:1, mps, ...", "cpu")
+    max_tokens: int | None = option(
+        "embed-max-tokens", MODEL, "the encoder's window in its own tokens, up to the positions the model has "
+        "(default: the model's max_seq_length; MiniLM 256). Longer chunks are counted in the summary", None, type=int)
+    trust_remote_code: bool = option(
+        "trust-remote-code", MODEL, "allow an embedder that ships its own Python code (e.g. jina-embeddings-v3) to "
+        "run it", False, action="store_true")
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:

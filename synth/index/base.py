@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import numpy as np
 
 from synth.errors import SynthError
+from synth.options import MODEL, option
 
 INDEX_KINDS = ("faiss-flat", "faiss-ivfpq", "faiss-hnsw", "scann")
 FLAT, IVFPQ, HNSW, SCANN = INDEX_KINDS
@@ -47,7 +48,7 @@ class IndexConfig:
     ignore it.
     """
 
-    kind: str = FLAT
+    kind: str = option("index", MODEL, "nearest-neighbour index", FLAT, choices=INDEX_KINDS)
     nlist: int | None = None
     nprobe: int = 16
     pq_m: int | None = None
