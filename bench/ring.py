@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench.model import best_times  # noqa: E402
 from nextlong_jax import load_balance  # noqa: E402
 from nextlong_jax.model.attention import Blocks, attention  # noqa: E402
+from nextlong_jax.model.attention.ring import ring_attention  # noqa: E402
 from nextlong_jax.sharding import make_mesh  # noqa: E402
 
 SHARDS = 8
@@ -46,7 +47,9 @@ def bench_length(length: int, heads: int, head_dim: int, block: int, repeats: in
     blockwise = grad_fn(backend="blockwise")
     # Inputs already in zig-zag order, as the trainer feeds them; only the mask's view of the order differs.
     zigzag = grad_fn(backend="ring")
-    contiguous = grad_fn(backend="ring", token_index=jnp.arange(length))
+    contiguous = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ring_attention(q, k, v, segments, blocks=Blocks(block),
+                                                                         token_index=jnp.arange(length))),
+                                  argnums=(0, 1, 2)))
     mesh = make_mesh(data=1, fsdp=1, tensor=1, sequence=SHARDS)
     zq, zk, zv = (load_balance.zigzag(x, SHARDS) for x in (q, k, v))
 

@@ -121,6 +121,18 @@ def test_config_and_data_modules_load_no_kernel():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_every_kernel_takes_the_one_signature():
+    import inspect
+
+    from nextlong_jax.model.attention.backends import BACKENDS
+
+    for backend, spec in BACKENDS.items():
+        parameters = inspect.signature(spec.load()).parameters
+        assert list(parameters)[:4] == ["q", "k", "v", "segment_ids"], backend
+        assert parameters["blocks"].kind is inspect.Parameter.KEYWORD_ONLY, backend
+        assert all(p.default is not inspect.Parameter.empty for p in list(parameters.values())[4:]), backend
+
+
 def test_auto_must_be_resolved_before_attention_runs():
     from nextlong_jax.model.attention import BackendError
 

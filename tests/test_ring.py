@@ -72,6 +72,7 @@ def _child_attention() -> None:
     import jax
 
     from nextlong_jax.model.attention import Blocks, attention
+    from nextlong_jax.model.attention.ring import ring_attention
     from nextlong_jax.sharding import make_mesh
 
     rng = np.random.default_rng(0)
@@ -92,7 +93,7 @@ def _child_attention() -> None:
 
         def ring(q, k, v):
             if not zigzag:
-                return attention(q, k, v, seg, backend="ring", blocks=Blocks(8), token_index=jnp.arange(length))
+                return ring_attention(q, k, v, seg, blocks=Blocks(8), token_index=jnp.arange(length))
             out = attention(*(load_balance.zigzag(x, shards) for x in (q, k, v, seg)), backend="ring", blocks=Blocks(8))
             return load_balance.unzigzag(out, shards)
 

@@ -26,7 +26,6 @@ def attention(
     *,
     backend: Backend = Backend.BLOCKWISE,
     blocks: Blocks = Blocks(),
-    token_index: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """q [B, L, H, D], k/v [B, L, K, D] with K dividing H; segment_ids [B, L] (0 = padding) or None.
 
@@ -34,22 +33,13 @@ def attention(
     Returns [B, L, H, D] in q's dtype.
 
     Sequence-parallel backends shard the length over the ambient mesh's `sequence` axis and expect
-    the sequence in `load_balance.reorder`'s zig-zag order (ring: unless `token_index` [L], the
-    original index of each position, says otherwise); the others expect the original order.
+    the sequence in `load_balance.reorder`'s zig-zag order; the others expect the original order.
     """
     backend = Backend(backend)
     if backend is Backend.AUTO:
         raise BackendError("attention_backend=auto must be resolved for a platform first (backends.resolve)")
     if segment_ids is None and backend is not Backend.CUDNN:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    kernel = BACKENDS[backend].load()
-    match backend:
-        case Backend.REFERENCE | Backend.CUDNN:
-            out = kernel(q, k, v, segment_ids)
-        case Backend.BLOCKWISE:
-            out = kernel(q, k, v, segment_ids, block_size=blocks.q)
-        case Backend.RING:
-            out = kernel(q, k, v, segment_ids, token_index, block_size=blocks.q)
-        case Backend.SPLASH | Backend.PALLAS_GPU:
-            return kernel(q, k, v, segment_ids, blocks=blocks)  # names its own residuals
-    return checkpoint_name(out, ATTENTION_OUT)
+    spec = BACKENDS[backend]
+    out = spec.load()(q, k, v, segment_ids, blocks=blocks)
+    return out if spec.names_residuals else checkpoint_name(out, ATTENTION_OUT)

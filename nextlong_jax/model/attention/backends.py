@@ -1,7 +1,8 @@
 """The attention backends as one table, and the one place a configured backend becomes the one that runs.
 
-Nothing here imports a kernel: each record names its kernel and `Spec.load` imports it on first
-use, so reading a config or a data pipeline never loads Pallas. A backend is resolved once, when
+Every kernel takes one signature (`Kernel`). Nothing here imports one at import time: each record
+holds a function that imports its kernel on first use, so reading a config or a data pipeline never
+loads Pallas. A backend is resolved once, when
 the trainer (or a plan, or the evaluator) knows the platform it compiles for, and the model then
 carries the `Backend` member, never a name to be looked up again.
 """
@@ -9,10 +10,15 @@ carries the `Backend` member, never a name to be looked up again.
 from __future__ import annotations
 
 import enum
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from nextlong_jax.model.attention.blocks import Blocks
+
+if TYPE_CHECKING:
+    import jax.numpy as jnp
 
 logger = logging.getLogger(__name__)
 
@@ -41,31 +47,65 @@ class Backend(enum.StrEnum):  # str() and f-strings give the name users write
     CUDNN = "cudnn"  # cuDNN fused attention; packed documents need a dense [L, L] mask
 
 
+class Kernel(Protocol):
+    def __call__(self, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray | None, *,
+                 blocks: Blocks) -> jnp.ndarray:
+        """q [B, L, H, D], k/v [B, L, K, D] (K divides H), segment_ids [B, L] (0 = padding) -> [B, L, H, D] in
+        q's dtype, sharded like q; `blocks` tiles the kernels that tile (the Spec's `block_fields`)."""
+        ...
+
+
+def _reference() -> Kernel:
+    from nextlong_jax.model.attention.reference import reference_attention
+    return reference_attention
+
+
+def _blockwise() -> Kernel:
+    from nextlong_jax.model.attention.blockwise import blockwise_attention
+    return blockwise_attention
+
+
+def _ring() -> Kernel:
+    from nextlong_jax.model.attention.ring import ring_attention
+    return ring_attention
+
+
+def _splash() -> Kernel:
+    from nextlong_jax.model.attention.splash import splash_attention
+    return splash_attention
+
+
+def _pallas_gpu() -> Kernel:
+    from nextlong_jax.model.attention.pallas_gpu import pallas_gpu_attention
+    return pallas_gpu_attention
+
+
+def _cudnn() -> Kernel:
+    from nextlong_jax.model.attention.cudnn import cudnn_attention
+    return cudnn_attention
+
+
 @dataclass(frozen=True)
 class Spec:
     platforms: frozenset[str]  # platform families it compiles for ("cpu", "tpu", "gpu")
     sequence_parallel: bool  # takes a length sharded over the `sequence` mesh axis
     dense_mask: bool  # holds an [L, L] mask per sequence (refused above DENSE_MASK_MAX_LEN)
     block_fields: tuple[str, ...]  # the `Blocks` fields it reads
-    kernel: str  # "module:function", imported by `load`
-
-    def load(self) -> Callable:
-        module, _, name = self.kernel.partition(":")
-        return getattr(importlib.import_module(module), name)
+    load: Callable[[], Kernel]  # imports the kernel
+    names_residuals: bool = False  # checkpoint-names what it keeps (else its output is ATTENTION_OUT)
 
 
 _ANY = frozenset({"cpu", "tpu", "gpu"})
-_HERE = "nextlong_jax.model.attention"
 BACKENDS: dict[Backend, Spec] = {
-    Backend.REFERENCE: Spec(_ANY, False, True, (), f"{_HERE}.reference:reference_attention"),
-    Backend.BLOCKWISE: Spec(_ANY, False, False, ("q",), f"{_HERE}.blockwise:blockwise_attention"),
-    Backend.RING: Spec(_ANY, True, False, ("q",), f"{_HERE}.ring:ring_attention"),
+    Backend.REFERENCE: Spec(_ANY, False, True, (), _reference),
+    Backend.BLOCKWISE: Spec(_ANY, False, False, ("q",), _blockwise),
+    Backend.RING: Spec(_ANY, True, False, ("q",), _ring),
     Backend.SPLASH: Spec(frozenset({"tpu"}), True, False,
-                         ("q", "kv", "q_bwd", "kv_bwd", "fused_bwd", "kv_compute", "kv_bwd_compute"),
-                         f"{_HERE}.splash:splash_attention"),
-    Backend.PALLAS_GPU: Spec(frozenset({"gpu"}), True, False, ("q", "kv", "q_bwd", "kv_bwd"),
-                             f"{_HERE}.pallas_gpu:pallas_gpu_attention"),
-    Backend.CUDNN: Spec(frozenset({"gpu"}), False, True, (), f"{_HERE}.cudnn:cudnn_attention"),
+                         ("q", "kv", "q_bwd", "kv_bwd", "fused_bwd", "kv_compute", "kv_bwd_compute"), _splash,
+                         names_residuals=True),
+    Backend.PALLAS_GPU: Spec(frozenset({"gpu"}), True, False, ("q", "kv", "q_bwd", "kv_bwd"), _pallas_gpu,
+                             names_residuals=True),
+    Backend.CUDNN: Spec(frozenset({"gpu"}), False, True, (), _cudnn),
 }
 # What `auto` runs, per platform family: (unsharded length, length sharded over `sequence`).
 AUTO = {"tpu": (Backend.SPLASH, Backend.SPLASH), "gpu": (Backend.PALLAS_GPU, Backend.PALLAS_GPU),

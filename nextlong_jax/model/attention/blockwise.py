@@ -15,16 +15,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from nextlong_jax.model.attention import flash
+from nextlong_jax.model.attention.blocks import Blocks
 
 F32 = jnp.float32
 
 
 def blockwise_attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *, block_size: int = 512
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *, blocks: Blocks = Blocks()
 ) -> jnp.ndarray:
-    """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D]."""
+    """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D], in query and key blocks of
+    `blocks.q` tokens."""
     length = q.shape[1]
-    block = min(block_size, length)
+    block = min(blocks.q, length)
     pad = -length % block
     if pad:
         # Padding gets segment -1: a segment of its own, sliced off below.

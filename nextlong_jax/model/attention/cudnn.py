@@ -5,9 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nextlong_jax.model.attention.blocks import Blocks
 
-def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
-    """q [B, L, H, D], k/v [B, L, K, D] (GQA handled by the kernel) -> [B, L, H, D].
+
+def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray | None, *,
+                    blocks: Blocks = Blocks()) -> jnp.ndarray:
+    """q [B, L, H, D], k/v [B, L, K, D] (GQA handled by the kernel) -> [B, L, H, D]; cuDNN tiles it
+    (`blocks` unused).
 
     Without segments the kernel's own causal mask is used. With segments the public API only takes
     a dense mask, so document masking costs an [L, L] boolean (and jax's additive bias made from it)

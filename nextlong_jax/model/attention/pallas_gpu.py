@@ -77,7 +77,7 @@ from jax.experimental import pallas as pl
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention.backends import PALLAS_GPU_RESIDUALS
 from nextlong_jax.model.attention.blocks import Blocks
-from nextlong_jax.model.attention.per_device import on_each_device, spec
+from nextlong_jax.model.attention.per_device import gather_sequence, on_each_device, spec
 from nextlong_jax.sharding import ambient_shards
 
 # Segment id of the rows and keys added to reach a whole number of blocks: no real token has it.
@@ -486,8 +486,7 @@ def pallas_gpu_attention(
     def local(q, k, v, segment_ids, q_index):
         kv_segment_ids = segment_ids
         if shards > 1:
-            k, v, kv_segment_ids = (load_balance.unzigzag(lax.all_gather(x, axis, axis=1, tiled=True), shards)
-                                    for x in (k, v, segment_ids))
+            k, v, kv_segment_ids = gather_sequence(axis, shards, k, v, segment_ids)
         return flash_attention(q, k, v, segment_ids, kv_segment_ids, q_index, blocks=blocks,
                                chunks=2 if shards > 1 else 1, interpret=interpret)
 

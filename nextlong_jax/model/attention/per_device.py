@@ -15,7 +15,9 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from nextlong_jax import load_balance
 from nextlong_jax.sharding import LOGICAL_AXIS_RULES
 
 
@@ -35,6 +37,13 @@ def on_each_device(local: Callable, mesh, *more_specs) -> Callable:
     kv_spec = spec("batch", "length", "kv_heads", "head_dim")
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", "length"), *more_specs),
                          out_specs=q_spec, check_vma=False)
+
+
+def gather_sequence(axis: str, shards: int, *xs: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+    """Inside `on_each_device`, the length split over `axis` into `shards` in zig-zag order: each x
+    [b, L/S, ...] (this device's rows) all-gathered into [b, L, ...] in original order, as a kernel that
+    reads every key wants its keys, values and their segment ids."""
+    return tuple(load_balance.unzigzag(lax.all_gather(x, axis, axis=1, tiled=True), shards) for x in xs)
 
 
 def per_device(kernel: Callable, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray

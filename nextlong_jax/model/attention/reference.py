@@ -5,11 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nextlong_jax.model.attention.blocks import Blocks
 from nextlong_jax.model.attention.mask import MASK_VALUE, visible
 
 
-def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
-    """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D]."""
+def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,
+                        blocks: Blocks = Blocks()) -> jnp.ndarray:
+    """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D]; all [L, L] scores at once
+    (`blocks` unused)."""
     b, length, h, d = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(b, length, kv_heads, h // kv_heads, d)  # query heads grouped under their kv head

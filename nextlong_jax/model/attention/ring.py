@@ -28,6 +28,7 @@ from jax import lax
 
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention import flash
+from nextlong_jax.model.attention.blocks import Blocks
 from nextlong_jax.model.attention.blockwise import blockwise_attention
 from nextlong_jax.model.attention.per_device import on_each_device, spec
 from nextlong_jax.sharding import ambient_shards
@@ -40,11 +41,12 @@ def ring_attention(
     k: jnp.ndarray,
     v: jnp.ndarray,
     segment_ids: jnp.ndarray,
-    token_index: jnp.ndarray | None = None,
     *,
-    block_size: int = 512,
+    blocks: Blocks = Blocks(),
+    token_index: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
-    """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D], sharded like q.
+    """q [B, L, H, D], k/v [B, L, K, D], segment_ids [B, L] -> [B, L, H, D], sharded like q, in blocks of
+    at most `blocks.q` tokens.
 
     `token_index` [L] gives the original index of each position; None means the zig-zag order of
     `load_balance.reorder` for the ambient sequence axis size. Without a sequence axis (or size 1)
@@ -52,12 +54,12 @@ def ring_attention(
     """
     axis, shards = ambient_shards("length")
     if shards == 1:
-        return blockwise_attention(q, k, v, segment_ids, block_size=block_size)
+        return blockwise_attention(q, k, v, segment_ids, blocks=blocks)
     length = q.shape[1]
     chunk = length // shards
     # At most half a local chunk: zig-zag chunks are two halves far apart, and a block straddling
     # both is never fully masked, so it could not be skipped.
-    block = min(block_size, max(chunk // 2, 1))
+    block = min(blocks.q, max(chunk // 2, 1))
     if length % shards or chunk % block:
         raise ValueError(f"ring attention needs length ({length}) / {shards} shards divisible by block {block}")
     if token_index is None:

@@ -46,7 +46,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
 from jax.sharding import NamedSharding, PartitionSpec
@@ -54,7 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention.backends import SPLASH_RESIDUALS
 from nextlong_jax.model.attention.blocks import Blocks
-from nextlong_jax.model.attention.per_device import on_each_device
+from nextlong_jax.model.attention.per_device import gather_sequence, on_each_device
 from nextlong_jax.sharding import ambient_shards
 
 LANES = 128  # the kernel tiles sequence blocks on 128 TPU lanes: every block is a multiple
@@ -88,8 +87,7 @@ def splash_attention(
         # q [b, L/S, h, D], k/v [b, L/S, kh, D] (this device's zig-zag rows), segment_ids [b, L/S]
         kv_segment_ids = segment_ids
         if shards > 1:
-            k, v, kv_segment_ids = (load_balance.unzigzag(lax.all_gather(x, axis, axis=1, tiled=True), shards)
-                                    for x in (k, v, segment_ids))
+            k, v, kv_segment_ids = gather_sequence(axis, shards, k, v, segment_ids)
         # Scaling q is cheaper than scaling [L, L] scores; the kernel applies no scale itself.
         qt = (q * head_dim**-0.5).transpose(0, 2, 1, 3)  # [b, h, L/S, D]: the kernel's head-major layout
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kh, L, D]
