@@ -62,11 +62,13 @@ class Plan:
     compilers: dict[str, str | None]  # versions of jax, jaxlib, libtpu and the CUDA plugin that compiled it
     fingerprint: str  # sha256 of everything the compile depends on (`fingerprint`): the plan cache's key
     cached: bool = False  # read from a plan cache: compiled earlier from the same fingerprint
+    slots: int = 1  # the program for rows of this many documents in slots (`train_setup.jit_step`); 1: whole rows
 
     def summary(self) -> str:
         kernels = ", ".join(self.attention_kernels) or "none (XLA ops)"
+        rows = "whole rows" if self.slots == 1 else f"rows of {self.slots} documents in slots"
         return "\n".join([
-            f"topology {self.topology}: {self.devices} x {self.chip}, mesh {self.mesh}",
+            f"topology {self.topology}: {self.devices} x {self.chip}, mesh {self.mesh}; the step for {rows}",
             f"attention {self.attention_backend} (blocks {self.attention_blocks}); kernels in the program: {kernels}",
             f"per chip: arguments {self.argument_gib:.2f} GiB + temporaries {self.temp_gib:.2f} GiB + outputs "
             f"{self.output_gib:.2f} GiB - aliased {self.alias_gib:.2f} GiB = {self.total_gib:.2f} GiB of "
@@ -125,10 +127,10 @@ def _locations_without_directories():
         jax.config.update(name, previous)
 
 
-def plan(config: Config, topology: Topology, cache: Path | None = None) -> Plan:
-    """Compile `config`'s train step (grad accumulation included) for `topology`; raises on failure.
-    With `cache`, a plan recorded there under the same fingerprint is returned without compiling,
-    and a new one is recorded."""
+def plan(config: Config, topology: Topology, cache: Path | None = None, slots: int = 1) -> Plan:
+    """Compile `config`'s train step (grad accumulation included) for `topology`, for rows of `slots`
+    documents in slots (1: whole rows); raises on failure. With `cache`, a plan recorded there under
+    the same fingerprint is returned without compiling, and a new one is recorded."""
     mesh = build_mesh(config, compile_only_devices(topology))
     start = time.perf_counter()
     with jax.set_mesh(mesh), axis_rules(), _locations_without_directories():
@@ -136,7 +138,7 @@ def plan(config: Config, topology: Topology, cache: Path | None = None) -> Plan:
         if topology.chip.platform == "gpu":
             setup = setup._replace(compiler_options={**COMPILE_ONLY_GPU_FLAGS, **setup.compiler_options})
         batch = abstract_batch(setup, config.data.batch_size, config.data.seq_len)
-        lowered = jit_step(setup, config.optimizer.grad_accum).lower(abstract_state(setup), batch)
+        lowered = jit_step(setup, config.optimizer.grad_accum, slots).lower(abstract_state(setup), batch)
         key = fingerprint(lowered, setup.compiler_options, [int(d.id) for d in mesh.devices.flat], topology)
         recorded = cache / f"{topology.name}-{key[:16]}.json" if cache else None
         if recorded and recorded.exists():
@@ -159,9 +161,10 @@ def plan(config: Config, topology: Topology, cache: Path | None = None) -> Plan:
                   **{f"{name}_gib": round(value, 3) for name, value in sizes.items()}, total_gib=round(total, 3),
                   hbm_gib=round(topology.chip.hbm_gib, 2), budget_gib=round(topology.chip.budget_gib, 2),
                   fits=total <= topology.chip.budget_gib, compilers=installed(),
-                  model_tflops_per_step=round(config.model.flops_per_token(config.data.seq_len) * tokens / 1e12, 1),
+                  model_tflops_per_step=round(config.model.flops_per_token(config.data.seq_len // slots) * tokens / 1e12, 1),
                   compile_seconds=round(seconds, 1), xla_flags=setup.compiler_options,
-                  host_gib=round(getattr(stats, "host_temp_size_in_bytes", 0) / GIB, 3), fingerprint=key)
+                  host_gib=round(getattr(stats, "host_temp_size_in_bytes", 0) / GIB, 3), fingerprint=key,
+                  slots=slots)
     if recorded:
         recorded.parent.mkdir(parents=True, exist_ok=True)
         staged = recorded.with_suffix(".partial")  # a killed plan leaves no half-written entry

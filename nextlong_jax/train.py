@@ -21,8 +21,8 @@ from nextlong_jax.warm_start import initial_state, warm_model
 from nextlong_jax.host_data import global_batch, host_rows
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.train_config import Config
-from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_mesh, jit_step,
-                                      start_runtime, seed_keys)
+from nextlong_jax.train_setup import (TrainError, abstract_batch, abstract_state, build, build_mesh, jit_step,
+                                      slot_counts, start_runtime, seed_keys)
 from nextlong_jax.vocabulary import check_token_ids, check_vocabulary
 
 
@@ -94,7 +94,13 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
         step, skipped, nonfinite_run = progress["step"], progress["skipped"], 0
         data = BatchIterator(sources, config.data, per_host_batch, negative_weight=config.loss.negative_weight,
                              start_batches=resume_batches(progress["data"], per_host_batch, whole_batches(sources)))
-        steps = {}  # per document length: a second program for rows of documents in slots
+        # Every program the sources need (rows of documents in slots take one of their own), compiled before
+        # step 1: none compiles mid-run, and a restart finds them all in the compilation cache.
+        shapes = abstract_batch(setup, config.data.batch_size, config.data.seq_len)
+        steps = {slots: jit_step(setup, config.optimizer.grad_accum, slots).lower(state, shapes).compile()
+                 for slots in slot_counts(config.data.seq_len, [shards.document_len for shards in sources])}
+        reporter.message("train step compiled for " + " and ".join(
+            "whole rows" if slots == 1 else f"rows of {slots} documents in slots" for slots in steps))
         reporter.start(step, config.train.steps)
         preemption = Preemption(checkpoints)
         tick = time.perf_counter()
@@ -104,10 +110,7 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
                 rows, document_len = next(data)
                 check_token_ids(rows["input_ids"], config.model.vocab_size, f"the batch of step {step + 1}")
                 batch = global_batch(rows, setup.batch_sharding, config.data.batch_size)
-                slots = config.data.seq_len // document_len
-                if slots not in steps:
-                    steps[slots] = jit_step(setup, config.optimizer.grad_accum, slots)
-                state, metrics = steps[slots](state, batch)
+                state, metrics = steps[config.data.seq_len // document_len](state, batch)
                 metrics = jax.device_get(metrics)
                 step += 1
                 now = time.perf_counter()

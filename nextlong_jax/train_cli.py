@@ -149,23 +149,47 @@ def compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"nextlong-train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     from nextlong_jax.compile_only import plan
-    from nextlong_jax.train_setup import TrainError
+    from nextlong_jax.train_setup import TrainError, slot_counts
 
+    # Whole rows, and each program a packed source's rows take: those the config expects
+    # (data.document_lens) and those of the sources given, read from their manifests.
     try:
-        result = plan(config, topology, cache=args.plan_cache)
-    except Exception as e:  # XLA's own failures (HBM exhausted at compile, unsupported ops) are the answer here
-        reason = str(e) if isinstance(e, TrainError) else (
-            f"does not compile for {topology.name}: {type(e).__name__}: {(str(e) or '-').splitlines()[0]}")
-        print(json.dumps({"compiled": False, "fits": False, "topology": topology.name, "chip": topology.chip.name,
-                          "error": " ".join(reason.split())}), flush=True)
-        print(f"nextlong-train: error: {' '.join(reason.split())}", file=sys.stderr)
+        lengths = [*config.data.document_lens, *_manifest_document_lens(config)]
+    except (ValueError, OSError) as e:
+        print(f"nextlong-train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    print(result.summary())
-    print(json.dumps({"compiled": True, **dataclasses.asdict(result)}), flush=True)
-    if not result.fits:
-        print(f"nextlong-train: error: needs {result.total_gib:.1f} GiB per chip, more than the "
-              f"{result.budget_gib:.1f} GiB usable of a {result.chip}", file=sys.stderr)
-    return 0 if result.fits else 1
+    plans = []
+    for slots in slot_counts(config.data.seq_len, [None, *lengths]):
+        try:
+            plans.append(plan(config, topology, cache=args.plan_cache, slots=slots))
+        except Exception as e:  # XLA's own failures (HBM exhausted at compile, unsupported ops) are the answer here
+            reason = str(e) if isinstance(e, TrainError) else (
+                f"does not compile for {topology.name}: {type(e).__name__}: {(str(e) or '-').splitlines()[0]}")
+            print(json.dumps({"compiled": False, "fits": False, "topology": topology.name, "chip": topology.chip.name,
+                              "slots": slots, "error": " ".join(reason.split())}), flush=True)
+            print(f"nextlong-train: error: {' '.join(reason.split())}", file=sys.stderr)
+            return 1
+    print("\n\n".join(result.summary() for result in plans))
+    # One JSON line: the whole rows' plan, the slot rows' programs under "slot_programs".
+    whole, *slotted = (dataclasses.asdict(result) for result in plans)
+    print(json.dumps({"compiled": True, **whole, "fits": all(result.fits for result in plans),
+                      "slot_programs": slotted}), flush=True)
+    for result in plans:
+        if not result.fits:
+            rows = "" if result.slots == 1 else f"the step for rows of {result.slots} documents in slots "
+            print(f"nextlong-train: error: {rows}needs {result.total_gib:.1f} GiB per chip, more than the "
+                  f"{result.budget_gib:.1f} GiB usable of a {result.chip}", file=sys.stderr)
+    return 0 if all(result.fits for result in plans) else 1
+
+
+def _manifest_document_lens(config) -> list[int]:
+    """The document lengths the manifests of the given data sources declare (none without sources)."""
+    if not any(config.data.sources):
+        return []
+    from nextlong_jax.data import find_shards
+
+    return [shards.document_len for source in config.data.sources
+            if (shards := find_shards(source, config.data.seq_len)).document_len]
 
 
 def plot(argv: list[str]) -> int:

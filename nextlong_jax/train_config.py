@@ -69,11 +69,17 @@ class DataConfig:
     seed: int = 0
     prefetch: int = 2  # batches
     verify_sha256: bool = False  # hash every shard against the manifest before step 1 (sizes are always checked)
+    # Document lengths of the packed sources a preset expects (their manifests' document_len): each trains
+    # through a program of its own, which --compile-only plans beside the full rows' without the data.
+    document_lens: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.weights and (len(self.weights) != len(self.sources) or min(self.weights) <= 0):
             raise ValueError(f"weights {list(self.weights)} must be {len(self.sources)} positive numbers, "
                              "one per source")
+        for length in self.document_lens:
+            if not 0 < length <= self.seq_len or self.seq_len % length:
+                raise ValueError(f"document_lens: {length} does not divide seq_len {self.seq_len}")
 
     @property
     def sources(self) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ shardings, and the initial, abstract or restored state laid out on the mesh."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -149,6 +149,12 @@ def abstract_batch(setup: Setup, batch_size: int, seq_len: int) -> dict[str, jax
     """The global batch the step takes, as shapes with the batch sharding."""
     return {name: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if name in FLOAT_FEATURES else jnp.int32,
                                        sharding=setup.batch_sharding) for name in TRAINING_FEATURES}
+
+
+def slot_counts(seq_len: int, document_lens: Iterable[int | None]) -> list[int]:
+    """The train-step programs rows of these document lengths take, as `jit_step`'s `slots` (1: whole rows;
+    a length of None or seq_len is a whole row)."""
+    return sorted({seq_len // (length or seq_len) for length in document_lens})
 
 
 def jit_step(setup: Setup, grad_accum: int, slots: int = 1) -> Callable:

@@ -98,9 +98,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_plans_prints_json_and_refuses_what_does_not_fit():
     fits = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v5p-8",
-                "data.batch_size=4", *REDUCED, "model.attention_backend=splash")
+                "data.batch_size=4", *REDUCED, "model.attention_backend=splash", "data.document_lens=[512]")
     assert fits.returncode == 0, fits.stderr[-2000:]
     plan = json.loads(fits.stdout.strip().splitlines()[-1])
+    # A packed source's rows (2 documents of 512 tokens per 1024-token row) take a program of their own,
+    # planned beside the whole rows': the same kernel, less attention work.
+    (slotted,) = plan.pop("slot_programs")
+    assert plan["slots"] == 1 and slotted["slots"] == 2 and slotted["fits"] and slotted["fingerprint"] != plan["fingerprint"]
+    assert any("splash_mha_fwd" in k for k in slotted["attention_kernels"])
+    assert slotted["model_tflops_per_step"] < plan["model_tflops_per_step"]
+    assert "the step for rows of 2 documents in slots" in fits.stdout
     assert plan["fits"] and plan["devices"] == 4 and plan["chip"] == "v5p" and plan["attention_backend"] == "splash"
     assert any("splash_mha_fwd" in k for k in plan["attention_kernels"])
     assert plan["attention_blocks"] == {"q": 512, "kv": 512, "q_bwd": 512, "kv_bwd": 512, "fused_bwd": False,

@@ -60,9 +60,12 @@ PRESETS = sorted(FIRST.values())
 TWINS = [(p, FIRST[_plan(p)]) for p in ACCELERATOR if p not in PRESETS]
 
 
-def _stated_gib(preset: Path) -> float:
-    stated = re.search(r"^#\s+\S+: ([\d.]+) GiB per chip", preset.read_text(), re.M)
-    assert stated, f"{preset.name}: the header must state the compiled per-chip memory"
+def _stated_gib(preset: Path, slots: int = 1) -> float:
+    """The per-chip memory the header states for the step of whole rows, or of rows of `slots` documents."""
+    pattern = r"^#\s+\S+: ([\d.]+) GiB per chip" if slots == 1 else \
+        rf"^#\s+rows of {slots} documents in slots[^:\n]*: ([\d.]+) GiB per chip"
+    stated = re.search(pattern, preset.read_text(), re.M)
+    assert stated, f"{preset.name}: the header must state the compiled per-chip memory ({slots} slot(s) a row)"
     return float(stated[1])
 
 
@@ -101,7 +104,8 @@ def compiles(request, tmp_path_factory):
     yield futures
     pool.shutdown(cancel_futures=True)
     if RECORD and set(selected) == set(PRESETS) and all(f.result().returncode == 0 for f in futures.values()):
-        current = {json.loads(f.result().stdout.strip().splitlines()[-1])["fingerprint"] for f in futures.values()}
+        plans = [json.loads(f.result().stdout.strip().splitlines()[-1]) for f in futures.values()]
+        current = {p["fingerprint"] for plan in plans for p in (plan, *plan["slot_programs"])}
         for entry in GOLDEN.glob("*.json"):
             if json.loads(entry.read_text())["fingerprint"] not in current:
                 entry.unlink()
@@ -128,6 +132,13 @@ def test_preset_compiles_and_fits_its_topology(preset, compiles):
     else:
         assert plan["attention_kernels"] == []
     assert abs(_stated_gib(preset) - plan["total_gib"]) < 0.1, (_stated_gib(preset), plan["total_gib"])
+    # A packed source's rows (data.document_lens) train through a program of their own: planned too.
+    assert [p["slots"] for p in plan["slot_programs"]] == sorted(config.data.seq_len // n for n in config.data.document_lens)
+    for slotted in plan["slot_programs"]:
+        assert slotted["fits"] and slotted["attention_backend"] == backend, slotted
+        assert abs(_stated_gib(preset, slotted["slots"]) - slotted["total_gib"]) < 0.1, slotted["total_gib"]
+        assert slotted["cached"] or RECORD or slotted["compilers"] not in _recorded_compilers(), (
+            f"{preset.name}: its slot rows' step changed since tests/golden/plans was recorded; run `make plans`")
     # Checked above either way; a step changed under the recorded compilers must be recorded, or every
     # later run compiles it again.
     assert plan["cached"] or RECORD or plan["compilers"] not in _recorded_compilers(), (

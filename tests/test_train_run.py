@@ -185,6 +185,26 @@ def test_a_damaged_shard_stops_training_in_one_line(train_data, tmp_path, capsys
         assert not leftovers, leftovers
 
 
+def test_every_step_program_is_compiled_before_step_1(train_data, tmp_path, capsys):
+    """A mixture of whole rows and rows of two packed 256-token documents: both programs are compiled
+    before the first step, whichever kind of batch it draws."""
+    from synth.cli import main as synth_main
+
+    packed = tmp_path / "packed"
+    assert synth_main(["--meta", "sample:pydocs", "--max-meta-docs", "16", "--embedder", "hashing", "--seq-len",
+                       "512", "--doc-len", "256", "--chunk-tokens", "64", "--num-shards", "1",
+                       "--out", str(packed)]) == 0
+    capsys.readouterr()
+    cmd = _command(train_data, tmp_path / "run", CONSTANT_LR, "train.steps=4")
+    data_at = cmd.index("--data")
+    proc = train_in_process(capsys, cmd[3:data_at + 2] + ["--data", str(packed)] + cmd[data_at + 2:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    compiled = next(i for i, line in enumerate(lines) if "train step compiled for" in line)
+    assert "whole rows and rows of 2 documents in slots" in lines[compiled]
+    assert not any("step 1/4" in line for line in lines[:compiled])
+
+
 def test_a_mixture_of_sources_trains_and_mismatched_weights_are_one_line(train_data, tmp_path, capsys):
     out = tmp_path / "mix"
     cmd = _command(train_data, out, CONSTANT_LR, "train.steps=2")
