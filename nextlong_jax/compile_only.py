@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 
 from nextlong_jax.compilers import installed
-from nextlong_jax.model.attention.backends import BACKENDS
+from nextlong_jax.model.attention.backends import BACKENDS, Backend
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.topology import Topology, compile_only_devices
 from nextlong_jax.train_config import Config
@@ -46,7 +46,7 @@ class Plan:
     mesh: dict[str, int]
     attention_backend: str  # as resolved for the target's platform
     attention_kernels: list[str]  # custom-call kernels in the compiled program; empty: XLA's own ops
-    attention_blocks: dict[str, int | bool]  # the block sizes that backend reads (`backends.Spec.block_fields`)
+    attention_blocks: dict[str, int | bool]  # the tiles that backend runs (`backends.Spec.block_fields`)
     argument_gib: float  # per chip: parameters, optimizer state and batch
     temp_gib: float
     output_gib: float
@@ -150,6 +150,10 @@ def plan(config: Config, topology: Topology, cache: Path | None = None, slots: i
         compiled = lowered.compile()
     seconds = time.perf_counter() - start
     backend, blocks = setup.model.config.attention_backend, setup.model.config.attention_blocks
+    if backend is Backend.PALLAS_GPU:  # the tiles the Triton kernels run, not the configured ones they clamp
+        from nextlong_jax.model.attention.pallas_gpu import kernel_blocks
+
+        blocks = kernel_blocks(blocks)
     stats = compiled.memory_analysis()
     sizes = {name: getattr(stats, f"{name}_size_in_bytes") / GIB for name in ("argument", "temp", "output", "alias")}
     total = sizes["argument"] + sizes["temp"] + sizes["output"] - sizes["alias"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +123,54 @@ def test_fwd_bwd_compiles_to_triton_for_8_h100s():
     assert "compile ok" in out, out
 
 
+@pytest.mark.compile
+def test_triton_kernels_compile_without_register_spills():
+    """ptxas's own report of the three kernels at D=128 in bf16 with the default tiles, for an H100."""
+    report = _child("ptxas")
+    assert "ptxas ok" in report, report
+
+
+def _child_ptxas() -> None:
+    """The forward and backward of the kernels compiled for one H100 with XLA's dump on; ptxas -v
+    (the CUDA toolkit's, which XLA compiles the PTX with too) reads each kernel's PTX."""
+    import re
+    import shutil
+    import tempfile
+
+    dump = tempfile.mkdtemp(prefix="nextlong-ptx-")
+    os.environ["XLA_FLAGS"] = f"--xla_dump_to={dump}"  # read when the backend starts, below
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from nextlong_jax.gpu_targets import compile_only_devices
+
+    mesh = Mesh(np.asarray(compile_only_devices("h100")[:1]), ("data",))
+    attend = jax.shard_map(pallas_gpu.pallas_gpu_attention, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                           check_vma=False)
+    b, length, heads, kv_heads, head_dim = 1, 2048, 8, 2, 128
+    args = (jax.ShapeDtypeStruct((b, length, heads, head_dim), jnp.bfloat16),
+            *(jax.ShapeDtypeStruct((b, length, kv_heads, head_dim), jnp.bfloat16),) * 2,
+            jax.ShapeDtypeStruct((b, length), jnp.int32))
+    grads = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+    jax.jit(grads, in_shardings=(NamedSharding(mesh, P("data")),) * 4).lower(*args).compile()
+    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    report = {}
+    for ptx in Path(dump).glob("*.ptx"):
+        if "nextlong_mha" not in ptx.read_text():
+            continue
+        target = re.search(r"^\.target (\w+)", ptx.read_text(), re.M)[1]
+        out = subprocess.run([ptxas, "-v", f"-arch={target}", str(ptx), "-o", os.devnull], capture_output=True,
+                             text=True, check=True).stderr
+        for name, body in re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?registers[^\n]*)", out, re.S):
+            report[name] = (int(re.search(r"(\d+) bytes spill stores", body)[1]),
+                            int(re.search(r"Used (\d+) registers", body)[1]))
+    print(report)
+    assert set(report) == {"nextlong_mha_forward", "nextlong_mha_backward_dq", "nextlong_mha_backward_dkv"}, report
+    assert all(spills == 0 for spills, _ in report.values()), f"register spills: {report}"
+    print("ptxas ok")
+
+
 def _child_devices() -> None:
     from nextlong_jax.gpu_targets import compile_only_devices
 
@@ -211,4 +260,4 @@ def _child_sharded() -> None:
 
 
 if __name__ == "__main__":
-    {"devices": _child_devices, "compile": _child_compile, "sharded": _child_sharded}[sys.argv[1]]()
+    {"devices": _child_devices, "compile": _child_compile, "sharded": _child_sharded, "ptxas": _child_ptxas}[sys.argv[1]]()

@@ -85,10 +85,13 @@ _PAD_SEGMENT = -1
 # Largest forward tile whose blocks of q, k and v fit a GPU's shared memory at head_dim 128 in bf16:
 # configs written for TPU (512) or CPU blocks are clamped to it rather than failing to compile.
 MAX_BLOCK = 128
-# Backward tiles (query rows, keys). Measured on the compile-only targets at D=128 bf16: (64, 128)
-# fits every GPU here; (128, 128) fits an H100 but asks a B200 for 290 KiB of its 227 KiB.
+# Backward tiles (query rows, keys). At D=128 in bf16 for sm_90a (ptxas -v of the compile-only H100
+# program; tests/test_pallas_gpu.py reads it): (64, 128) leaves dK/dV at 255 registers with 856 bytes
+# of spill stores; (64, 64) at 243 registers (dq 135) with none, (32, 128) spills 60 bytes. The
+# forward's (128, 128) holds 244 registers, no spills. (128, 128) would also ask a B200 for 290 KiB
+# of shared memory, of its 227 KiB.
 MAX_BWD_BLOCK_Q = 64
-MAX_BWD_BLOCK_KV = 128
+MAX_BWD_BLOCK_KV = 64
 # Finite, so a block whose entries are all masked keeps the online softmax NaN-free.
 _MASK_VALUE = -1e30
 _LOG2E = math.log2(math.e)
@@ -385,6 +388,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ---------------------------------------------------------------------------------------------------
 
 
+def kernel_blocks(blocks: Blocks) -> Blocks:
+    """The tiles the kernels run for configured `blocks` at any length that holds them: forward blocks
+    clamped to MAX_BLOCK, backward ones to MAX_BWD_BLOCK_Q/KV (what a plan reports)."""
+    return blocks._replace(q=min(blocks.q, MAX_BLOCK), kv=min(blocks.kv, MAX_BLOCK),
+                           q_bwd=min(blocks.q_bwd, MAX_BWD_BLOCK_Q), kv_bwd=min(blocks.kv_bwd, MAX_BWD_BLOCK_KV))
+
+
 def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, *, blocks: Blocks = Blocks(),
                     chunks: int = 1, interpret: bool = False) -> jnp.ndarray:
     """One device's attention: q [B, Lq, H, D] against k/v [B, Lk, K, D] (K divides H) in original
@@ -415,9 +425,9 @@ def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, *, blocks: 
     # Query blocks within one chunk (rounded up: the chunk is padded to it), keys within the keys;
     # never below 16 for that, Triton's smallest dot.
     q_cap, kv_cap = max(_next_power_of_two(chunk), 16), max(_next_power_of_two(lk), 16)
-    cfg = _Config(min(blocks.q, MAX_BLOCK, q_cap), min(blocks.kv, MAX_BLOCK, kv_cap),
-                  min(blocks.q_bwd, MAX_BWD_BLOCK_Q, q_cap), min(blocks.kv_bwd, MAX_BWD_BLOCK_KV, kv_cap), chunks,
-                  _LOG2E / math.sqrt(d), interpret)
+    tiles = kernel_blocks(blocks)
+    cfg = _Config(min(tiles.q, q_cap), min(tiles.kv, kv_cap), min(tiles.q_bwd, q_cap), min(tiles.kv_bwd, kv_cap),
+                  chunks, _LOG2E / math.sqrt(d), interpret)
 
     # Pad each chunk of query rows, and the keys, to whole blocks (powers of two: the larger block
     # is a multiple of the smaller). Padded query rows repeat their chunk's last index (runs stay
