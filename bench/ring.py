@@ -40,16 +40,14 @@ def bench_length(length: int, heads: int, head_dim: int, block: int, repeats: in
     q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.float32) for i in range(3))
     segments = jnp.ones((1, length), jnp.int32)
 
-    def grad_fn(**kwargs):
-        loss = lambda q, k, v: jnp.sum(attention(q, k, v, segments, blocks=Blocks(block), **kwargs))  # noqa: E731
+    def grad_fn(kernel=attention, **kwargs):
+        loss = lambda q, k, v: jnp.sum(kernel(q, k, v, segments, blocks=Blocks(block), **kwargs))  # noqa: E731
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
     blockwise = grad_fn(backend="blockwise")
     # Inputs already in zig-zag order, as the trainer feeds them; only the mask's view of the order differs.
     zigzag = grad_fn(backend="ring")
-    contiguous = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ring_attention(q, k, v, segments, blocks=Blocks(block),
-                                                                         token_index=jnp.arange(length))),
-                                  argnums=(0, 1, 2)))
+    contiguous = grad_fn(ring_attention, token_index=jnp.arange(length))
     mesh = make_mesh(data=1, fsdp=1, tensor=1, sequence=SHARDS)
     zq, zk, zv = (load_balance.zigzag(x, SHARDS) for x in (q, k, v))
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import jax
 
 from nextlong_jax.compilers import installed
-from nextlong_jax.model.attention.backends import BACKENDS, Backend
+from nextlong_jax.model.attention.backends import BACKENDS
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.topology import Topology, compile_only_devices
 from nextlong_jax.train_config import Config
-from nextlong_jax.train_setup import abstract_batch, abstract_state, build, build_mesh, jit_step
+from nextlong_jax.train_setup import abstract_batch, abstract_state, build, build_mesh, jit_step, rows_named
 
 GIB = 2**30
 # XLA asks the CUDA runtime, at compile time, how much scratch CUB's radix sort needs; a compile-only
@@ -66,9 +66,9 @@ class Plan:
 
     def summary(self) -> str:
         kernels = ", ".join(self.attention_kernels) or "none (XLA ops)"
-        rows = "whole rows" if self.slots == 1 else f"rows of {self.slots} documents in slots"
         return "\n".join([
-            f"topology {self.topology}: {self.devices} x {self.chip}, mesh {self.mesh}; the step for {rows}",
+            f"topology {self.topology}: {self.devices} x {self.chip}, mesh {self.mesh}; the step for "
+            f"{rows_named(self.slots)}",
             f"attention {self.attention_backend} (blocks {self.attention_blocks}); kernels in the program: {kernels}",
             f"per chip: arguments {self.argument_gib:.2f} GiB + temporaries {self.temp_gib:.2f} GiB + outputs "
             f"{self.output_gib:.2f} GiB - aliased {self.alias_gib:.2f} GiB = {self.total_gib:.2f} GiB of "
@@ -149,11 +149,8 @@ def plan(config: Config, topology: Topology, cache: Path | None = None, slots: i
                                "fits": stored["total_gib"] <= budget})
         compiled = lowered.compile()
     seconds = time.perf_counter() - start
-    backend, blocks = setup.model.config.attention_backend, setup.model.config.attention_blocks
-    if backend is Backend.PALLAS_GPU:  # the tiles the Triton kernels run, not the configured ones they clamp
-        from nextlong_jax.model.attention.pallas_gpu import kernel_blocks
-
-        blocks = kernel_blocks(blocks)
+    backend = setup.model.config.attention_backend
+    blocks = BACKENDS[backend].tiles(setup.model.config.attention_blocks)
     stats = compiled.memory_analysis()
     sizes = {name: getattr(stats, f"{name}_size_in_bytes") / GIB for name in ("argument", "temp", "output", "alias")}
     total = sizes["argument"] + sizes["temp"] + sizes["output"] - sizes["alias"]

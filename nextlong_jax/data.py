@@ -11,8 +11,9 @@ records pass a seeded shuffle buffer. Resuming skips the records already consume
 so a restarted run sees exactly the batches an uninterrupted one would.
 
 A source whose manifest declares `document_len` (documents in slots, see `nextlong_contract.schema`)
-trains as rows of that length, at that length's attention cost (each `Batch` says its length). A mixture of sources with different document lengths then draws whole batches
-per source, not sequences, so every batch has one document length.
+trains as rows of that length, at that length's attention cost (each `Batch` says its length). A
+mixture of sources with different document lengths then draws whole batches per source, not
+sequences, so every batch has one document length.
 """
 
 from __future__ import annotations

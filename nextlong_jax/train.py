@@ -22,7 +22,7 @@ from nextlong_jax.host_data import global_batch, host_rows
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.train_config import Config
 from nextlong_jax.train_setup import (TrainError, abstract_batch, abstract_state, build, build_mesh, jit_step,
-                                      slot_counts, start_runtime, seed_keys)
+                                      rows_named, slot_counts, start_runtime, seed_keys)
 from nextlong_jax.vocabulary import check_token_ids, check_vocabulary
 
 
@@ -99,8 +99,7 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
         shapes = abstract_batch(setup, config.data.batch_size, config.data.seq_len)
         steps = {slots: jit_step(setup, config.optimizer.grad_accum, slots).lower(state, shapes).compile()
                  for slots in slot_counts(config.data.seq_len, [shards.document_len for shards in sources])}
-        reporter.message("train step compiled for " + " and ".join(
-            "whole rows" if slots == 1 else f"rows of {slots} documents in slots" for slots in steps))
+        reporter.message("train step compiled for " + " and ".join(map(rows_named, steps)))
         reporter.start(step, config.train.steps)
         preemption = Preemption(checkpoints)
         tick = time.perf_counter()

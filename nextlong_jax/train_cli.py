@@ -149,7 +149,7 @@ def compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"nextlong-train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     from nextlong_jax.compile_only import plan
-    from nextlong_jax.train_setup import TrainError, slot_counts
+    from nextlong_jax.train_setup import TrainError, rows_named, slot_counts
 
     # Whole rows, and each program a packed source's rows take: those the config expects
     # (data.document_lens) and those of the sources given, read from their manifests.
@@ -176,7 +176,7 @@ def compile_only(args: argparse.Namespace, overrides: list[str]) -> int:
                       "slot_programs": slotted}), flush=True)
     for result in plans:
         if not result.fits:
-            rows = "" if result.slots == 1 else f"the step for rows of {result.slots} documents in slots "
+            rows = "" if result.slots == 1 else f"the step for {rows_named(result.slots)} "
             print(f"nextlong-train: error: {rows}needs {result.total_gib:.1f} GiB per chip, more than the "
                   f"{result.budget_gib:.1f} GiB usable of a {result.chip}", file=sys.stderr)
     return 0 if all(result.fits for result in plans) else 1

@@ -157,6 +157,11 @@ def slot_counts(seq_len: int, document_lens: Iterable[int | None]) -> list[int]:
     return sorted({seq_len // (length or seq_len) for length in document_lens})
 
 
+def rows_named(slots: int) -> str:
+    """How messages and plans name the rows a `slots` program takes."""
+    return "whole rows" if slots == 1 else f"rows of {slots} documents in slots"
+
+
 def jit_step(setup: Setup, grad_accum: int, slots: int = 1) -> Callable:
     """The jitted train step; `slots` > 1 for batches of rows with documents in slots (`step.slot_rows`)."""
     replicated = NamedSharding(setup.mesh, PartitionSpec())

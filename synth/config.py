@@ -220,22 +220,28 @@ FLAGS = frozenset(opt.flag for opt in OPTIONS)
 COMPOSITE_BY_FLAG = {opt.flag: opt for opt in COMPOSITE}
 
 
-def _spec(path: str, fmt: str | None, flat: dict, max_docs) -> CorpusSpec:
-    given = {"format": fmt, "id_field": flat.get("id-field"), "text_field": flat.get("text-field"),
-             "max_doc_chars": None if flat.get("max-doc-chars") is None else int(flat["max-doc-chars"]),
-             "max_docs": None if max_docs is None else int(max_docs)}
-    return CorpusSpec(path=str(path), **{k: v for k, v in given.items() if v is not None})
+def _composite(flat: dict, flag: str):
+    """A `COMPOSITE` option's value, converted as its row declares; None where unset."""
+    return None if flat.get(flag) is None else COMPOSITE_BY_FLAG[flag].convert(flat[flag])
+
+
+def _spec(flat: dict, which: str) -> CorpusSpec:
+    """The corpus spec of --meta or --corpus (`which`), with the options both share."""
+    given = {"format": _composite(flat, f"{which}-format"), "max_docs": _composite(flat, f"max-{which}-docs"),
+             **{name: _composite(flat, flag) for name, flag in (("id_field", "id-field"), ("text_field", "text-field"),
+                                                                 ("max_doc_chars", "max-doc-chars"))}}
+    return CorpusSpec(path=str(flat[which]), **{k: v for k, v in given.items() if v is not None})
 
 
 def _chunking(flat: dict, seq_len: int) -> ChunkingConfig:
-    tokens, chars = flat.get("chunk-tokens"), flat.get("chunk-chars")
+    tokens, chars = _composite(flat, "chunk-tokens"), _composite(flat, "chunk-chars")
     if tokens is not None and chars is not None:
         raise SynthError("give --chunk-tokens or --chunk-chars, not both")
     if chars is not None:
-        if int(chars) < MIN_CHAR_LIMIT:
+        if chars < MIN_CHAR_LIMIT:
             raise SynthError(f"--chunk-chars must be at least {MIN_CHAR_LIMIT}")
-        return ChunkingConfig(unit="chars", size=int(chars))
-    size = int(tokens) if tokens is not None else ChunkingConfig.size
+        return ChunkingConfig(unit="chars", size=chars)
+    size = tokens if tokens is not None else ChunkingConfig.size
     if size < 16:
         raise SynthError("--chunk-tokens must be at least 16")
     if size >= seq_len:
@@ -279,8 +285,7 @@ def build_config(flat: dict) -> SynthConfig:
     for required in ("meta", "out"):
         if required not in flat:
             raise SynthError(f"--{required} is required (or set it in --config)")
-    formats = {key: None if flat.get(key) is None else COMPOSITE_BY_FLAG[key].convert(flat[key])
-               for key in ("meta-format", "corpus-format")}
+    _composite(flat, "corpus-format")  # checked even where the meta-documents are the corpus
     output, mining = _output(flat), read(MiningConfig, flat)
     if output.doc_len is not None and not mining.strategy.extends:
         extending = " or ".join(s for s in Strategy if s.extends)
@@ -288,9 +293,8 @@ def build_config(flat: dict) -> SynthConfig:
     corpus = flat.get("corpus")
     return read(
         SynthConfig, flat,
-        meta=_spec(flat["meta"], formats["meta-format"], flat, flat.get("max-meta-docs")),
-        corpus=None if corpus is None or corpus == flat["meta"] else _spec(
-            corpus, formats["corpus-format"], flat, flat.get("max-corpus-docs")),
+        meta=_spec(flat, "meta"),
+        corpus=None if corpus is None or corpus == flat["meta"] else _spec(flat, "corpus"),
         embedding=read(EmbeddingConfig, flat),
         chunking=_chunking(flat, output.seq_len),
         index=read(IndexConfig, flat, seed=mining.seed, **_index_params(flat.get("index-params"))),

@@ -85,6 +85,15 @@ def _cudnn() -> Kernel:
     return cudnn_attention
 
 
+def _as_configured(blocks: Blocks) -> Blocks:
+    return blocks
+
+
+def _pallas_gpu_tiles(blocks: Blocks) -> Blocks:
+    from nextlong_jax.model.attention.pallas_gpu import kernel_blocks
+    return kernel_blocks(blocks)
+
+
 @dataclass(frozen=True)
 class Spec:
     platforms: frozenset[str]  # platform families it compiles for ("cpu", "tpu", "gpu")
@@ -93,6 +102,7 @@ class Spec:
     block_fields: tuple[str, ...]  # the `Blocks` fields it reads
     load: Callable[[], Kernel]  # imports the kernel
     names_residuals: bool = False  # checkpoint-names what it keeps (else its output is ATTENTION_OUT)
+    tiles: Callable[[Blocks], Blocks] = _as_configured  # the tiles it runs for configured blocks (plans report them)
 
 
 _ANY = frozenset({"cpu", "tpu", "gpu"})
@@ -104,7 +114,7 @@ BACKENDS: dict[Backend, Spec] = {
                          ("q", "kv", "q_bwd", "kv_bwd", "fused_bwd", "kv_compute", "kv_bwd_compute"), _splash,
                          names_residuals=True),
     Backend.PALLAS_GPU: Spec(frozenset({"gpu"}), True, False, ("q", "kv", "q_bwd", "kv_bwd"), _pallas_gpu,
-                             names_residuals=True),
+                             names_residuals=True, tiles=_pallas_gpu_tiles),
     Backend.CUDNN: Spec(frozenset({"gpu"}), False, True, (), _cudnn),
 }
 # What `auto` runs, per platform family: (unsharded length, length sharded over `sequence`).
