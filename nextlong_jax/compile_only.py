@@ -26,6 +26,7 @@ import jax
 
 from nextlong_jax.compilers import installed
 from nextlong_jax.model.attention.backends import BACKENDS
+from nextlong_jax.model.loss import LOOP_SCOPE
 from nextlong_jax.sharding import axis_rules
 from nextlong_jax.topology import Topology, compile_only_devices
 from nextlong_jax.train_config import Config
@@ -63,6 +64,8 @@ class Plan:
     fingerprint: str  # sha256 of everything the compile depends on (`fingerprint`): the plan cache's key
     cached: bool = False  # read from a plan cache: compiled earlier from the same fingerprint
     slots: int = 1  # the program for rows of this many documents in slots (`train_setup.jit_step`); 1: whole rows
+    # Collectives inside the loss's loop over vocabulary blocks (`loop_collectives`); None: not read
+    loss_loop_collectives: list[str] | None = None
 
     def summary(self) -> str:
         kernels = ", ".join(self.attention_kernels) or "none (XLA ops)"
@@ -77,7 +80,8 @@ class Plan:
             f"model {self.model_tflops_per_step:.1f} TFLOP per step; compiled in {self.compile_seconds:.0f} s"
             + (f" (cached plan {self.fingerprint[:12]})" if self.cached else ""),
             f"compiler flags: {', '.join(f'{k}={v}' for k, v in self.xla_flags.items()) or 'none'}; "
-            f"pinned host memory {self.host_gib:.2f} GiB per chip",
+            f"pinned host memory {self.host_gib:.2f} GiB per chip; collectives inside the loss's vocabulary loop: "
+            f"{'not read' if self.loss_loop_collectives is None else ', '.join(self.loss_loop_collectives) or 'none'}",
         ])
 
 
@@ -93,6 +97,37 @@ def kernel_names(hlo_text: str) -> list[str]:
                 or re.match(r"\s*%?([\w-]+?)(?:\.\d+)?\s*=", line))
         names.add(f"{target[1]}:{name[1]}" if name else target[1])
     return sorted(names)
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.-]+) .*\{$")
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|called_computations)=\{?([%\w.\-, ]+)\}?")
+_COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(")
+
+
+def loop_collectives(hlo_text: str, scope: str) -> list[str]:
+    """Collectives (all-gather, reduce-scatter, ...) a compiled program runs inside the body of a while
+    loop made under the named scope `scope`, counting what the body calls (fusions, nested loops)."""
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        if current is None and (header := _COMPUTATION.match(line)):
+            current = computations.setdefault(header[1], [])
+        elif line == "}":
+            current = None
+        elif current is not None:
+            current.append(line)
+    pending = [re.search(r"body=%?([\w.-]+)", line)[1] for lines in computations.values() for line in lines
+               if " while(" in line and scope in line.partition("metadata=")[2]]
+    seen, found = set(), set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        for line in computations[name]:
+            found.update(m[1] for m in _COLLECTIVE.finditer(line))
+            for called in _CALLED.findall(line):
+                pending.extend(c.strip().lstrip("%") for c in called.split(","))
+    return sorted(found)
 
 
 # Flags XLA and libtpu read from the environment at compile time, beside the options a step passes.
@@ -151,13 +186,13 @@ def plan(config: Config, topology: Topology, cache: Path | None = None, slots: i
     seconds = time.perf_counter() - start
     backend = setup.model.config.attention_backend
     blocks = BACKENDS[backend].tiles(setup.model.config.attention_blocks)
-    stats = compiled.memory_analysis()
+    stats, program = compiled.memory_analysis(), compiled.as_text()
     sizes = {name: getattr(stats, f"{name}_size_in_bytes") / GIB for name in ("argument", "temp", "output", "alias")}
     total = sizes["argument"] + sizes["temp"] + sizes["output"] - sizes["alias"]
     tokens = config.data.batch_size * config.data.seq_len
     result = Plan(topology=topology.name, chip=topology.chip.name, devices=mesh.size,
                   mesh={k: int(v) for k, v in mesh.shape.items()}, attention_backend=backend.value,
-                  attention_kernels=kernel_names(compiled.as_text()),
+                  attention_kernels=kernel_names(program),
                   attention_blocks={name: getattr(blocks, name) for name in BACKENDS[backend].block_fields},
                   **{f"{name}_gib": round(value, 3) for name, value in sizes.items()}, total_gib=round(total, 3),
                   hbm_gib=round(topology.chip.hbm_gib, 2), budget_gib=round(topology.chip.budget_gib, 2),
@@ -165,7 +200,7 @@ def plan(config: Config, topology: Topology, cache: Path | None = None, slots: i
                   model_tflops_per_step=round(config.model.flops_per_token(config.data.seq_len // slots) * tokens / 1e12, 1),
                   compile_seconds=round(seconds, 1), xla_flags=setup.compiler_options,
                   host_gib=round(getattr(stats, "host_temp_size_in_bytes", 0) / GIB, 3), fingerprint=key,
-                  slots=slots)
+                  slots=slots, loss_loop_collectives=loop_collectives(program, LOOP_SCOPE))
     if recorded:
         recorded.parent.mkdir(parents=True, exist_ok=True)
         staged = recorded.with_suffix(".partial")  # a killed plan leaves no half-written entry

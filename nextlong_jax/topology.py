@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from nextlong_jax.compilers import put_planned_ptxas_first
 from nextlong_jax.hardware import CHIPS_BY_NAME, GPUS, TPUS, Chip
 
 
@@ -97,7 +98,8 @@ def parse_topology(text: str) -> Topology:
 
 
 def prepare_environment() -> None:
-    """Run jax on the CPU with quiet accelerator plugins; call before any jax computation."""
+    """Run jax on the CPU with quiet accelerator plugins and the planned ptxas; call before any jax
+    computation."""
     import jax
 
     # libtpu otherwise probes cloud metadata for the workers of a slice this machine is not part of.
@@ -108,6 +110,7 @@ def prepare_environment() -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ["JAX_PLATFORMS"] = "cpu"  # for child processes; jax itself read it when imported
     jax.config.update("jax_platforms", "cpu")
+    put_planned_ptxas_first()
 
 
 def compile_only_devices(topology: Topology) -> list:

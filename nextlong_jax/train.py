@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jax
 
-from nextlong_jax.compilers import runtime_mismatch
+from nextlong_jax.compilers import put_planned_ptxas_first, runtime_mismatch
 from nextlong_jax.convert import RUN_TOKENIZER, copy_tokenizer, model_tokenizer
 from nextlong_jax.data import BatchIterator, Shards, find_shards, host_shards, resume_batches, whole_batches
 from nextlong_jax.hardware import published_bf16_peak
@@ -53,6 +53,8 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
     mesh = build_mesh(config)
     if (platform := mesh.devices.flat[0].platform) != "cpu" and (mismatch := runtime_mismatch(platform)):
         reporter.message(f"warning: {mismatch}")
+    if platform == "gpu":
+        put_planned_ptxas_first()
     sources = [find_shards(s, config.data.seq_len, config.data.verify_sha256) for s in config.data.sources]
     check_slot_lengths(sources, config, mesh.shape["sequence"])
     for source, shards in zip(config.data.sources, sources):

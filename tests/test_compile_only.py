@@ -228,6 +228,9 @@ def _plans(target: str) -> None:
         else:  # the pure-JAX ring: XLA's own ops, no kernel
             assert not p.attention_kernels, p.attention_kernels
         assert p.temp_gib > 0 and p.argument_gib > 0 and p.fits, p
+        # The head is gathered once, not per vocabulary block; a vocabulary split over `tensor` adds up each
+        # block's softmax statistics ([B, T], not the head) across its shards.
+        assert p.loss_loop_collectives == (["all-reduce"] if "mesh.tensor=2" in mesh else []), p
         print(target, mesh, backend, p.attention_kernels, p.total_gib, flush=True)
     again = plan(first_config, topology, cache=cache)  # the first case again, from the cache its compile wrote
     if target == "tpu":  # the plan as compiled
@@ -237,7 +240,36 @@ def _plans(target: str) -> None:
         tight = plan(first_config, topology, cache=cache)
         assert again.cached and again.fits and tight.cached and not tight.fits, (again, tight)
         assert tight.budget_gib < again.budget_gib == first.budget_gib and tight.total_gib == first.total_gib
+    _loop_collectives_are_found(topology)
     print(f"{target} plans ok")
+
+
+def _loop_collectives_are_found(topology) -> None:
+    """What the loss once did (a gradient reduce-scattered at every block) is what `loop_collectives` reports."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from nextlong_jax.compile_only import loop_collectives
+    from nextlong_jax.model.loss import LOOP_SCOPE
+    from nextlong_jax.topology import compile_only_devices
+
+    mesh = jax.make_mesh((topology.num_devices,), ("fsdp",), devices=compile_only_devices(topology),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+    def per_block_reduce(hs):  # hs [blocks, B, E], B sharded: each block's [E, E] sum is reduce-scattered
+        def step(total, h):
+            return jax.lax.with_sharding_constraint(total + jnp.einsum("be,bf->ef", h, h),
+                                                    NamedSharding(mesh, P("fsdp"))), None
+        with jax.named_scope(LOOP_SCOPE):
+            return jax.lax.scan(step, jnp.zeros((256, 256)), hs)[0]
+
+    blocks = jax.ShapeDtypeStruct((4, 64, 256), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+    with jax.set_mesh(mesh):
+        program = jax.jit(per_block_reduce).lower(blocks).compile().as_text()
+    found = loop_collectives(program, LOOP_SCOPE)
+    assert found and set(found) <= {"all-reduce", "reduce-scatter", "all-gather"}, found
+    assert loop_collectives(program, "no_such_scope") == []
 
 
 if __name__ == "__main__":
@@ -261,6 +293,22 @@ def test_extras_pin_the_compilers_the_plans_were_made_with():
     # The test install is the plans' install: nothing to warn about on either platform.
     assert installed()["jax"] == PLANNED_WITH["jax"]
     assert runtime_mismatch("tpu") is None and runtime_mismatch("cuda") is None
+
+
+def test_plans_assemble_with_the_pinned_cuda_12_ptxas(monkeypatch):
+    """XLA takes the first ptxas on PATH: this machine's CUDA 13 toolkit would otherwise assemble the plans."""
+    import shutil
+
+    from nextlong_jax.compilers import PLANNED_WITH, PTXAS, put_planned_ptxas_first
+
+    monkeypatch.setenv("PATH", f"/usr/local/cuda/bin{os.pathsep}{os.environ['PATH']}")
+    ptxas = put_planned_ptxas_first()
+    assert ptxas is not None and shutil.which("ptxas") == str(ptxas)
+    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True, check=True).stdout
+    assert f"V{PLANNED_WITH[PTXAS]}" in version, version
+    assert os.environ["PATH"].split(os.pathsep).count(str(ptxas.parent)) == 1
+    put_planned_ptxas_first()  # again: still first, once
+    assert os.environ["PATH"].split(os.pathsep).count(str(ptxas.parent)) == 1
 
 
 def test_a_different_compiler_is_one_warning_line(monkeypatch):

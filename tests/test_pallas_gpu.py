@@ -132,10 +132,11 @@ def test_triton_kernels_compile_without_register_spills():
 
 def _child_ptxas() -> None:
     """The forward and backward of the kernels compiled for one H100 with XLA's dump on; ptxas -v
-    (the CUDA toolkit's, which XLA compiles the PTX with too) reads each kernel's PTX."""
+    (the pinned CUDA 12 one, which XLA assembles the PTX with too) reads each kernel's PTX."""
     import re
-    import shutil
     import tempfile
+
+    from nextlong_jax.compilers import put_planned_ptxas_first
 
     dump = tempfile.mkdtemp(prefix="nextlong-ptx-")
     os.environ["XLA_FLAGS"] = f"--xla_dump_to={dump}"  # read when the backend starts, below
@@ -145,6 +146,7 @@ def _child_ptxas() -> None:
 
     from nextlong_jax.gpu_targets import compile_only_devices
 
+    ptxas = put_planned_ptxas_first()
     mesh = Mesh(np.asarray(compile_only_devices("h100")[:1]), ("data",))
     attend = jax.shard_map(pallas_gpu.pallas_gpu_attention, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
                            check_vma=False)
@@ -154,7 +156,6 @@ def _child_ptxas() -> None:
             jax.ShapeDtypeStruct((b, length), jnp.int32))
     grads = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32)), argnums=(0, 1, 2))
     jax.jit(grads, in_shardings=(NamedSharding(mesh, P("data")),) * 4).lower(*args).compile()
-    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
     report = {}
     for ptx in Path(dump).glob("*.ptx"):
         if "nextlong_mha" not in ptx.read_text():

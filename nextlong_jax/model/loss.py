@@ -8,12 +8,20 @@ never predicted, whatever its weight.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from nextlong_jax.sharding import ambient_shards
+from nextlong_jax.sharding import LOGICAL_AXIS_RULES, ambient_shards
+
+# The name the vocabulary-block loop carries in compiled programs (plans check its body for collectives).
+LOOP_SCOPE = "loss_vocab_blocks"
 
 
 def next_token_targets(
@@ -100,31 +108,11 @@ def _nll_of(logits, t):
 @jax.custom_vjp
 def _blocked_nll(h, head, t, w):
     """Blocks h [nb, B, S, T, E], t and w [nb, B, S, T] -> (sum of w * nll, nll [nb, B, S, T])."""
-    def step(total, xs):
-        h, t, w = xs
-        nll, _ = _nll_of(_block_logits(h, head), t)
-        return total + jnp.sum(nll * w), nll
-
-    return lax.scan(step, jnp.zeros((), jnp.float32), (h, t, w))
+    return _per_device(_scan_nll)(h, head, t, w)
 
 
 def _blocked_nll_fwd(h, head, t, w):
-    # The gradient is formed here, one block of logits at a time, and only scaled in the backward
-    # pass: three vocabulary projections per block instead of four for a rematerialised backward.
-
-    def step(carry, xs):
-        total, d_head = carry
-        h_blk, t_blk, w_blk = xs
-        logits = _block_logits(h_blk, head)
-        nll, lse = _nll_of(logits, t_blk)
-        d_logits = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(t_blk, head.shape[-1], dtype=jnp.float32)
-        d_logits = (d_logits * w_blk[..., None]).astype(h_blk.dtype)
-        d_h = jnp.einsum("bctv,ev->bcte", d_logits, head, preferred_element_type=jnp.float32).astype(h_blk.dtype)
-        d_head = d_head + jnp.einsum("bcte,bctv->ev", h_blk, d_logits, preferred_element_type=jnp.float32)
-        return (total + jnp.sum(nll * w_blk), nn.with_logical_constraint(d_head, ("embed", "vocab"))), (nll, d_h)
-
-    zeros = nn.with_logical_constraint(jnp.zeros(head.shape, jnp.float32), ("embed", "vocab"))
-    (total, d_head), (nll, d_h) = lax.scan(step, (jnp.zeros((), jnp.float32), zeros), (h, t, w))
+    total, nll, d_h, d_head = _per_device(_scan_nll_and_grads)(h, head, t, w)
     return (total, nll), (d_h, d_head.astype(head.dtype), nll)
 
 
@@ -135,3 +123,103 @@ def _blocked_nll_bwd(residuals, cotangents):
 
 
 _blocked_nll.defvjp(_blocked_nll_fwd, _blocked_nll_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Collectives:
+    """Where one device's loss meets the others': the mesh axes the head's embedding dimension is
+    sharded over (`gather`), and those the tokens are (`tokens`, whose partial sums are added up)."""
+    gather: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()
+
+    def head(self, head):
+        """The whole head on every device, once per loss (not once per block)."""
+        return lax.all_gather(head, self.gather, axis=0, tiled=True) if self.gather else head
+
+    def total(self, x):
+        return lax.psum(x, self.tokens) if self.tokens else x
+
+    def head_grad(self, d_head):
+        """This device's partial dHead [E, V] -> the sum over every token, in the head's own sharding: one
+        reduce-scatter where the head's shards are token shards too (the presets: fsdp and sequence)."""
+        summed = tuple(a for a in self.tokens if a not in self.gather)
+        d_head = lax.psum(d_head, summed) if summed else d_head
+        if not self.gather:
+            return d_head
+        if set(self.gather) <= set(self.tokens):
+            return lax.psum_scatter(d_head, self.gather, scatter_dimension=0, tiled=True)
+        d_head = lax.psum(d_head, tuple(a for a in self.gather if a in self.tokens))
+        shard = d_head.shape[0] // lax.psum(1, self.gather)
+        return lax.dynamic_slice_in_dim(d_head, lax.axis_index(self.gather) * shard, shard)
+
+
+def _scan_nll(h, head, t, w, collectives=_Collectives()):
+    head = collectives.head(head)
+
+    def step(total, xs):
+        h, t, w = xs
+        nll, _ = _nll_of(_block_logits(h, head), t)
+        return total + jnp.sum(nll * w), nll
+
+    with jax.named_scope(LOOP_SCOPE):
+        total, nll = lax.scan(step, jnp.zeros((), jnp.float32), (h, t, w))
+    return collectives.total(total), nll
+
+
+def _scan_nll_and_grads(h, head, t, w, collectives=_Collectives()):
+    # The gradient is formed here, one block of logits at a time, and only scaled in the backward
+    # pass: three vocabulary projections per block instead of four for a rematerialised backward.
+    # dHead accumulates this device's tokens in fp32 and is reduced once, after the last block.
+    full_head = collectives.head(head)
+
+    def step(carry, xs):
+        total, d_head = carry
+        h_blk, t_blk, w_blk = xs
+        logits = _block_logits(h_blk, full_head)
+        nll, lse = _nll_of(logits, t_blk)
+        d_logits = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(t_blk, full_head.shape[-1], dtype=jnp.float32)
+        d_logits = (d_logits * w_blk[..., None]).astype(h_blk.dtype)
+        d_h = jnp.einsum("bctv,ev->bcte", d_logits, full_head, preferred_element_type=jnp.float32)
+        d_head = d_head + jnp.einsum("bcte,bctv->ev", h_blk, d_logits, preferred_element_type=jnp.float32)
+        return (total + jnp.sum(nll * w_blk), d_head), (nll, d_h.astype(h_blk.dtype))
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros(full_head.shape, jnp.float32))
+    with jax.named_scope(LOOP_SCOPE):
+        (total, d_head), (nll, d_h) = lax.scan(step, zeros, (h, t, w))
+    return collectives.total(total), nll, d_h, collectives.head_grad(d_head)
+
+
+def _per_device(scan):
+    """`scan` on each device's own blocks under `shard_map`, when a mesh is set: GSPMD would otherwise
+    gather the fsdp-sharded head and reduce-scatter its gradient inside the loop, once per block. Mesh
+    axes the vocabulary is sharded over (`tensor`) stay automatic, so logits split over the vocabulary
+    as the head does and XLA adds up their softmax."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return scan
+    (vocab,) = nn.logical_to_mesh_axes(("vocab",), nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+    manual = tuple(a for a in mesh.axis_names if a not in _names(vocab))
+
+    def spec(names, shape):
+        """The mesh axes (manual ones only) of each dimension, as the rules in force place them."""
+        axes = nn.logical_to_mesh_axes(names, nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+        dims = []
+        for axis, size in zip(axes, shape):
+            kept = tuple(a for a in _names(axis) if a in manual)
+            dims.append(kept if kept and size % math.prod(mesh.shape[a] for a in kept) == 0 else None)
+        return P(*dims)
+
+    def run(h, head, t, w):
+        blocks = spec((None, "batch", "length", None, "embed"), h.shape)
+        tokens = spec((None, "batch", "length", None), t.shape)
+        head_spec = spec(("embed", None), head.shape)
+        collectives = _Collectives(gather=_names(head_spec[0]), tokens=tuple(a for d in tokens for a in _names(d)))
+        outs = (P(), tokens) if scan is _scan_nll else (P(), tokens, blocks, head_spec)
+        return jax.shard_map(functools.partial(scan, collectives=collectives), in_specs=(blocks, head_spec, tokens, tokens),
+                             out_specs=outs, axis_names=set(manual), check_vma=False)(h, head, t, w)
+
+    return run
+
+
+def _names(axis) -> tuple[str, ...]:
+    return () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
