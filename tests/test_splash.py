@@ -1,7 +1,8 @@
 """Splash attention (Pallas TPU kernel) without a TPU: its vectorised mask tables equal splash's own,
 the Pallas interpreter on 8 virtual CPU devices matches the reference attention in value and
 gradients (data/fsdp/tensor sharding and zig-zag context parallelism), kernels are built once, and
-the real TPU kernel compiles ahead of time for a v5p topology.
+the real TPU kernel compiles ahead of time for a v5p topology, with a grid axis for both TensorCores of
+a v5p chip in every kernel (dK/dV included).
 
 Mesh and TPU checks run in child interpreters: the device count and platform are fixed before jax
 initialises, and the pytest process keeps its single CPU device for every other test module.
@@ -84,6 +85,27 @@ def test_kernel_is_built_once_from_the_vectorised_tables(monkeypatch):
         splash._clamp(Blocks(512, 1024, 512, 1024, kv_bwd_compute=384), 4096, 1)
 
 
+def test_kv_head_groups_give_jax_splash_numbers(monkeypatch):
+    """The kernel vmapped over kv-head groups (`CORE_GROUPS`, for the two TensorCores) equals one call of
+    jax's splash over all heads, in value and gradients (bf16, D=128, the interpreter)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((1, 256, 4, 128)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((1, 256, 2, 128)), jnp.bfloat16) for _ in range(2))
+    seg = jnp.asarray(packed_segments(1, 256))
+
+    def grads(groups):
+        monkeypatch.setattr(splash, "CORE_GROUPS", groups)
+        attend = functools.partial(splash.splash_attention, blocks=Blocks(128, 128, 128, 128), interpret=True)
+        out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, seg), q, k, v)
+        return out, *vjp(jnp.ones_like(out))
+
+    for grouped, whole in zip(grads(2), grads(1), strict=True):
+        np.testing.assert_array_equal(np.asarray(grouped, np.float32), np.asarray(whole, np.float32))
+
+
 @pytest.mark.multiprocess
 def test_splash_matches_reference_on_8_devices():
     assert "splash ok" in run_on_8_devices(__file__, "attention")
@@ -154,11 +176,45 @@ def _child_tpu() -> None:
                 jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=logical_sharding(mesh, ("batch", "length"))))
         assert kernels(loss, mesh, args) == 3, shape  # forward, dq, dK/dV
         print(shape, "ok", flush=True)
+    # One row per device (b=2 over fsdp=2): the kv-head groups are each kernel's leading, parallel grid axis.
+    one_row = (jax.ShapeDtypeStruct((2, *args[0].shape[1:]), jnp.bfloat16, sharding=q_sh),
+               *(jax.ShapeDtypeStruct((2, *args[1].shape[1:]), jnp.bfloat16, sharding=kv_sh),) * 2,
+               jax.ShapeDtypeStruct((2, length), jnp.int32, sharding=args[3].sharding))
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*one_row).as_text()
+    grids = _mosaic_grids(lowered)
+    assert {name.split("_segmented")[0] for name in grids} == {"splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"}
+    for name, (semantics, bounds) in grids.items():
+        assert semantics[0] == "parallel" and bounds[0] == splash.CORE_GROUPS, (name, semantics, bounds)
     # Under remat the backward re-runs the forward kernel, unless the kernel's residuals are saved.
     saved = jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS)
     assert kernels(jax.checkpoint(loss, policy=saved), mesh, args) == 3
     assert kernels(jax.checkpoint(loss), mesh, args) == 4
     print("tpu compile ok")
+
+
+def _mosaic_grids(lowered_text: str) -> dict[str, tuple[list[str], list[int]]]:
+    """Each Mosaic kernel of a lowered program by name: its grid's dimension semantics and bounds, read
+    from the kernel module each TPU custom call carries (MLIR bytecode in its backend config)."""
+    import base64
+    import re
+
+    from jax._src.interpreters import mlir
+    from jax._src.lib import tpu
+    from jax._src.lib.mlir import ir
+
+    context = mlir.make_ir_context()
+    tpu.register_dialect(context)
+    context.allow_unregistered_dialects = True  # the serialised module's own dialect name
+    grids = {}
+    for body in re.findall(r"\\22body\\22: \\22([A-Za-z0-9+/=]+)", lowered_text):
+        with context:
+            for op in ir.Module.parse(base64.b64decode(body)).body.operations:
+                if "dimension_semantics" in op.attributes:
+                    semantics = [re.search(r"<(\w+)>", str(a))[1] for a in ir.ArrayAttr(op.attributes["dimension_semantics"])]
+                    grids[ir.StringAttr(op.attributes["sym_name"]).value] = (
+                        semantics, list(ir.DenseI64ArrayAttr(op.attributes["iteration_bounds"])))
+    return grids
 
 
 if __name__ == "__main__":

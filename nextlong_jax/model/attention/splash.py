@@ -29,10 +29,14 @@ Tuning, as MaxText's long-context TPU configs do: large fetched blocks (`Blocks.
 at 128K and beyond) with a separate compute block (`kv_compute`, `kv_bwd_compute`: splash's
 block_kv_compute and block_kv_dkv_compute); the fused backward (`fused_bwd`: dq accumulated inside
 the dK/dV kernel, one backward kernel instead of two, at the price of a partial dq per key block).
-jax 0.10.2's splash has no megacore split of the dK/dV kernel: its grid is all "arbitrary" (the
-kernel's own comment: the kv prefetch schedule assumes no megacore, and it reduces over heads and
-query blocks), and BlockSizes takes no megacore option, so there is nothing here to turn on; only
-the forward kernel's head axis is "parallel" (split over a v4/v5p chip's two cores by Mosaic).
+jax 0.10.2's splash (and tokamax 0.0.12's copy) has no megacore split of the dq and dK/dV kernels:
+their grids are all "arbitrary" (the kernel's own comment: the kv prefetch schedule assumes no
+megacore, and dK/dV reduces over heads and query blocks), and BlockSizes takes no megacore option.
+Rather than keep a fork of those kernels, each example's kv heads are split in `CORE_GROUPS` and the
+kernel vmapped over the groups too: a vmapped axis is "parallel" to Mosaic, so every kernel, dK/dV
+included, has a grid axis a v4/v5p chip's two TensorCores share (test_splash reads the semantics in
+the compiled v5p program). The groups are independent attention problems (GQA keeps each query head
+with its kv head), so the numbers are those of one call.
 
 Limits: blocks are multiples of 128 (TPU lanes) dividing the local lengths; the tables live in the
 TPU's scalar memory (1 MiB on v5p) with (L/S / q) x (L / kv) entries each, so 512K tokens with 512
@@ -57,6 +61,11 @@ from nextlong_jax.model.attention.per_device import gather_sequence, on_each_dev
 from nextlong_jax.sharding import ambient_shards
 
 LANES = 128  # the kernel tiles sequence blocks on 128 TPU lanes: every block is a multiple
+# Independent kernel calls per example, each on its share of the kv heads (and their query heads). Mosaic
+# marks the grid axis a vmap adds "parallel", and splits a parallel axis over the two TensorCores of a
+# megacore chip (v4, v5p); the dq and dK/dV kernels' own grids are all "arbitrary" (dK/dV sums over
+# heads and query blocks), so without this their backward runs on one core when a device holds one row.
+CORE_GROUPS = 2
 
 
 def _causal(q_index, k_index):
@@ -91,12 +100,17 @@ def splash_attention(
         # Scaling q is cheaper than scaling [L, L] scores; the kernel applies no scale itself.
         qt = (q * head_dim**-0.5).transpose(0, 2, 1, 3)  # [b, h, L/S, D]: the kernel's head-major layout
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kh, L, D]
+        b, h = qt.shape[:2]
+        groups = CORE_GROUPS if kt.shape[1] % CORE_GROUPS == 0 else 1
+        # [b, h, ...] -> [b * groups, h / groups, ...]: each group's query heads are those of its kv heads.
+        qt, kt, vt = (x.reshape(b * groups, x.shape[1] // groups, *x.shape[2:]) for x in (qt, kt, vt))
+        q_seg, kv_seg = (jnp.repeat(s.astype(jnp.int32), groups, axis=0) for s in (segment_ids, kv_segment_ids))
 
         def one(q1, k1, v1, q_seg, kv_seg):
             return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=q_seg, kv=kv_seg))
 
-        out = jax.vmap(one)(qt, kt, vt, segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
-        return out.transpose(0, 2, 1, 3)
+        out = jax.vmap(one)(qt, kt, vt, q_seg, kv_seg)
+        return out.reshape(b, h, *out.shape[2:]).transpose(0, 2, 1, 3)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
