@@ -85,9 +85,9 @@ def main() -> None:
             continue
         topology = parse_topology(config.mesh.topology)
         length, shards = config.data.seq_len, config.mesh.sequence
-        backend = resolve(config.model.attention_backend, topology.chip.platform, sequence_shards=shards,
-                          length=length, allow_fallback=config.model.attention_allow_fallback)
-        blocks = config.model.attention_blocks
+        backend = resolve(config.runtime.attention_backend, topology.chip.platform, sequence_shards=shards,
+                          length=length, allow_fallback=config.runtime.attention_allow_fallback)
+        blocks = config.runtime.attention_blocks
         dense = (length // blocks.q) * (length // blocks.q + 1) // 2
         costs = {name: _cost(backend, rows, blocks, shards) for name, rows in _rows(length, args.docs).items()}
         width = length // args.docs

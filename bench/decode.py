@@ -35,7 +35,9 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from nextlong_jax.decode import Decoder  # noqa: E402
 from nextlong_jax.gguf import smollm2  # noqa: E402
-from nextlong_jax.model import Llama, LlamaConfig  # noqa: E402
+from nextlong_jax.model.config import LlamaConfig  # noqa: E402
+from nextlong_jax.model.llama import Llama  # noqa: E402
+from nextlong_jax.model.runtime import Runtime  # noqa: E402
 from nextlong_jax.sharding import make_mesh  # noqa: E402
 from nextlong_jax.warm_start import hf_params  # noqa: E402
 from nextlong_contract.tokenizer import load_tokenizer  # noqa: E402
@@ -65,9 +67,10 @@ def main() -> None:
     tokenizer = load_tokenizer(str(model_dir))
     text = " ".join(p.read_text() for p in sorted((ROOT / "nextlong_jax").rglob("*.py")))
     ids = tokenizer.encode(text)
-    config = LlamaConfig.from_hf_dict(json.loads((model_dir / "config.json").read_text()),
-                                      attention_backend="blockwise", attention_block_size=512)
-    ours = Decoder(Llama(config), hf_params(model_dir, config), make_mesh(devices=jax.devices()[:1]), 1)
+    config = LlamaConfig.from_hf_dict(json.loads((model_dir / "config.json").read_text()))
+    runtime = Runtime(attention_backend="blockwise", attention_block_size=512)
+    ours = Decoder(Llama(config, runtime), hf_params(model_dir, config, runtime.jnp_param_dtype),
+                   make_mesh(devices=jax.devices()[:1]), 1)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                                attn_implementation="sdpa").eval()
 

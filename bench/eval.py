@@ -81,7 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         config = load_config(ROOT / "configs" / "train" / "tiny-cpu.yaml",
-                             ["data.source=unused", "model.dtype=float32", "model.attention_block_size=512"])
+                             ["data.source=unused", "runtime.dtype=float32", "runtime.attention_block_size=512"])
         scorer = Evaluator.load(config, hf=Path(tmp))
         scorer.score(probes)  # compiles once per length: not the throughput asked for
         started = time.perf_counter()

@@ -61,7 +61,9 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> floa
 def bench_models(args) -> dict:
     import torch
 
-    from nextlong_jax.model import Llama, LlamaConfig
+    from nextlong_jax.model.config import LlamaConfig
+    from nextlong_jax.model.llama import Llama
+    from nextlong_jax.model.runtime import Runtime
     from nextlong_jax.testing import hf_model, params_from_hf
 
     hf_dict = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=args.layers,
@@ -69,10 +71,10 @@ def bench_models(args) -> dict:
                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     torch_model = hf_model(hf_dict, std=0.02)
     torch_model.config._attn_implementation = "sdpa"  # torch's fastest CPU path, causal kernel
-    config = LlamaConfig.from_hf_dict(hf_dict, remat_policy=args.remat, attention_backend="blockwise",
-                                      attention_block_size=args.block)
+    config = LlamaConfig.from_hf_dict(hf_dict)
+    runtime = Runtime(remat_policy=args.remat, attention_backend="blockwise", attention_block_size=args.block)
     params = params_from_hf(torch_model, config)
-    model = Llama(config)
+    model = Llama(config, runtime)
     length = args.seq_len
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (1, length)).astype(np.int32)
@@ -106,7 +108,7 @@ def bench_models(args) -> dict:
     flops = config.flops_per_token(length) / 3 * length  # the forward third of training FLOPs
     return {
         "config": f"{config.num_hidden_layers} layers, d={config.hidden_size}, ff={config.intermediate_size}, "
-                  f"vocab={config.vocab_size}, seq={length}, fp32, remat={config.remat_policy}",
+                  f"vocab={config.vocab_size}, seq={length}, fp32, remat={runtime.remat_policy}",
         "torch_threads": torch.get_num_threads(),
         "max_abs_logit_diff_vs_torch": diff,
         "forward_tokens_per_s": {"ours": length / ours_fwd, "transformers": length / hf_fwd,

@@ -44,8 +44,9 @@ import numpy as np  # noqa: E402
 
 from nextlong_jax.hardware import published_bf16_peak  # noqa: E402
 from nextlong_jax.host_data import global_batch  # noqa: E402
-from nextlong_jax.model import LlamaConfig  # noqa: E402
 from nextlong_jax.model.attention import resolve  # noqa: E402
+from nextlong_jax.model.config import LlamaConfig  # noqa: E402
+from nextlong_jax.model.runtime import Runtime  # noqa: E402
 from nextlong_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from nextlong_jax.train_config import MODEL_PRESETS, Config, DataConfig, MeshConfig  # noqa: E402
 from nextlong_jax.train_setup import build, init_state, jit_step  # noqa: E402
@@ -93,9 +94,9 @@ def accelerator_main(args: argparse.Namespace) -> None:
         raise SystemExit("--gpu found no accelerator (jax sees only the CPU); on a CPU pass a small "
                          "--seq-len and --layers to smoke-test this path")
     preset = MODEL_PRESETS["llama3.2-1b"]
-    model = LlamaConfig(**{**preset, "num_hidden_layers": args.layers or preset["num_hidden_layers"]},
-                        dtype="bfloat16", param_dtype="float32", remat_policy=args.remat,
-                        attention_block_size=args.block, logits_block_size=4096)
+    model = LlamaConfig(**{**preset, "num_hidden_layers": args.layers or preset["num_hidden_layers"]})
+    runtime = Runtime(dtype="bfloat16", param_dtype="float32", remat_policy=args.remat,
+                      attention_block_size=args.block, logits_block_size=4096)
     mesh = make_mesh(1, 1, 1, 1, devices=[device])
     flops = model.flops_per_token(args.seq_len) * args.seq_len
     peak = published_bf16_peak(device)
@@ -103,8 +104,8 @@ def accelerator_main(args: argparse.Namespace) -> None:
     results = {}
     for backend in ("pallas_gpu", "blockwise"):  # what GPU training runs, and the pure-JAX baseline
         # On a CPU (a smoke test of this path) pallas_gpu runs auto's choice instead.
-        config = Config(model=model.replace(attention_backend=backend, attention_allow_fallback=True), mesh=MeshConfig(1, 1, 1, 1),
-                        data=DataConfig(seq_len=args.seq_len, batch_size=1))
+        config = Config(model=model, runtime=runtime.replace(attention_backend=backend, attention_allow_fallback=True),
+                        mesh=MeshConfig(1, 1, 1, 1), data=DataConfig(seq_len=args.seq_len, batch_size=1))
         try:
             memory = step_memory_mib(config, mesh)
             seconds = best_times({backend: step_runner(config, mesh)}, args.repeats)[backend]
@@ -144,10 +145,11 @@ def main() -> None:
     args.layers, args.seq_len = args.layers or 4, args.seq_len or 2048
     heads = args.hidden // 64
     model = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
-                        attention_block_size=args.block, logits_block_size=1024)
-    single = Config(model=model, data=DataConfig(seq_len=args.seq_len, batch_size=1), mesh=MeshConfig(1, 1, 1, 1))
-    sharded = Config(model=model.replace(attention_backend="ring"), data=single.data,
+                        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads)
+    runtime = Runtime(attention_block_size=args.block, logits_block_size=1024)
+    single = Config(model=model, runtime=runtime, data=DataConfig(seq_len=args.seq_len, batch_size=1),
+                    mesh=MeshConfig(1, 1, 1, 1))
+    sharded = Config(model=model, runtime=runtime.replace(attention_backend="ring"), data=single.data,
                      mesh=MeshConfig(1, 1, 1, ring.SHARDS))
     meshes = {"single_device": (single, make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])),
               f"ring_sequence_{ring.SHARDS}": (sharded, make_mesh(1, 1, 1, ring.SHARDS))}
@@ -162,7 +164,7 @@ def main() -> None:
     flops = model.flops_per_token(args.seq_len) * args.seq_len
     print(json.dumps({
         "config": f"{args.layers} layers, d={args.hidden}, heads={heads}, vocab={args.vocab}, seq={args.seq_len}, "
-                  f"batch=1, fp32, remat={model.remat_policy}",
+                  f"batch=1, fp32, remat={runtime.remat_policy}",
         "devices": jax.device_count(), "cores": os.cpu_count(),
         "matmul_peak_gflops": peak / 1e9,
         "train_step": {name: {"seconds": t, "tokens_per_s": args.seq_len / t, "model_gflops": flops / t / 1e9,

@@ -213,7 +213,7 @@ def run_probes(args: argparse.Namespace) -> str:
         seconds[scoring] = round(time.perf_counter() - started, 2)
     about = {"model": str(args.ckpt or args.hf), "config": str(args.config), "overrides": args.overrides,
              "tokenizer": tokenizer.name, "spec": {**spec.__dict__, "corpus": args.corpus if essays else None},
-             "mesh": dict(evaluator.mesh.shape), "attention_backend": evaluator.model.config.attention_backend,
+             "mesh": dict(evaluator.mesh.shape), "attention_backend": evaluator.model.runtime.attention_backend,
              "seconds": seconds, "prompt_tokens": sum(len(p.prompt_ids) for p in probes)}
     written = write_results(args.out, results, about)
     means = {scoring: summary(verdicts, METRIC[scoring])["mean"] for scoring, verdicts in results.items()}

@@ -33,14 +33,6 @@ from nextlong_jax.train_setup import (TrainError, abstract_state, build, build_m
 
 logger = logging.getLogger(__name__)
 
-# What evaluation takes from the training config: how the model runs, not what it is (the
-# architecture and rope come from the checkpoint or HF directory).
-RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_backend", "attention_allow_fallback", "attention_block_size", "attention_block_kv",
-                  "attention_block_q_bwd", "attention_block_kv_bwd", "attention_block_kv_compute",
-                  "attention_block_kv_bwd_compute", "attention_fused_bwd", "remat_policy",
-                  "scan_layers", "logits_block_size")
-
-
 def stored_model(ckpt: Path | None, hf: Path | None) -> LlamaConfig:
     """The architecture of an orbax checkpoint step or an HF Llama directory."""
     if hf is not None:
@@ -78,7 +70,7 @@ def _token_nll(model: Llama, params, features: dict[str, jnp.ndarray], targets: 
     """nll [B, L] of each position's target, over vocabulary blocks (no [L, vocab] logits)."""
     hidden, head = _hidden_and_head(model, params, features, sequence_shards)
     return target_loss(hidden, head, targets, jnp.ones(targets.shape, jnp.float32),
-                       block_size=model.config.logits_block_size)[2]
+                       block_size=model.runtime.logits_block_size)[2]
 
 
 @dataclasses.dataclass
@@ -95,10 +87,9 @@ class Evaluator:
         from nextlong_jax.warm_start import checkpoint_params, hf_params
 
         start_runtime()
-        stored = stored_model(ckpt, hf)
-        model_config = stored.replace(**{f: getattr(config.model, f) for f in RUNTIME_FIELDS}).for_inference()
+        # The architecture (rope included) is the stored model's; how it runs is the training config's.
         # One row per batch shard; no optimizer steps, so no accumulation.
-        config = dataclasses.replace(config, model=model_config,
+        config = dataclasses.replace(config, model=stored_model(ckpt, hf), runtime=config.runtime.for_inference(),
                                      data=dataclasses.replace(config.data, batch_size=jax.device_count()),
                                      optimizer=dataclasses.replace(config.optimizer, grad_accum=1))
         mesh = build_mesh(config)
@@ -106,7 +97,8 @@ class Evaluator:
             setup = build(config, mesh)
             abstract = abstract_state(setup).params
             if hf is not None:
-                params = jax.device_put(hf_params(hf, model_config), setup.state_shardings.params)
+                params = jax.device_put(hf_params(hf, config.model, config.runtime.jnp_param_dtype),
+                                        setup.state_shardings.params)
             else:
                 params = checkpoint_params(ckpt, abstract)
         return cls(config, mesh, setup.model, params, setup.batch_sharding)
@@ -127,7 +119,7 @@ class Evaluator:
         continuation ids) pairs; pairs of similar length share a forward pass (lengths bucketed as
         the decoder's prompts are)."""
         shards = self.mesh.shape["sequence"]
-        block = self.model.config.attention_block_size
+        block = self.model.runtime.attention_block_size
         return self._scores(pairs, [bucket(len(c) + len(t), 2 * shards, block) for c, t in pairs], progress)
 
     def _scores(self, pairs: list[tuple[list[int], list[int]]], lengths: list[int],

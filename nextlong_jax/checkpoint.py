@@ -1,6 +1,6 @@
 """Orbax checkpoints of a training run: save every N steps (async), keep K, resume from the latest.
 
-A step directory holds `params` and `config` (the model's HF config.json dict) exactly as
+A step directory holds `params` and `config` (the architecture as an HF config.json dict) exactly as
 `nextlong_jax.convert` lays out a model checkpoint, so `nextlong-convert orbax-to-hf --ckpt
 RUN/checkpoints/STEP` exports it; `opt_state`, `rng` (the training key) and `progress` (step, data
 position, skipped updates, the full training config) sit beside them.
@@ -34,7 +34,8 @@ class Checkpointer:
             return False
         args = ocp.args.Composite(
             params=ocp.args.PyTreeSave(state.params), opt_state=ocp.args.PyTreeSave(state.opt_state),
-            rng=ocp.args.PyTreeSave({"key": state.rng}), config=ocp.args.JsonSave(config.model.to_hf_dict()),
+            rng=ocp.args.PyTreeSave({"key": state.rng}),
+            config=ocp.args.JsonSave(config.model.to_hf_dict(config.runtime.param_dtype)),
             progress=ocp.args.JsonSave({**progress, "train_config": config.to_dict()}))
         return self.manager.save(step, args=args, force=force)
 

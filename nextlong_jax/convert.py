@@ -107,7 +107,8 @@ def save_checkpoint(ckpt_dir: Path, config: LlamaConfig, params: dict[str, Any])
 
     if ckpt_dir.exists():
         raise ConversionError(f"{ckpt_dir} already exists")
-    args = ocp.args.Composite(params=ocp.args.PyTreeSave(params), config=ocp.args.JsonSave(config.to_hf_dict()))
+    stored = config.to_hf_dict(str(params["embed_tokens"].dtype))
+    args = ocp.args.Composite(params=ocp.args.PyTreeSave(params), config=ocp.args.JsonSave(stored))
     _checkpointer().save(ckpt_dir.resolve(), args)
 
 
@@ -130,12 +131,12 @@ def load_checkpoint(ckpt_dir: Path) -> tuple[LlamaConfig, dict[str, Any]]:
     return config, restored["params"]
 
 
-def hf_to_orbax(hf_dir: Path, ckpt_dir: Path) -> LlamaConfig:
+def hf_to_orbax(hf_dir: Path, ckpt_dir: Path) -> tuple[LlamaConfig, str]:
+    """(the architecture, the dtype its parameters are stored in)."""
     config = read_hf_config(hf_dir)
     params = read_hf_params(hf_dir, config)
-    config = config.replace(param_dtype=str(params["embed_tokens"].dtype))
     save_checkpoint(ckpt_dir, config, params)
-    return config
+    return config, str(params["embed_tokens"].dtype)
 
 
 def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -173,7 +174,7 @@ def write_hf(out_dir: Path, config: LlamaConfig, params: dict[str, Any], *, dtyp
         save_file(shard, out_dir / file, metadata={"format": "pt"})
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    hf_config = {**config.to_hf_dict(), "torch_dtype": target.name}
+    hf_config = config.to_hf_dict(target.name)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
                   "eos_token_id": hf_config["eos_token_id"]}
@@ -213,18 +214,19 @@ def verify(hf_dir: Path, ckpt_dir: Path, *, seq_len: int = 64, batch: int = 2, s
 
     from nextlong_jax.model.attention import Backend
     from nextlong_jax.model.llama import Llama
+    from nextlong_jax.model.runtime import Runtime
 
     config, params = load_checkpoint(ckpt_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"no config.json in {hf_dir}")
     # Parity is about the weights, not the kernel: pure-JAX attention on whatever this host is.
-    config = config.replace(param_dtype="float32", dtype="float32", attention_backend=Backend.BLOCKWISE)
+    runtime = Runtime(param_dtype="float32", dtype="float32", attention_backend=Backend.BLOCKWISE)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     transformers.utils.logging.disable_progress_bar()
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
     ids = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq_len))
     positions = np.broadcast_to(np.arange(seq_len), ids.shape)
-    ours = np.asarray(jax.jit(Llama(config).apply)({"params": params}, ids, positions, np.ones_like(ids)))
+    ours = np.asarray(jax.jit(Llama(config, runtime).apply)({"params": params}, ids, positions, np.ones_like(ids)))
     with torch.no_grad():
         theirs = hf(torch.as_tensor(ids)).logits.float().numpy()
     log_p, log_q = _log_softmax(theirs), _log_softmax(ours)

@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from nextlong_jax import convert
 
     if args.command == "hf-to-orbax":
-        config = convert.hf_to_orbax(args.hf, args.out)
-        print(f"wrote {args.out} ({config.num_hidden_layers} layers, {config.param_dtype})")
+        config, dtype = convert.hf_to_orbax(args.hf, args.out)
+        print(f"wrote {args.out} ({config.num_hidden_layers} layers, {dtype})")
     elif args.command == "orbax-to-hf":
         tokenizer = args.tokenizer or convert.model_tokenizer(ckpt_dir=args.ckpt)
         convert.orbax_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,

@@ -135,7 +135,7 @@ def _step(model: Llama, params, cache: LayerCache, prompt_seen: jnp.ndarray, tok
 
 @dataclasses.dataclass
 class Decoder:
-    """Generation with `model` (its training config: kernels, dtypes) on `mesh`, `batch_size` prompts at
+    """Generation with `model` (its training runtime: kernels, dtypes) on `mesh`, `batch_size` prompts at
     a time (a multiple of the mesh's batch shards, data x fsdp)."""
 
     model: Llama
@@ -149,7 +149,7 @@ class Decoder:
         if self.batch_size < 1 or self.batch_size % shards:
             raise DecodeError(f"batch size {self.batch_size} must be a positive multiple of the mesh's batch shards "
                               f"(data x fsdp = {shards})")
-        self.model = Llama(self.model.config.for_inference())
+        self.model = Llama(self.model.config, self.model.runtime.for_inference())
         # Host arrays (a converted model) would cross to the devices at every step. Abstract parameters
         # (jax.ShapeDtypeStruct) make a decoder whose programs are only lowered and compiled (plans).
         if not all(isinstance(p, jax.ShapeDtypeStruct) for p in jax.tree.leaves(self.params)):
@@ -197,7 +197,7 @@ class Decoder:
     def _batch(self, prompts: list[Sequence[int]], indices: list[int], max_new_tokens: int, stop_ids: set[int],
                stop_strings: tuple[str, ...], sampling: Sampling) -> list[Completion]:
         shards = self._shards
-        length = bucket(max(map(len, prompts)), 2 * shards, self.model.config.attention_block_size)
+        length = bucket(max(map(len, prompts)), 2 * shards, self.model.runtime.attention_block_size)
         tail = 1 << max(4, (max_new_tokens - 1).bit_length())  # a power of two: few distinct programs
         ids, positions, segments = (np.zeros((self.batch_size, length), np.int32) for _ in range(3))
         for row, prompt in enumerate(prompts):  # left-padded: every row's last prompt token at length - 1

@@ -39,7 +39,7 @@ def _hidden_and_head(module: Llama, input_ids, positions, segment_ids):
 def check_sequence_parallel(model: Llama, sequence_shards: int) -> None:
     """Sequence-parallel attention takes its mesh from the ambient context at trace time; without it the
     model would silently run single-device attention on zig-zag-ordered tokens, i.e. a wrong causal mask."""
-    require_sequence_parallel(model.config.attention_backend, sequence_shards)
+    require_sequence_parallel(model.runtime.attention_backend, sequence_shards)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or dict(mesh.shape).get("sequence") != sequence_shards:
         raise ValueError(f"sequence-parallel step traced outside `jax.set_mesh` of a mesh with sequence="
@@ -70,7 +70,7 @@ def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray], sequence
                                rngs=None if dropout_key is None else {"dropout": dropout_key})
     weights = features["weights"]
     nll_sum, _, nll = target_loss(hidden, head, features["targets"], weights[..., 0],
-                                  block_size=model.config.logits_block_size)
+                                  block_size=model.runtime.logits_block_size)
     role_nll = jnp.einsum("bl,blr->r", nll, weights[..., 1:])
     return jnp.concatenate([nll_sum[None], role_nll]), jnp.sum(weights, axis=(0, 1))
 

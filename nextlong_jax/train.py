@@ -61,7 +61,7 @@ def train(config: Config, out_dir: Path, reporter: Reporter, *, init_from_hf: Pa
         check_vocabulary(shards.tokenizer, source, config.model.vocab_size, tokenizer)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     peak = config.train.peak_flops_per_device or (
-        config.model.dtype == "bfloat16" and published_bf16_peak(jax.devices()[0]))
+        config.runtime.dtype == "bfloat16" and published_bf16_peak(jax.devices()[0]))
     checkpoints = Checkpointer(out_dir / "checkpoints", config.checkpoint)
     with jax.set_mesh(mesh), axis_rules():
         setup = build(config, mesh)

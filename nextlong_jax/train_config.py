@@ -1,9 +1,10 @@
 """Training configuration: frozen dataclasses read from YAML, with dotted `key=value` overrides.
 
-The YAML mirrors the dataclass tree (`model`, `mesh`, `data`, `loss`, `optimizer`, `checkpoint`,
-`train`, `xla`). `model.preset` names a base architecture whose fields the rest of `model` overrides.
-Unknown keys and ill-typed values (checked by pydantic against the annotations) fail with the dotted key
-in the message.
+The YAML mirrors the dataclass tree (`model`, `runtime`, `mesh`, `data`, `loss`, `optimizer`,
+`checkpoint`, `train`, `xla`). `model` is the architecture (what a checkpoint stores), `runtime` how it
+runs (dtypes, kernels, remat); `model.preset` names a base architecture whose fields the rest of `model`
+overrides. Unknown keys and ill-typed values (checked by pydantic against the annotations) fail with the
+dotted key in the message.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ import pydantic
 import yaml
 
 from nextlong_jax.model.config import LlamaConfig, RopeScaling
+from nextlong_jax.model.runtime import Runtime
 
 
 class ConfigError(ValueError):
     """A user-facing problem with the config file or an override."""
+
+
+# How the model runs: a section of its own, never under `model` (the architecture a checkpoint stores).
+RUNTIME_KEYS = frozenset(f.name for f in dataclasses.fields(Runtime))
 
 
 # Architectures as published; a preset fixes shapes, the YAML adds context length and training knobs.
@@ -166,6 +172,7 @@ class XlaConfig:
 @dataclass(frozen=True)
 class Config:
     model: LlamaConfig = field(default_factory=LlamaConfig)
+    runtime: Runtime = field(default_factory=Runtime)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -225,6 +232,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 def _model(values: dict[str, Any], prefix: str) -> LlamaConfig:
     values = dict(values)
+    moved = [key for key in values if key in RUNTIME_KEYS]
+    if moved:
+        raise ConfigError(f"{', '.join(prefix + key for key in moved)}: how the model runs, not what it is; move "
+                          f"{'it' if len(moved) == 1 else 'them'} under runtime: "
+                          f"({', '.join('runtime.' + key for key in moved)})")
     preset = values.pop("preset", None)
     if preset is not None:
         if preset not in MODEL_PRESETS:
@@ -288,5 +300,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Inverse of `Config.to_dict` (a checkpoint's saved config)."""
+    """Inverse of `Config.to_dict` (a checkpoint's saved config). One saved before the `runtime` section
+    existed holds those keys under `model`: they are read as its runtime."""
+    if "runtime" not in tree:
+        model = tree.get("model", {})
+        tree = {**tree, "model": {k: v for k, v in model.items() if k not in RUNTIME_KEYS},
+                "runtime": {k: v for k, v in model.items() if k in RUNTIME_KEYS}}
     return _build(Config, tree, "")

@@ -18,8 +18,8 @@ from nextlong_jax.hardware import claim_gpu_memory
 from nextlong_contract.schema import FLOAT_FEATURES, TRAINING_FEATURES
 from nextlong_jax.model.attention import BackendError, resolve
 from nextlong_jax.model.attention.backends import platform_family
-from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.llama import Llama
+from nextlong_jax.model.runtime import Runtime
 from nextlong_jax.optimizer import build_optimizer
 from nextlong_jax.sharding import logical_sharding, logical_shardings, make_mesh
 from nextlong_jax.step import TrainState, make_train_step
@@ -71,16 +71,16 @@ def build_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> M
     return mesh
 
 
-def resolved_model(config: Config, mesh: Mesh) -> LlamaConfig:
-    """The model config with its attention backend resolved, once, for the platform the mesh's devices
+def resolved_runtime(config: Config, mesh: Mesh) -> Runtime:
+    """The runtime with its attention backend resolved, once, for the platform the mesh's devices
     are (what the program is compiled for, not necessarily this host)."""
     try:
-        backend = resolve(config.model.attention_backend, mesh.devices.flat[0].platform,
+        backend = resolve(config.runtime.attention_backend, mesh.devices.flat[0].platform,
                           sequence_shards=mesh.shape["sequence"], length=config.data.seq_len,
-                          allow_fallback=config.model.attention_allow_fallback)
+                          allow_fallback=config.runtime.attention_allow_fallback)
     except BackendError as e:
         raise TrainError(str(e)) from None
-    return config.model.replace(attention_backend=backend)
+    return config.runtime.replace(attention_backend=backend)
 
 
 class Setup(NamedTuple):
@@ -102,7 +102,7 @@ def _abstract_key() -> jax.ShapeDtypeStruct:
 
 def build(config: Config, mesh: Mesh) -> Setup:
     """Model, optimizer and shardings; call inside `jax.set_mesh(mesh)` and `axis_rules()`."""
-    model = Llama(resolved_model(config, mesh))
+    model = Llama(config.model, resolved_runtime(config, mesh))
     tx, schedule = build_optimizer(config.optimizer, config.train.steps)
 
     def boxed_state(rng):

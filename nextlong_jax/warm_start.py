@@ -46,8 +46,7 @@ def started_model(source: LlamaConfig, configured: LlamaConfig, seq_len: int) ->
     """The model a run warm-started from `source` trains on `seq_len`-token sequences: `source`'s
     MODEL_FIELDS and rope scaling type; the config's rope_theta, and its rope_scaling where it is of
     that type; the larger max_position_embeddings of the two (training on shorter sequences does not
-    shorten a model's context), which must cover `seq_len`. The config's other fields say how the
-    model runs (dtypes, kernels, remat) and apply."""
+    shorten a model's context), which must cover `seq_len`. The config's dropout_rate applies."""
     model = configured.replace(
         **{f: getattr(source, f) for f in MODEL_FIELDS},
         rope_scaling=configured.rope_scaling if _rope_type(configured) == _rope_type(source) else source.rope_scaling,
@@ -100,7 +99,7 @@ def initial_state(setup: Setup, config: Config, *, init_from_hf: Path | None = N
     abstract = abstract_state(setup)
     params = None
     if init_from_hf:
-        params = hf_params(init_from_hf, config.model)
+        params = hf_params(init_from_hf, config.model, config.runtime.jnp_param_dtype)
     elif init_from:
         if init_optimizer:  # checked before any array is read: a misfit fails in seconds, not after an 8B load
             check_optimizer_state(init_from, abstract.opt_state)
@@ -111,12 +110,12 @@ def initial_state(setup: Setup, config: Config, *, init_from_hf: Path | None = N
     return state
 
 
-def hf_params(hf_dir: Path, model_config: LlamaConfig) -> Any:
-    """Host weights of an HF Llama directory of `model_config`'s shapes."""
+def hf_params(hf_dir: Path, model_config: LlamaConfig, dtype: np.dtype) -> Any:
+    """Host weights of an HF Llama directory of `model_config`'s shapes, in `dtype` (the runtime's param_dtype)."""
     from nextlong_jax.convert import read_hf_params
 
     params = read_hf_params(hf_dir, model_config)
-    return jax.tree.map(lambda x: np.asarray(x, model_config.jnp_param_dtype), params)
+    return jax.tree.map(lambda x: np.asarray(x, dtype), params)
 
 
 def check_optimizer_state(ckpt_dir: Path, abstract_opt_state: Any) -> None:

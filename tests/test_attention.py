@@ -79,7 +79,7 @@ def test_kernel_for_another_platform_is_refused_in_one_line(backend, platform):
 
     with pytest.raises(BackendError) as e:
         resolve(backend, platform)
-    assert "\n" not in str(e.value) and f"model.attention_backend={backend} runs on" in str(e.value)
+    assert "\n" not in str(e.value) and f"runtime.attention_backend={backend} runs on" in str(e.value)
     assert "use auto" in str(e.value) and "attention_allow_fallback" in str(e.value)
 
 
@@ -90,7 +90,7 @@ def test_allow_fallback_runs_autos_choice_with_a_warning(backend, platform, want
 
     with caplog.at_level(logging.WARNING):
         assert resolve(backend, platform, allow_fallback=True).value == want
-    assert f"model.attention_backend={backend} runs on" in caplog.text and f"running {want}" in caplog.text
+    assert f"runtime.attention_backend={backend} runs on" in caplog.text and f"running {want}" in caplog.text
 
 
 @pytest.mark.parametrize("backend,platform", [("splash", "tpu"), ("pallas_gpu", "cuda"), ("cudnn", "gpu"),

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.compile
 # real tiling at the smallest shapes, since libtpu's compile time grows with them.
 REDUCED = ["data.seq_len=1024", "model.hidden_size=256", "model.num_attention_heads=4", "model.num_key_value_heads=2",
            "model.head_dim=128", "model.vocab_size=512", "model.intermediate_size=256",
-           "model.max_position_embeddings=1024", "model.attention_block_size=512", "model.logits_block_size=512",
-           "model.dtype=bfloat16", "model.remat_policy=full", "model.scan_layers=true"]
+           "model.max_position_embeddings=1024", "runtime.attention_block_size=512", "runtime.logits_block_size=512",
+           "runtime.dtype=bfloat16", "runtime.remat_policy=full", "runtime.scan_layers=true"]
 
 
 @pytest.mark.parametrize("name,chip,grid,count", [
@@ -98,7 +98,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_plans_prints_json_and_refuses_what_does_not_fit():
     fits = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v5p-8",
-                "data.batch_size=4", *REDUCED, "model.attention_backend=splash", "data.document_lens=[512]")
+                "data.batch_size=4", *REDUCED, "runtime.attention_backend=splash", "data.document_lens=[512]")
     assert fits.returncode == 0, fits.stderr[-2000:]
     plan = json.loads(fits.stdout.strip().splitlines()[-1])
     # A packed source's rows (2 documents of 512 tokens per 1024-token row) take a program of their own,
@@ -128,13 +128,13 @@ def test_cli_plans_prints_json_and_refuses_what_does_not_fit():
     # cuDNN on a GPU takes packed documents only as an [L, L] mask: refused at training lengths.
     dense = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "h100-8",
                  "data.batch_size=8", "data.seq_len=32768", "model.max_position_embeddings=32768",
-                 "model.attention_backend=cudnn")
+                 "runtime.attention_backend=cudnn")
     assert dense.returncode == 1 and "cudnn builds an [L, L] mask" in dense.stderr and "use auto" in dense.stderr
     # A kernel the target cannot run is refused in one line, not compiled as something slower.
     wrong = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "h100-8",
-                 "data.batch_size=8", *REDUCED, "model.attention_backend=splash")
+                 "data.batch_size=8", *REDUCED, "runtime.attention_backend=splash")
     assert wrong.returncode == 1 and wrong.stderr.strip().splitlines()[-1].startswith(
-        "nextlong-train: error: model.attention_backend=splash runs on tpu, but this program is compiled for gpu")
+        "nextlong-train: error: runtime.attention_backend=splash runs on tpu, but this program is compiled for gpu")
     unnamed = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only")
     assert unnamed.returncode == 1 and "names no mesh.topology: pass --topology" in unnamed.stderr
     bad = _cli("--config", "configs/train/tiny-cpu.yaml", "--compile-only", "--topology", "v9-8")
@@ -216,7 +216,7 @@ def _plans(target: str) -> None:
     cache = Path(tempfile.mkdtemp())
     for i, (mesh, backend, runs, kernel) in enumerate(cases):
         config = load_config(ROOT / "configs/train/tiny-cpu.yaml",
-                             [*REDUCED, *mesh, f"model.attention_backend={backend}", "data.batch_size=16",
+                             [*REDUCED, *mesh, f"runtime.attention_backend={backend}", "data.batch_size=16",
                               "optimizer.grad_accum=2"])
         p = plan(config, topology, cache=cache)
         assert not p.cached

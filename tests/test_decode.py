@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from nextlong_jax.decode import Decoder, DecodeError, Sampling, bucket, sample
-from nextlong_jax.model import Llama, LlamaConfig
+from nextlong_jax.model.config import LlamaConfig
+from nextlong_jax.model.llama import Llama
+from nextlong_jax.model.runtime import Runtime
 from nextlong_jax.sharding import axis_rules, logical_shardings, make_mesh
 from nextlong_jax.testing import hf_model, params_from_hf, tiny_hf_dict
 from nextlong_jax.warm_start import hf_params
@@ -46,11 +48,10 @@ def _hf_greedy(model, prompt: list[int], new: int) -> list[int]:
 
 
 def _decoder(hf_dict: dict, hf, mesh=None, backend: str = "blockwise", batch_size: int = 1) -> Decoder:
-    config = LlamaConfig.from_hf_dict(dict(hf_dict, max_position_embeddings=1024), attention_backend=backend,
-                                      attention_block_size=64)
+    config = LlamaConfig.from_hf_dict(dict(hf_dict, max_position_embeddings=1024))
     mesh = mesh or make_mesh(devices=jax.devices()[:1])
     params = params_from_hf(hf, config)
-    model = Llama(config)
+    model = Llama(config, Runtime(attention_backend=backend, attention_block_size=64))
     with jax.set_mesh(mesh), axis_rules():
         boxed = jax.eval_shape(model.init, jax.random.key(0), *(np.ones((1, 8), np.int32),) * 3)["params"]
         params = jax.device_put(params, logical_shardings(boxed, mesh))
@@ -83,10 +84,10 @@ def test_greedy_tokens_equal_transformers_on_smollm2(smollm2):
                                         add_generation_prompt=True, tokenize=True, return_dict=False)
     essay = tokenizer.encode(" ".join(Path(ROOT / "README.md").read_text().split()[:900]))
     prompts = [question, essay[:500]]  # one batch, the question left-padded to the essay's length
-    config = LlamaConfig.from_hf_dict(json.loads((smollm2 / "config.json").read_text()),
-                                      attention_backend="blockwise", attention_block_size=256)
-    decoder = Decoder(Llama(config), hf_params(smollm2, config), make_mesh(devices=jax.devices()[:1]), 2,
-                      tokenizer.decode)
+    config = LlamaConfig.from_hf_dict(json.loads((smollm2 / "config.json").read_text()))
+    runtime = Runtime(attention_backend="blockwise", attention_block_size=256)
+    decoder = Decoder(Llama(config, runtime), hf_params(smollm2, config, runtime.jnp_param_dtype),
+                      make_mesh(devices=jax.devices()[:1]), 2, tokenizer.decode)
     got = decoder.generate(prompts, 16, stop_ids=[2])
     assert "Paris" in got[0].text
     for prompt, completion in zip(prompts, got):
@@ -251,9 +252,8 @@ def _child_compile(topology_name: str) -> None:
     mesh = make_mesh(fsdp=-1, sequence=2, devices=compile_only_devices(topology))
     backend = resolve("auto", topology.platform, sequence_shards=2)
     config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096,
-                         dtype="bfloat16", attention_backend=backend, attention_block_size=128)
-    model = Llama(config)
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096)
+    model = Llama(config, Runtime(dtype="bfloat16", attention_backend=backend, attention_block_size=128))
     ids = np.ones((1, 8), np.int32)
     with jax.set_mesh(mesh), axis_rules():
         boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids))["params"]

@@ -99,7 +99,7 @@ def test_teacher_forced_exact_match_is_the_greedy_decode_verdict(tiny_hf, tokeni
         own = replace(p, answer_ids=greedy, gold_spans=[(0, n)])
         wrong = replace(p, answer_ids=greedy[:-1] + [(greedy[-1] + 1) % SHAPE["vocab_size"]], gold_spans=[(0, n)])
         probes += [(own, greedy), (wrong, greedy)]
-    scorer = _scorer(directory, "model.dtype=float32", "model.param_dtype=float32")
+    scorer = _scorer(directory, "runtime.dtype=float32", "runtime.param_dtype=float32")
     scores = scorer.score([p for p, _ in probes])
     exact = [verdict(p, *s).exact for (p, _), s in zip(probes, scores)]
     assert exact == [p.answer_ids == greedy for p, greedy in probes]
@@ -161,7 +161,7 @@ def test_token_nll_is_transformers_loss(tiny_hf, synthesized):
     rows = np.stack([e["input_ids"] for e in synthesized[:2]]).astype(np.int32)
     positions = np.stack([e["positions"] for e in synthesized[:2]]).astype(np.int32)
     segments = np.stack([e["segment_ids"] for e in synthesized[:2]]).astype(np.int32)
-    nll = _scorer(directory, "model.dtype=float32").token_nll(rows, positions, segments)
+    nll = _scorer(directory, "runtime.dtype=float32").token_nll(rows, positions, segments)
     for r in range(2):
         end = int((segments[r] == 1).sum())  # the first segment, as one document
         with torch.no_grad():
@@ -196,7 +196,7 @@ def test_sequence_sharded_evaluation_equals_one_device(tiny_hf, tokenizer, essay
 def _child(hf_dir: str, inputs: str) -> None:
     given = json.loads(Path(inputs).read_text())
     probes = [Probe(**{**p, "gold_spans": [tuple(s) for s in p["gold_spans"]]}) for p in given["probes"]]
-    scorer = _scorer(Path(hf_dir), "mesh.fsdp=4", "mesh.sequence=2", "model.attention_backend=ring")
+    scorer = _scorer(Path(hf_dir), "mesh.fsdp=4", "mesh.sequence=2", "runtime.attention_backend=ring")
     scores = scorer.score(probes)
     nll = scorer.token_nll(*(np.asarray(given["packed"][k]) for k in ("input_ids", "positions", "segment_ids")))
     print(json.dumps({"mesh": dict(scorer.mesh.shape), "nll": nll.tolist(),

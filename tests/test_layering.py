@@ -41,3 +41,10 @@ def test_synthesis_options_load_no_index_or_model_library():
     loaded = subprocess.run([sys.executable, "-c", f"import sys, synth.config; print([m for m in {heavy!r} "
                              "if m in sys.modules])"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_the_model_config_loads_no_jax():
+    """`LlamaConfig` is the architecture alone: jax comes in with how the model runs (`model.runtime`)."""
+    code = "import sys, nextlong_jax.model.config; print('jax' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False", loaded.stdout

@@ -123,7 +123,7 @@ def test_preset_compiles_and_fits_its_topology(preset, compiles):
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plan["compiled"] and plan["fits"] and plan["topology"] == config.mesh.topology
     # `auto` resolved for the target, not this CPU
-    backend = resolve(config.model.attention_backend, parse_topology(config.mesh.topology).platform,
+    backend = resolve(config.runtime.attention_backend, parse_topology(config.mesh.topology).platform,
                       sequence_shards=config.mesh.sequence).value
     assert plan["attention_backend"] == backend
     kernel = KERNELS[backend]

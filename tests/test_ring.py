@@ -117,14 +117,15 @@ def _child_attention() -> None:
 def _child_model() -> None:
     import jax
 
-    from nextlong_jax.model import Llama, LlamaConfig
+    from nextlong_jax.model.config import LlamaConfig
+    from nextlong_jax.model.llama import Llama
+    from nextlong_jax.model.runtime import Runtime
     from nextlong_jax.sharding import axis_rules, logical_sharding, logical_shardings, make_mesh
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_backend="blockwise",
-                         attention_block_size=8)
-    ring_config = config.replace(attention_backend="ring")
-    model, ring_model = Llama(config), Llama(ring_config)
+                         num_attention_heads=4, num_key_value_heads=2)
+    runtime = Runtime(attention_backend="blockwise", attention_block_size=8)
+    model, ring_model = Llama(config, runtime), Llama(config, runtime.replace(attention_backend="ring"))
     b, length, shards = 4, 64, 4
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (b, length)).astype(np.int32)

@@ -46,14 +46,15 @@ def _child() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from nextlong_jax.model import Llama, LlamaConfig
+    from nextlong_jax.model.config import LlamaConfig
+    from nextlong_jax.model.llama import Llama
+    from nextlong_jax.model.runtime import Runtime
     from nextlong_jax.sharding import axis_rules, logical_sharding, logical_shardings, make_mesh
 
     assert jax.device_count() == 8
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_backend="blockwise",
-                         attention_block_size=16)
-    model = Llama(config)
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = Llama(config, Runtime(attention_backend="blockwise", attention_block_size=16))
     b, length = 4, 64
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (b, length)).astype(np.int32)

@@ -83,13 +83,15 @@ def _child() -> None:
     import jax
 
     from nextlong_jax.host_data import global_batch
-    from nextlong_jax.model import LlamaConfig
+    from nextlong_jax.model.config import LlamaConfig
+    from nextlong_jax.model.runtime import Runtime
     from nextlong_jax.sharding import axis_rules
     from nextlong_jax.train_config import Config, DataConfig, MeshConfig, OptimizerConfig
     from nextlong_jax.train_setup import build, build_mesh, init_state, jit_step
 
     model = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, attention_block_size=8, logits_block_size=32)
+                        num_attention_heads=4, num_key_value_heads=2)
+    runtime = Runtime(attention_block_size=8, logits_block_size=32)
     batch = _slotted_batch()
 
     def one_step(config, slots):
@@ -107,7 +109,7 @@ def _child() -> None:
 
     for mesh, accum in ((MeshConfig(data=2, fsdp=1, tensor=1, sequence=4), 2), (MeshConfig(1, 4, 2, 1), 1)):
         # eps >> |g| and no decay: the first update is lr * gradient, so updates compare gradients.
-        config = Config(model=model, data=DataConfig(seq_len=LENGTH, batch_size=4), mesh=mesh,
+        config = Config(model=model, runtime=runtime, data=DataConfig(seq_len=LENGTH, batch_size=4), mesh=mesh,
                         optimizer=OptimizerConfig(learning_rate=100.0, eps=1.0, weight_decay=0.0, grad_accum=accum))
         want, want_updates = one_step(config, 1)
         got, updates = one_step(config, SLOTS)

@@ -41,7 +41,7 @@ def test_a_smollm2_warm_start_exports_smollm2(smollm2, tmp_path, capsys, monkeyp
     assert train(["--config", "configs/train/tiny-cpu.yaml", "--data", str(data), "--out", str(run),
                   "--init-from-hf", str(smollm2), "train.steps=2", "data.batch_size=1",
                   "optimizer.learning_rate=1e-5", "model.rope_theta=100000.0",
-                  "model.scan_layers=true"]) == 0  # 30 layers compile as one: 20 s less here
+                  "runtime.scan_layers=true"]) == 0  # 30 layers compile as one: 20 s less here
     started = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model from"))
     for note in ("vocab_size 49152 (model; config 128256)", "num_hidden_layers 30 (model; config 2)",
                  "rms_norm_eps 1e-05 (model; config 1e-06)", "bos_token_id 1 (model; config 128000)",

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nextlong_jax.model import Llama, LlamaConfig
+from nextlong_jax.model.config import LlamaConfig
+from nextlong_jax.model.llama import Llama
+from nextlong_jax.model.runtime import Runtime
 from nextlong_jax.optimizer import build_optimizer, decay_mask
 from nextlong_jax.step import TrainState, loss_sums, make_train_step
 from nextlong_jax.train_config import ConfigError, OptimizerConfig, config_from_dict, load_config
 
 TINY = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, attention_backend="blockwise", attention_block_size=8, logits_block_size=4)
+                   num_key_value_heads=2)
+RUNTIME = Runtime(attention_backend="blockwise", attention_block_size=8, logits_block_size=4)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_yaml_preset_and_dotted_overrides(tmp_path):
@@ -31,10 +37,11 @@ def test_yaml_preset_and_dotted_overrides(tmp_path):
 
 
 def test_preset_extends_another(tmp_path):
-    (tmp_path / "base.yaml").write_text("model: {preset: llama3-8b, dtype: bfloat16}\ndata: {seq_len: 1024}\n")
-    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nmodel: {dtype: float32}\nmesh: {sequence: 2}\n")
+    (tmp_path / "base.yaml").write_text("model: {preset: llama3-8b}\nruntime: {dtype: bfloat16}\n"
+                                        "data: {seq_len: 1024}\n")
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nruntime: {dtype: float32}\nmesh: {sequence: 2}\n")
     c = load_config(tmp_path / "variant.yaml", ["data.batch_size=4"])
-    assert (c.model.hidden_size, c.model.dtype, c.data.seq_len, c.mesh.sequence, c.data.batch_size) == (
+    assert (c.model.hidden_size, c.runtime.dtype, c.data.seq_len, c.mesh.sequence, c.data.batch_size) == (
         4096, "float32", 1024, 2, 4)
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
@@ -47,7 +54,8 @@ def test_preset_extends_another(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=3", "unknown key train.stepz"),
     ("mesh.data=two", "mesh.data='two': Input should be a valid integer"),
-    ("model.attention_backend=splosh", "model.attention_backend='splosh': Input should be 'auto', 'reference'"),
+    ("runtime.attention_backend=splosh", "runtime.attention_backend='splosh': Input should be 'auto', 'reference'"),
+    ("runtime.remat_policy=most", "runtime: remat_policy='most' not in"),
     ("model.rope_scaling={rope_type: llama3, factr: 8}", "model.rope_scaling: .*unexpected keyword argument 'factr'"),
     ("xla.tpu={a: [1]}", "xla.tpu.a=\\[1\\]: Input should be a valid string"),
     ("data.weights=[1, x]", "data.weights\\[1\\]='x': Input should be a valid number"),
@@ -58,6 +66,26 @@ def test_preset_extends_another(tmp_path):
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_a_runtime_key_under_model_says_to_move_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model.attention_backend: how the model runs, not what it is; move it "
+                                          r"under runtime: \(runtime.attention_backend\)$"):
+        load_config(None, ["model.attention_backend=splash"])
+    path = tmp_path / "old.yaml"
+    path.write_text("model: {preset: llama3-8b, dtype: bfloat16, remat_policy: full}\n")
+    with pytest.raises(ConfigError, match=r"^model.dtype, model.remat_policy: .* move them under runtime: "
+                                          r"\(runtime.dtype, runtime.remat_policy\)$"):
+        load_config(path)
+
+
+def test_a_training_config_saved_before_the_runtime_section_reads_its_runtime():
+    """A checkpoint's `train_config` from before the split holds the runtime keys under `model`."""
+    config = load_config(ROOT / "configs/train/llama3-8b-64k.yaml")
+    saved = config.to_dict()
+    runtime = saved.pop("runtime")
+    assert runtime["remat_policy"] == "save_attention"  # not the default: the test reads something
+    assert config_from_dict({**saved, "model": {**saved["model"], **runtime}}) == config
 
 
 def _batch():
@@ -71,7 +99,7 @@ def _batch():
 
 
 def test_weighted_loss_matches_hand_computation():
-    model, batch = Llama(TINY), _batch()
+    model, batch = Llama(TINY, RUNTIME), _batch()
     params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
     nll, w = jax.jit(lambda p, b: loss_sums(model, p, b))(params, batch)
 
@@ -95,7 +123,7 @@ KEY = jax.random.key_data(jax.random.key(1))
 
 
 def test_grad_accumulation_equals_one_big_batch():
-    model, batch = Llama(TINY), _batch()
+    model, batch = Llama(TINY, RUNTIME), _batch()
     batch = {k: np.concatenate([v, v[::-1]]) for k, v in batch.items()}
     tx, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0), 10)
     params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
@@ -108,7 +136,7 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 def test_nonfinite_step_is_skipped():
-    model, batch = Llama(TINY), _batch()
+    model, batch = Llama(TINY, RUNTIME), _batch()
     tx, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2), 10)
     params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
     params = nn.unbox(params)
@@ -121,7 +149,7 @@ def test_nonfinite_step_is_skipped():
 
 
 def test_dropout_draws_from_the_state_key_and_only_in_training():
-    model, batch = Llama(TINY.replace(dropout_rate=0.5)), _batch()
+    model, batch = Llama(TINY.replace(dropout_rate=0.5), RUNTIME), _batch()
     tx, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2), 10)
     params = nn.unbox(model.init(jax.random.key(0), batch["input_ids"], batch["positions"],
                                  batch["segment_ids"])["params"])
@@ -134,14 +162,14 @@ def test_dropout_draws_from_the_state_key_and_only_in_training():
     assert float(m1["loss"]) != float(m2["loss"])  # and the step hands on a new one
     assert not np.array_equal(np.asarray(first.rng), np.asarray(KEY))
     # Without a dropout rng (evaluation, export, parity) the model is deterministic and dropout-free.
-    plain = Llama(TINY).apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    plain = Llama(TINY, RUNTIME).apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
     np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, batch["input_ids"], batch["positions"],
                                                          batch["segment_ids"])), np.asarray(plain))
 
 
 def test_decay_mask_spares_norms_and_embeddings():
     ids = np.zeros((1, 4), np.int32)
-    params = Llama(TINY).init(jax.random.key(0), ids, ids, ids)["params"]
+    params = Llama(TINY, RUNTIME).init(jax.random.key(0), ids, ids, ids)["params"]
     mask = decay_mask(params, decay_norms_and_embeddings=False)
     assert not mask["embed_tokens"] and not mask["final_norm"]["scale"]
     assert not mask["layers"]["input_norm"]["scale"] and mask["layers"]["attn"]["q_proj"] and mask["lm_head"]

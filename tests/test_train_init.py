@@ -71,10 +71,10 @@ def test_a_warm_start_trains_the_model_it_starts_from():
     from nextlong_jax.train_config import load_config
     from nextlong_jax.warm_start import MODEL_FIELDS, start_notes, started_model
 
-    configured = load_config(ROOT / "configs/train/tiny-cpu.yaml", ["model.dtype=bfloat16"]).model
+    configured = load_config(ROOT / "configs/train/tiny-cpu.yaml", ["model.dropout_rate=0.1"]).model
     model = started_model(SMOLLM2, configured, 4096)
     assert {f: getattr(model, f) for f in MODEL_FIELDS} == {f: getattr(SMOLLM2, f) for f in MODEL_FIELDS}
-    assert (model.rope_theta, model.max_position_embeddings, model.dtype) == (500000.0, 8192, "bfloat16")
+    assert (model.rope_theta, model.max_position_embeddings, model.dropout_rate) == (500000.0, 8192, 0.1)
     assert start_notes(SMOLLM2, configured, model) == (
         "rope_theta 100000 -> 500000 (config); vocab_size 49152 (model; config 128256); hidden_size 576 (model; "
         "config 64); intermediate_size 1536 (model; config 192); num_hidden_layers 30 (model; config 2); "

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]
 HOSTS = 2
 # Constant lr, so the schedule does not depend on train.steps and the run can be cut in two.
-ARGS = ["model.attention_backend=ring", "model.hidden_size=32", "model.intermediate_size=64",
+ARGS = ["runtime.attention_backend=ring", "model.hidden_size=32", "model.intermediate_size=64",
         "optimizer.decay=constant", "optimizer.warmup_steps=0", "optimizer.learning_rate=1e-2", "checkpoint.every=2"]
 # layout -> (overrides, how many different row blocks the hosts read)
 LAYOUTS = {"rows": (["data.batch_size=4", "mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2"], 2),

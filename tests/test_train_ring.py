@@ -17,13 +17,14 @@ pytestmark = pytest.mark.multiprocess
 
 
 def _config(mesh, grad_accum: int = 2):
-    from nextlong_jax.model import LlamaConfig
+    from nextlong_jax.model.config import LlamaConfig
+    from nextlong_jax.model.runtime import Runtime
     from nextlong_jax.train_config import Config, DataConfig, OptimizerConfig
 
     model = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, attention_backend="ring",
-                        attention_block_size=8, logits_block_size=32)
-    return Config(model=model, data=DataConfig(seq_len=64, batch_size=4),
+                        num_attention_heads=4, num_key_value_heads=2)
+    runtime = Runtime(attention_backend="ring", attention_block_size=8, logits_block_size=32)
+    return Config(model=model, runtime=runtime, data=DataConfig(seq_len=64, batch_size=4),
                   # eps >> |g| and no decay make the first update lr * (clipped) gradient, linear in it, so
                   # comparing updates compares gradients (Adam's default would compare their signs).
                   optimizer=OptimizerConfig(learning_rate=100.0, eps=1.0, weight_decay=0.0, grad_accum=grad_accum),
@@ -48,10 +49,11 @@ def _batch() -> dict[str, np.ndarray]:
 
 
 def test_sequence_parallel_loss_refuses_to_run_without_a_mesh():
-    from nextlong_jax.model import Llama
+    from nextlong_jax.model.llama import Llama
     from nextlong_jax.step import loss_sums
 
-    model = Llama(_config(None).model)
+    config = _config(None)
+    model = Llama(config.model, config.runtime)
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
     params = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], batch["segment_ids"])["params"]
     with pytest.raises(ValueError, match="outside `jax.set_mesh`"):
@@ -76,7 +78,8 @@ def _memory_child() -> None:
     import math
     import re
 
-    from nextlong_jax.model import LlamaConfig
+    from nextlong_jax.model.config import LlamaConfig
+    from nextlong_jax.model.runtime import Runtime
     from nextlong_jax.sharding import axis_rules, make_mesh
     from nextlong_jax.train_setup import build, init_state, jit_step
     from nextlong_jax.train_config import Config, DataConfig, MeshConfig
@@ -85,9 +88,11 @@ def _memory_child() -> None:
 
     def compiled(sequence: int):
         model = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=160, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, attention_block_size=64,
-                            logits_block_size=128, attention_backend="ring" if sequence > 1 else "blockwise")
-        cfg = Config(model=model, data=DataConfig(seq_len=length, batch_size=1), mesh=MeshConfig(1, 1, 1, sequence))
+                            num_attention_heads=4, num_key_value_heads=2)
+        runtime = Runtime(attention_block_size=64, logits_block_size=128,
+                          attention_backend="ring" if sequence > 1 else "blockwise")
+        cfg = Config(model=model, runtime=runtime, data=DataConfig(seq_len=length, batch_size=1),
+                     mesh=MeshConfig(1, 1, 1, sequence))
         mesh = make_mesh(1, 1, 1, sequence, devices=jax.devices()[:sequence])
         with jax.set_mesh(mesh), axis_rules():
             setup = build(cfg, mesh)
@@ -112,7 +117,7 @@ def _child() -> None:
 
     from nextlong_jax.sharding import axis_rules, make_mesh
     from nextlong_jax.host_data import global_batch
-    from nextlong_jax.train_setup import TrainError, build, build_mesh, init_state, jit_step, resolved_model
+    from nextlong_jax.train_setup import TrainError, build, build_mesh, init_state, jit_step, resolved_runtime
     from nextlong_jax.train_config import MeshConfig
 
     batch = _batch()
@@ -141,9 +146,9 @@ def _child() -> None:
         worst = max(worst, error := float(np.abs(u - w).max() / np.abs(w).max()))
         assert error < 1e-5, (jax.tree_util.keystr(path), error)
 
-    blockwise = dataclasses.replace(config, model=config.model.replace(attention_backend="blockwise"))
+    blockwise = dataclasses.replace(config, runtime=config.runtime.replace(attention_backend="blockwise"))
     try:
-        resolved_model(blockwise, build_mesh(blockwise))
+        resolved_runtime(blockwise, build_mesh(blockwise))
         raise AssertionError("a sequence-parallel mesh accepted blockwise attention")
     except TrainError as e:
         assert "mesh.sequence=4 needs a backend that takes a sharded length" in str(e), e

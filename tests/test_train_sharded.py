@@ -26,11 +26,13 @@ def _child() -> None:
     from nextlong_jax.host_data import global_batch
     from nextlong_jax.train_setup import build, init_state, jit_step
     from nextlong_jax.train_config import Config, DataConfig, MeshConfig, OptimizerConfig
-    from nextlong_jax.model import LlamaConfig
+    from nextlong_jax.model.config import LlamaConfig
+    from nextlong_jax.model.runtime import Runtime
 
     model = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, attention_block_size=16, logits_block_size=32)
-    config = Config(model=model, data=DataConfig(seq_len=64, batch_size=4),
+                        num_attention_heads=4, num_key_value_heads=2)
+    config = Config(model=model, runtime=Runtime(attention_block_size=16, logits_block_size=32),
+                    data=DataConfig(seq_len=64, batch_size=4),
                     optimizer=OptimizerConfig(learning_rate=1e-2, grad_accum=2), mesh=MeshConfig(2, 2, 2, 1))
     rng = np.random.default_rng(0)
     seg = np.repeat(np.array([[1] * 40 + [2] * 20 + [0] * 4]), 4, 0).astype(np.int32)

@@ -1,6 +1,2 @@
-"""Llama model, its configuration and rotary embeddings."""
-
-from nextlong_jax.model.config import LlamaConfig, RopeScaling
-from nextlong_jax.model.llama import Llama
-
-__all__ = ["Llama", "LlamaConfig", "RopeScaling"]
+"""Llama model (`llama`), its architecture (`config`, free of jax), how it runs (`runtime`) and rotary
+embeddings (`rope`)."""

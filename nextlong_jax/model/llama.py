@@ -15,9 +15,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nextlong_jax.model.attention import Backend, attention
 from nextlong_jax.model.attention.cached import LayerCache, cache_layout, cached_attention
-from nextlong_jax.model.config import LAYER_INPUT, NO_REMAT, REMAT_SAVES, LlamaConfig
+from nextlong_jax.model.config import LlamaConfig
 from nextlong_jax.model.loss import next_token_loss
 from nextlong_jax.model.rope import apply_rope, rope_tables
+from nextlong_jax.model.runtime import LAYER_INPUT, NO_REMAT, REMAT_SAVES, Runtime
 from nextlong_jax.sharding import ambient_shards
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -25,9 +26,9 @@ constrain = nn.with_logical_constraint
 
 
 def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_init) -> jnp.ndarray:
-    c = module.config
-    w = module.param(name, nn.with_logical_partitioning(init, axes), shape, c.jnp_param_dtype)
-    return w.astype(c.jnp_dtype)
+    r = module.runtime
+    w = module.param(name, nn.with_logical_partitioning(init, axes), shape, r.jnp_param_dtype)
+    return w.astype(r.jnp_dtype)
 
 
 def _project(x: jnp.ndarray, w: jnp.ndarray, contract: int = 1) -> jnp.ndarray:
@@ -48,6 +49,7 @@ def _project(x: jnp.ndarray, w: jnp.ndarray, contract: int = 1) -> jnp.ndarray:
 
 class RMSNorm(nn.Module):
     config: LlamaConfig
+    runtime: Runtime
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -62,11 +64,12 @@ class RMSNorm(nn.Module):
     def _normed(self, x: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
         x32 = x.astype(jnp.float32)
         normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
-        return scale * normed.astype(self.config.jnp_dtype)
+        return scale * normed.astype(self.runtime.jnp_dtype)
 
 
 class Attention(nn.Module):
     config: LlamaConfig
+    runtime: Runtime
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
@@ -87,13 +90,14 @@ class Attention(nn.Module):
             out = cached_attention(q, cache.parts(k, v, segment_ids))
         else:
             # Init needs only parameter shapes: reference attention runs anywhere on its dummy row.
-            backend = Backend.REFERENCE if self.is_initializing() else c.attention_backend
-            out = attention(q, k, v, segment_ids, backend=backend, blocks=c.attention_blocks)
+            backend = Backend.REFERENCE if self.is_initializing() else self.runtime.attention_backend
+            out = attention(q, k, v, segment_ids, backend=backend, blocks=self.runtime.attention_blocks)
         return _project(out, _weight(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed")), contract=2)
 
 
 class MLP(nn.Module):
     config: LlamaConfig
+    runtime: Runtime
 
     @nn.compact
     def __call__(self, x):
@@ -106,57 +110,59 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     config: LlamaConfig
+    runtime: Runtime
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, cache=None):
-        c = self.config
+        c, r = self.config, self.runtime
         drop = nn.Dropout(c.dropout_rate, deterministic=not self.has_rng("dropout"))
         # Named for remat policies (`offload` moves it to host memory); only the named value is used
         # below, so the backward needs nothing of the raw input.
         x = checkpoint_name(x, LAYER_INPUT)
-        x = x + drop(Attention(c, name="attn")(RMSNorm(c, name="input_norm")(x), cos, sin, segment_ids, cache))
-        x = x + drop(MLP(c, name="mlp")(RMSNorm(c, name="post_attention_norm")(x)))
+        x = x + drop(Attention(c, r, name="attn")(RMSNorm(c, r, name="input_norm")(x), cos, sin, segment_ids, cache))
+        x = x + drop(MLP(c, r, name="mlp")(RMSNorm(c, r, name="post_attention_norm")(x)))
         return constrain(x, ("batch", "length", "embed")), None  # (carry, output) for nn.scan
 
 
 class Llama(nn.Module):
     config: LlamaConfig
+    runtime: Runtime
 
     def setup(self):
-        c = self.config
+        c, r = self.config, self.runtime
         self.embed_tokens = self.param("embed_tokens", nn.with_logical_partitioning(_init, ("vocab", "embed")),
-                                       (c.vocab_size, c.hidden_size), c.jnp_param_dtype)
+                                       (c.vocab_size, c.hidden_size), r.jnp_param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = self.param("lm_head", nn.with_logical_partitioning(_init, ("embed", "vocab")),
-                                      (c.hidden_size, c.vocab_size), c.jnp_param_dtype)
+                                      (c.hidden_size, c.vocab_size), r.jnp_param_dtype)
         layer = DecoderLayer
-        if c.remat_policy != NO_REMAT:
-            layer = nn.remat(layer, policy=REMAT_SAVES[c.remat_policy], prevent_cse=False)
+        if r.remat_policy != NO_REMAT:
+            layer = nn.remat(layer, policy=REMAT_SAVES[r.remat_policy], prevent_cse=False)
         # One traced layer whatever the depth; scan_layers=False unrolls it, keeping the param layout.
         # A decoding cache is scanned with the layers (each layer its own slice); "cache" stacks what
         # each layer sows.
         stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=c.num_hidden_layers,
-                        unroll=1 if c.scan_layers else c.num_hidden_layers,
+                        unroll=1 if r.scan_layers else c.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        self.layers = stack(c, name="layers")
-        self.final_norm = RMSNorm(c)
+        self.layers = stack(c, r, name="layers")
+        self.final_norm = RMSNorm(c, r)
 
     def hidden_states(self, input_ids, positions, segment_ids, cache: LayerCache | None = None):
         """[B, L] ids, positions (restarting per segment), segment ids (0 = pad) -> [B, L, E].
 
         Decoding passes the layers' stacked `cache` and, as segment_ids, what each row sees of it."""
-        c = self.config
-        x = constrain(jnp.take(self.embed_tokens, input_ids, axis=0).astype(c.jnp_dtype), ("batch", "length", "embed"))
-        cos, sin = rope_tables(c, positions)
+        x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.runtime.jnp_dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        cos, sin = rope_tables(self.config, positions)
         x, _ = self.layers(x, cos, sin, segment_ids, cache)
         return self.final_norm(x)
 
     def head(self) -> jnp.ndarray:
         """[E, V] output projection (the transposed embedding when tied)."""
         w = self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
-        return w.astype(self.config.jnp_dtype)
+        return w.astype(self.runtime.jnp_dtype)
 
     def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
         """[..., E] hidden states -> float32 logits [..., V]."""
@@ -170,4 +176,4 @@ class Llama(nn.Module):
         """(sum of weighted next-token nll, sum of weights); see `nextlong_jax.model.loss`."""
         hidden = self.hidden_states(input_ids, positions, segment_ids)
         return next_token_loss(hidden, self.head(), input_ids, loss_weights, segment_ids,
-                               block_size=self.config.logits_block_size)
+                               block_size=self.runtime.logits_block_size)

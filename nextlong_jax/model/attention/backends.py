@@ -143,7 +143,7 @@ def require_sequence_parallel(backend: Backend, sequence_shards: int) -> None:
     if sequence_shards > 1 and not (backend is Backend.AUTO or BACKENDS[backend].sequence_parallel):
         raise BackendError(f"mesh.sequence={sequence_shards} needs a backend that takes a sharded length "
                            f"({_names(b for b, s in BACKENDS.items() if s.sequence_parallel)} or auto), "
-                           f"not model.attention_backend={backend.value}")
+                           f"not runtime.attention_backend={backend.value}")
 
 
 def resolve(name: str | Backend, platform: str, *, sequence_shards: int = 1, length: int = 0,
@@ -164,16 +164,16 @@ def resolve(name: str | Backend, platform: str, *, sequence_shards: int = 1, len
     spec = BACKENDS[backend]
     if family not in spec.platforms:
         runs_here = _names(b for b, s in BACKENDS.items() if family in s.platforms)
-        message = (f"model.attention_backend={backend.value} runs on {'/'.join(sorted(spec.platforms))}, but this "
+        message = (f"runtime.attention_backend={backend.value} runs on {'/'.join(sorted(spec.platforms))}, but this "
                    f"program is compiled for {family}: use auto ({choice.value} here) or one of {runs_here}")
         if not allow_fallback:
-            raise BackendError(message + " (model.attention_allow_fallback=true runs auto's choice instead)")
+            raise BackendError(message + " (runtime.attention_allow_fallback=true runs auto's choice instead)")
         logger.warning("%s; running %s (attention_allow_fallback)", message, choice.value)
         return choice
     require_sequence_parallel(backend, sequence_shards)
     if spec.dense_mask and length > DENSE_MASK_MAX_LEN:
         gib = length**2 * 5 / 2**30  # bool mask + f32 bias per row
-        raise BackendError(f"model.attention_backend={backend.value} builds an [L, L] mask for packed documents "
+        raise BackendError(f"runtime.attention_backend={backend.value} builds an [L, L] mask for packed documents "
                            f"(~{gib:.0f} GiB per sequence at {length} tokens); above {DENSE_MASK_MAX_LEN} tokens "
                            f"use auto or one of {_names(b for b, s in BACKENDS.items() if not s.dense_mask)}")
     return backend

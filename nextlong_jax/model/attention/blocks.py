@@ -1,4 +1,4 @@
-"""Attention tile sizes, shared by the backends and the model config."""
+"""Attention tile sizes, shared by the backends and the runtime config."""
 
 from __future__ import annotations
 
