@@ -32,10 +32,13 @@ What is skipped, and why (the wrapper computes the bounds, O(L log L) on [B, L] 
 Context parallelism (`sequence` mesh axis of size S > 1, tokens in `load_balance.zigzag` order):
 each device keeps its L/S query rows (chunks i and 2S-1-i), all-gathers K, V and their segment
 ids over `sequence`, puts them back in original order, and runs the kernel with its rows'
-original indices; the transpose of the all-gather reduce-scatters dK/dV to their owners. Cost:
+original indices; the transpose of the all-gather reduce-scatters dK/dV to their owners, in
+float32: the dK/dV kernel writes DKV_DTYPE, the sum over the S devices' partials runs in it, and
+only each owner's share is cast to K/V's dtype (one custom VJP spans the gather and the kernels, so
+the gradient need not take K/V's dtype at the kernel's edge). Cost:
 the gathered K and V are 2 x L x K x D x itemsize per example per device, 2 x 512K x 8 x 128 x 2 B
-= 2 GiB at 512K tokens with 8 kv heads in bf16 (the backward holds dK/dV of that size too, before
-the reduce-scatter), and the gather moves (S-1)/S of it over the interconnect once per layer per
+= 2 GiB at 512K tokens with 8 kv heads in bf16 (the backward holds dK/dV of twice that size, in
+float32, before the reduce-scatter), and the gather moves (S-1)/S of it over the interconnect once per layer per
 pass; with 8 kv heads against 32 query heads it is a quarter of what gathering queries would move.
 The gathered K/V are the kernel's residuals for the backward (re-gathered where remat drops them);
 its own residuals (output, lse) are named `backends.PALLAS_GPU_RESIDUALS`, for a remat policy that keeps them.
@@ -92,6 +95,10 @@ MAX_BLOCK = 128
 # of shared memory, of its 227 KiB.
 MAX_BWD_BLOCK_Q = 64
 MAX_BWD_BLOCK_KV = 64
+# dK/dV summed over `sequence` shards (each device's keys see every device's queries) leave the kernel
+# in this dtype and are cast to K/V's after the reduce-scatter: in bf16, each of the S partials and each
+# step of the sum would round (bf16[1,524288,8,128] per layer in the 512K H200 program).
+DKV_DTYPE = jnp.float32
 # Finite, so a block whose entries are all masked keeps the online softmax NaN-free.
 _MASK_VALUE = -1e30
 _LOG2E = math.log2(math.e)
@@ -295,6 +302,11 @@ class _Config(NamedTuple):
     chunks: int
     scale: float  # log2(e) / sqrt(D) of the true head dim: scores are in base 2
     interpret: bool
+    # How this device's K/V become the kernels' keys: all-gathered over (axis, shards) when set, in
+    # original order, then padded by kv_pad keys and d_pad head-dim columns (`_keys`).
+    gather: tuple[str, int] | None = None
+    kv_pad: int = 0
+    d_pad: int = 0
 
 
 def _specs(lq: int, lk: int, groups: int, d: int, block: int, by_query: bool):
@@ -328,7 +340,7 @@ def _forward(q, k, v, q_seg, kv_seg, q_index, ranges: _Ranges, cfg: _Config):
 
 
 def _backward(q, k, v, q_seg, kv_seg, q_index, out, lse, do, dq_ranges: _Ranges, dkv_ranges: _DkvRanges,
-              cfg: _Config):
+              cfg: _Config, dkv_dtype):
     b, lq, h, d = q.shape
     lk, kv_heads = k.shape[1], k.shape[2]
     groups = h // kv_heads
@@ -356,28 +368,45 @@ def _backward(q, k, v, q_seg, kv_seg, q_index, out, lse, do, dq_ranges: _Ranges,
         kernel, grid=(nk, b, kv_heads),
         in_specs=[range_spec, range_spec, *_specs(lq, lk, groups, d, bk, False),
                   pl.BlockSpec((None, lq, groups, d), lambda i, b, h: (b, 0, h, 0)), group_rows, group_rows],
-        out_specs=[kv_block, kv_block], out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        out_specs=[kv_block, kv_block], out_shape=[jax.ShapeDtypeStruct(k.shape, dkv_dtype)] * 2,
         compiler_params=params, interpret=cfg.interpret, name="nextlong_mha_backward_dkv",
     )(*dkv_ranges, q, k, v, q_seg, kv_seg, q_index, do, lse, delta)
     return dq, dk, dv
 
 
+def _keys(x, cfg: _Config):
+    """This device's k or v [B, Lk', K, D] -> the kernels' keys: gathered over `sequence` (original
+    order) where the config says, padded to whole blocks and a power-of-two head dim. Linear in x."""
+    if cfg.gather:
+        (x,) = gather_sequence(*cfg.gather, x)
+    return jnp.pad(x, ((0, 0), (0, cfg.kv_pad), (0, 0), (0, cfg.d_pad)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
 def _flash(q, k, v, q_seg, kv_seg, q_index, ranges, dq_ranges, dkv_ranges, cfg):
-    return _forward(q, k, v, q_seg, kv_seg, q_index, ranges, cfg)[0]
+    return _forward(q, _keys(k, cfg), _keys(v, cfg), q_seg, kv_seg, q_index, ranges, cfg)[0]
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, q_index, ranges, dq_ranges, dkv_ranges, cfg):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, q_index, ranges, cfg)
+    keys, values = _keys(k, cfg), _keys(v, cfg)
+    out, lse = _forward(q, keys, values, q_seg, kv_seg, q_index, ranges, cfg)
     # Named, so a remat policy can keep them: the backward needs lse too, not only the output.
     out, lse = (checkpoint_name(x, PALLAS_GPU_RESIDUALS) for x in (out, lse))
-    return out, (q, k, v, q_seg, kv_seg, q_index, dq_ranges, dkv_ranges, out, lse)
+    return out, (q, keys, values, q_seg, kv_seg, q_index, dq_ranges, dkv_ranges, out, lse)
 
 
 def _flash_bwd(cfg, residuals, do):
-    q, k, v, q_seg, kv_seg, q_index, dq_ranges, dkv_ranges, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, q_index, out, lse, do, dq_ranges, dkv_ranges, cfg)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, keys, values, q_seg, kv_seg, q_index, dq_ranges, dkv_ranges, out, lse = residuals
+    b, padded, kv_heads, d = keys.shape
+    kv = jax.ShapeDtypeStruct((b, (padded - cfg.kv_pad) // (cfg.gather[1] if cfg.gather else 1), kv_heads,
+                               d - cfg.d_pad), keys.dtype)  # this device's k and v
+    dkv_dtype = DKV_DTYPE if cfg.gather else kv.dtype
+    dq, dk, dv = _backward(q, keys, values, q_seg, kv_seg, q_index, out, lse, do, dq_ranges, dkv_ranges, cfg,
+                           dkv_dtype)
+    # The transpose of `_keys`: un-pad, and reduce-scatter over `sequence` in dkv_dtype.
+    (dk,), (dv,) = (jax.linear_transpose(lambda x: _keys(x, cfg), jax.ShapeDtypeStruct(kv.shape, dkv_dtype))(g)
+                    for g in (dk, dv))
+    return dq, dk.astype(kv.dtype), dv.astype(kv.dtype), None, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -396,17 +425,19 @@ def kernel_blocks(blocks: Blocks) -> Blocks:
 
 
 def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, *, blocks: Blocks = Blocks(),
-                    chunks: int = 1, interpret: bool = False) -> jnp.ndarray:
+                    chunks: int = 1, gather: tuple[str, int] | None = None, interpret: bool = False) -> jnp.ndarray:
     """One device's attention: q [B, Lq, H, D] against k/v [B, Lk, K, D] (K divides H) in original
     order, q_segment_ids [B, Lq], kv_segment_ids [B, Lk], q_index [Lq] (int) the original index of
-    each query row -> [B, Lq, H, D] in q's dtype.
+    each query row -> [B, Lq, H, D] in q's dtype. With `gather` = (axis, S), inside a shard_map, k and v
+    are this device's Lk / S rows in zig-zag order, all-gathered here (their gradient reduce-scattered
+    in DKV_DTYPE); kv_segment_ids are already gathered.
 
     The query rows form `chunks` equal runs, each of increasing indices (1, or 2 for a device's
     zig-zag rows): blocks never span two runs, and the dK/dV kernel searches each for the query
     blocks that see a key block. Any index order is correct; monotone runs are what make the
     skipping tight."""
     b, lq, h, d = q.shape
-    lk, kv_heads = k.shape[1], k.shape[2]
+    lk, kv_heads = k.shape[1] * (gather[1] if gather else 1), k.shape[2]
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kv_heads:
         raise ValueError(f"need q [B, Lq, H, D], k = v [B, Lk, K, D] with K | H; got {q.shape}, {k.shape}, {v.shape}")
     if q_segment_ids.shape != (b, lq) or kv_segment_ids.shape != (b, lk):
@@ -426,15 +457,16 @@ def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, *, blocks: 
     # never below 16 for that, Triton's smallest dot.
     q_cap, kv_cap = max(_next_power_of_two(chunk), 16), max(_next_power_of_two(lk), 16)
     tiles = kernel_blocks(blocks)
-    cfg = _Config(min(tiles.q, q_cap), min(tiles.kv, kv_cap), min(tiles.q_bwd, q_cap), min(tiles.kv_bwd, kv_cap),
-                  chunks, _LOG2E / math.sqrt(d), interpret)
+    block_kv, block_kv_bwd = min(tiles.kv, kv_cap), min(tiles.kv_bwd, kv_cap)
+    kv_pad = -lk % max(block_kv, block_kv_bwd)
+    d_pad = _next_power_of_two(d) - d
+    cfg = _Config(min(tiles.q, q_cap), block_kv, min(tiles.q_bwd, q_cap), block_kv_bwd, chunks,
+                  _LOG2E / math.sqrt(d), interpret, gather, kv_pad, d_pad)
 
     # Pad each chunk of query rows, and the keys, to whole blocks (powers of two: the larger block
     # is a multiple of the smaller). Padded query rows repeat their chunk's last index (runs stay
     # monotone) and padded keys follow every real key, so causality alone hides them from real rows.
     q_pad = -chunk % max(cfg.block_q, cfg.block_q_bwd)
-    kv_pad = -lk % max(cfg.block_kv, cfg.block_kv_bwd)
-    d_pad = _next_power_of_two(d) - d
     q_seg = q_segment_ids.astype(jnp.int32)
     kv_seg = kv_segment_ids.astype(jnp.int32)
     q_index = jnp.asarray(q_index, jnp.int32)
@@ -449,11 +481,10 @@ def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, *, blocks: 
     if q_pad:
         q, q_seg = pad_chunks(q), pad_chunks(q_seg, _PAD_SEGMENT)
         q_index = pad_chunks(q_index[None], mode="edge")[0]
-    if kv_pad:
-        k, v = (jnp.pad(x, ((0, 0), (0, kv_pad), (0, 0), (0, 0))) for x in (k, v))
+    if kv_pad:  # K/V are padded by `_keys`, inside the kernels' VJP
         kv_seg = jnp.pad(kv_seg, ((0, 0), (0, kv_pad)), constant_values=_PAD_SEGMENT)
     if d_pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad))) for x in (q, k, v))
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, d_pad)))
 
     first_key = _first_key_of_segment(q_seg, kv_seg)
     ranges = _query_ranges(first_key, q_index, cfg.block_q, cfg.block_kv, lk + kv_pad)
@@ -494,11 +525,11 @@ def pallas_gpu_attention(
     index = jnp.asarray(load_balance.token_index(length, shards) if shards > 1 else np.arange(length, dtype=np.int32))
 
     def local(q, k, v, segment_ids, q_index):
-        kv_segment_ids = segment_ids
-        if shards > 1:
-            k, v, kv_segment_ids = gather_sequence(axis, shards, k, v, segment_ids)
+        sharded = shards > 1
+        (kv_segment_ids,) = gather_sequence(axis, shards, segment_ids) if sharded else (segment_ids,)
         return flash_attention(q, k, v, segment_ids, kv_segment_ids, q_index, blocks=blocks,
-                               chunks=2 if shards > 1 else 1, interpret=interpret)
+                               chunks=2 if sharded else 1, gather=(axis, shards) if sharded else None,
+                               interpret=interpret)
 
     if mesh.empty:
         return local(q, k, v, segment_ids, index)
