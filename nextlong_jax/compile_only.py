@@ -105,8 +105,11 @@ _COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|collective-pe
 
 
 def loop_collectives(hlo_text: str, scope: str) -> list[str]:
-    """Collectives (all-gather, reduce-scatter, ...) a compiled program runs inside the body of a while
-    loop made under the named scope `scope`, counting what the body calls (fusions, nested loops)."""
+    """Collectives (all-gather, reduce-scatter, ...) serving the ops of the named scope `scope` that a
+    compiled program runs inside the body of a while loop made under that scope, counting what the body
+    calls (fusions, nested loops). Those whose metadata names other ops, which the scheduler places there
+    to overlap them with the loop (the next layer's weight all-gathers under libtpu's async collective
+    fusion), are not the loop's own."""
     computations, current = {}, None
     for line in hlo_text.splitlines():
         if current is None and (header := _COMPUTATION.match(line)):
@@ -124,7 +127,9 @@ def loop_collectives(hlo_text: str, scope: str) -> list[str]:
             continue
         seen.add(name)
         for line in computations[name]:
-            found.update(m[1] for m in _COLLECTIVE.finditer(line))
+            origin = line.partition("metadata=")[2]  # the partitioner leaves some of its collectives none
+            if not origin or scope in origin:
+                found.update(m[1] for m in _COLLECTIVE.finditer(line))
             for called in _CALLED.findall(line):
                 pending.extend(c.strip().lstrip("%") for c in called.split(","))
     return sorted(found)

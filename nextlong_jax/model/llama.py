@@ -160,13 +160,15 @@ class Llama(nn.Module):
         return self.final_norm(x)
 
     def head(self) -> jnp.ndarray:
-        """[E, V] output projection (the transposed embedding when tied)."""
-        w = self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
-        return w.astype(self.runtime.jnp_dtype)
+        """[E, V] output projection (the transposed embedding when tied), in the parameters' dtype: the
+        loss casts its shard to the hidden states' dtype before gathering it, and its gradient stays in
+        the parameters' dtype on its way to the optimizer."""
+        return self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
 
     def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
         """[..., E] hidden states -> float32 logits [..., V]."""
-        return jnp.einsum("...e,ev->...v", hidden, self.head(), preferred_element_type=jnp.float32)
+        head = self.head().astype(self.runtime.jnp_dtype)
+        return jnp.einsum("...e,ev->...v", hidden, head, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, positions, segment_ids):
         """Full float32 logits [B, L, V]; for long sequences use `loss_pieces`."""

@@ -154,7 +154,7 @@ class _Collectives:
 
 
 def _scan_nll(h, head, t, w, collectives=_Collectives()):
-    head = collectives.head(head)
+    head = collectives.head(head.astype(h.dtype))
 
     def step(total, xs):
         h, t, w = xs
@@ -169,8 +169,11 @@ def _scan_nll(h, head, t, w, collectives=_Collectives()):
 def _scan_nll_and_grads(h, head, t, w, collectives=_Collectives()):
     # The gradient is formed here, one block of logits at a time, and only scaled in the backward
     # pass: three vocabulary projections per block instead of four for a rematerialised backward.
-    # dHead accumulates this device's tokens in fp32 and is reduced once, after the last block.
-    full_head = collectives.head(head)
+    # dHead accumulates this device's tokens in fp32 and is reduced once, after the last block. The head
+    # arrives in the parameters' dtype and its gradient leaves in it: cast to bf16 and back, it would
+    # round, and XLA's TPU pass that sinks a gradient accumulation's reduce-scatter out of its loop
+    # fails on the convert pair (a RET_CHECK in while_loop_all_reduce_code_motion, 8B steps on v5p).
+    full_head = collectives.head(head.astype(h.dtype))
 
     def step(carry, xs):
         total, d_head = carry
