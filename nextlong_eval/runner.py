@@ -70,7 +70,8 @@ def _token_nll(model: Llama, params, features: dict[str, jnp.ndarray], targets: 
     """nll [B, L] of each position's target, over vocabulary blocks (no [L, vocab] logits)."""
     hidden, head = _hidden_and_head(model, params, features, sequence_shards)
     return target_loss(hidden, head, targets, jnp.ones(targets.shape, jnp.float32),
-                       block_size=model.runtime.logits_block_size)[2]
+                       block_size=model.runtime.logits_block_size,
+                       gathers_head=model.runtime.loss_gathers_head)[2]
 
 
 @dataclasses.dataclass

@@ -70,7 +70,8 @@ def loss_sums(model: Llama, params: Any, batch: dict[str, jnp.ndarray], sequence
                                rngs=None if dropout_key is None else {"dropout": dropout_key})
     weights = features["weights"]
     nll_sum, _, nll = target_loss(hidden, head, features["targets"], weights[..., 0],
-                                  block_size=model.runtime.logits_block_size)
+                                  block_size=model.runtime.logits_block_size,
+                                  gathers_head=model.runtime.loss_gathers_head)
     role_nll = jnp.einsum("bl,blr->r", nll, weights[..., 1:])
     return jnp.concatenate([nll_sum[None], role_nll]), jnp.sum(weights, axis=(0, 1))
 

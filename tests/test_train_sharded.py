@@ -1,4 +1,5 @@
-"""A train step on (data=2, fsdp=2, tensor=2) of 8 virtual CPU devices == the same step on one device.
+"""A train step on (data=2, fsdp=2, tensor=2) of 8 virtual CPU devices == the same step on one device
+(the loss's head gathered once or at every vocabulary block).
 
 The device count is fixed before jax starts, so the check runs in a child interpreter.
 """
@@ -58,6 +59,9 @@ def _child() -> None:
     moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state) if "q_proj" in jax.tree_util.keystr(path)]
     assert len(moments) == 2 and all(m.sharding == q.sharding for m in moments)  # Adam's mu and nu
     np.testing.assert_allclose(got, want, rtol=2e-5)
+    # The loss's head gathered and reduced at every vocabulary block instead (runtime.loss_gathers_head false)
+    per_block = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, loss_gathers_head=False))
+    np.testing.assert_allclose(two_steps(make_mesh(2, 2, 2, 1), per_block)[0], want, rtol=2e-5)
     print("sharded step ok", got[:, 0])
 
 

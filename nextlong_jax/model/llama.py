@@ -178,4 +178,5 @@ class Llama(nn.Module):
         """(sum of weighted next-token nll, sum of weights); see `nextlong_jax.model.loss`."""
         hidden = self.hidden_states(input_ids, positions, segment_ids)
         return next_token_loss(hidden, self.head(), input_ids, loss_weights, segment_ids,
-                               block_size=self.runtime.logits_block_size)
+                               block_size=self.runtime.logits_block_size,
+                               gathers_head=self.runtime.loss_gathers_head)

@@ -47,6 +47,7 @@ def next_token_loss(
     segment_ids: jnp.ndarray,
     *,
     block_size: int = 1024,
+    gathers_head: bool = True,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """hidden [B, L, E], head [E, V] -> (sum of weighted nll, sum of weights), float32 scalars.
 
@@ -54,17 +55,18 @@ def next_token_loss(
     """
     # Shift targets, not hidden: position t predicts t+1.
     targets, weights = next_token_targets(input_ids, loss_weights, segment_ids)
-    return target_loss(hidden, head, targets, weights, block_size=block_size)[:2]
+    return target_loss(hidden, head, targets, weights, block_size=block_size, gathers_head=gathers_head)[:2]
 
 
 def target_loss(
-    hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *, block_size: int = 1024
+    hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *, block_size: int = 1024,
+    gathers_head: bool = True,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Like `next_token_loss` but targets [B, L] and weights are already aligned with `hidden` (no shift).
 
     Returns (sum of weighted nll, sum of weights, nll [B, L] of every token whatever its weight). The
     per-token nll is for metrics and is not differentiated. Position-wise, so any token order works
-    (the zig-zag order of ring attention in particular).
+    (the zig-zag order of ring attention in particular). `gathers_head`: see `Runtime.loss_gathers_head`.
     """
     b, length, e = hidden.shape
     weights = weights.astype(jnp.float32)
@@ -91,7 +93,7 @@ def target_loss(
         return x.reshape(b, length, *x.shape[3:])
 
     h, t, w = to_blocks(hidden, ("embed",)), to_blocks(targets, ()), to_blocks(weights, ())
-    nll_sum, nll = _blocked_nll(h, head, t, w)
+    nll_sum, nll = _blocked_nll(h, head, t, w, gathers_head)
     return nll_sum, jnp.sum(weights), lax.stop_gradient(from_blocks(nll))
 
 
@@ -105,18 +107,18 @@ def _nll_of(logits, t):
     return lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0], lse
 
 
-@jax.custom_vjp
-def _blocked_nll(h, head, t, w):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_nll(h, head, t, w, gathers_head):
     """Blocks h [nb, B, S, T, E], t and w [nb, B, S, T] -> (sum of w * nll, nll [nb, B, S, T])."""
-    return _per_device(_scan_nll)(h, head, t, w)
+    return _per_device(_scan_nll, gathers_head)(h, head, t, w)
 
 
-def _blocked_nll_fwd(h, head, t, w):
-    total, nll, d_h, d_head = _per_device(_scan_nll_and_grads)(h, head, t, w)
+def _blocked_nll_fwd(h, head, t, w, gathers_head):
+    total, nll, d_h, d_head = _per_device(_scan_nll_and_grads, gathers_head)(h, head, t, w)
     return (total, nll), (d_h, d_head.astype(head.dtype), nll)
 
 
-def _blocked_nll_bwd(residuals, cotangents):
+def _blocked_nll_bwd(gathers_head, residuals, cotangents):
     d_h, d_head, nll = residuals
     g, _ = cotangents  # the per-token nll is returned under stop_gradient: its cotangent is zero
     return g.astype(d_h.dtype) * d_h, g.astype(d_head.dtype) * d_head, None, g * nll
@@ -131,6 +133,11 @@ class _Collectives:
     sharded over (`gather`), and those the tokens are (`tokens`, whose partial sums are added up)."""
     gather: tuple[str, ...] = ()
     tokens: tuple[str, ...] = ()
+    per_block: bool = False  # no shard_map: XLA gathers the head, and reduce-scatters dHead, at every block
+
+    def accumulator(self, d_head):
+        # Sharded like the head, so XLA reduce-scatters each block's dHead rather than keep it whole.
+        return nn.with_logical_constraint(d_head, ("embed", "vocab")) if self.per_block else d_head
 
     def head(self, head):
         """The whole head on every device, once per loss (not once per block)."""
@@ -184,22 +191,24 @@ def _scan_nll_and_grads(h, head, t, w, collectives=_Collectives()):
         d_logits = (d_logits * w_blk[..., None]).astype(h_blk.dtype)
         d_h = jnp.einsum("bctv,ev->bcte", d_logits, full_head, preferred_element_type=jnp.float32)
         d_head = d_head + jnp.einsum("bcte,bctv->ev", h_blk, d_logits, preferred_element_type=jnp.float32)
-        return (total + jnp.sum(nll * w_blk), d_head), (nll, d_h.astype(h_blk.dtype))
+        return (total + jnp.sum(nll * w_blk), collectives.accumulator(d_head)), (nll, d_h.astype(h_blk.dtype))
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros(full_head.shape, jnp.float32))
+    zeros = (jnp.zeros((), jnp.float32), collectives.accumulator(jnp.zeros(full_head.shape, jnp.float32)))
     with jax.named_scope(LOOP_SCOPE):
         (total, d_head), (nll, d_h) = lax.scan(step, zeros, (h, t, w))
     return collectives.total(total), nll, d_h, collectives.head_grad(d_head)
 
 
-def _per_device(scan):
+def _per_device(scan, gathers_head: bool = True):
     """`scan` on each device's own blocks under `shard_map`, when a mesh is set: GSPMD would otherwise
-    gather the fsdp-sharded head and reduce-scatter its gradient inside the loop, once per block. Mesh
-    axes the vocabulary is sharded over (`tensor`) stay automatic, so logits split over the vocabulary
-    as the head does and XLA adds up their softmax."""
+    gather the fsdp-sharded head and reduce-scatter its gradient inside the loop, once per block (what
+    `gathers_head` False asks for). Mesh axes the vocabulary is sharded over (`tensor`) stay automatic,
+    so logits split over the vocabulary as the head does and XLA adds up their softmax."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return scan
+    if not gathers_head:
+        return functools.partial(scan, collectives=_Collectives(per_block=True))
     (vocab,) = nn.logical_to_mesh_axes(("vocab",), nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
     manual = tuple(a for a in mesh.axis_names if a not in _names(vocab))
 

@@ -55,6 +55,11 @@ class Runtime:
     remat_policy: str = "full"
     scan_layers: bool = True  # False unrolls the layer scan: same parameter layout, faster step, slower compile
     logits_block_size: int = 1024
+    # The loss gathers the whole output head once per microbatch and reduces its gradient once: a whole
+    # [E, V] head in the compute dtype and its float32 gradient on each device (3 GiB for Llama 3 8B).
+    # False: XLA gathers it and reduce-scatters its gradient at every vocabulary block instead, for
+    # chips where those gigabytes do not fit beside the step (32 GB v4).
+    loss_gathers_head: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "attention_backend", parse_backend(self.attention_backend))
