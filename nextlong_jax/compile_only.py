@@ -107,7 +107,7 @@ _COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|collective-pe
 def loop_collectives(hlo_text: str, scope: str) -> list[str]:
     """Collectives (all-gather, reduce-scatter, ...) serving the ops of the named scope `scope` that a
     compiled program runs inside the body of a while loop made under that scope, counting what the body
-    calls (fusions, nested loops). Those whose metadata names other ops, which the scheduler places there
+    calls (fusions, nested loops). Those whose op_name names other ops, which the scheduler places there
     to overlap them with the loop (the next layer's weight all-gathers under libtpu's async collective
     fusion), are not the loop's own."""
     computations, current = {}, None
@@ -127,8 +127,8 @@ def loop_collectives(hlo_text: str, scope: str) -> list[str]:
             continue
         seen.add(name)
         for line in computations[name]:
-            origin = line.partition("metadata=")[2]  # the partitioner leaves some of its collectives none
-            if not origin or scope in origin:
+            origin = re.search(r'op_name="([^"]*)"', line)  # the partitioner leaves some of its collectives none
+            if not origin or scope in origin[1]:
                 found.update(m[1] for m in _COLLECTIVE.finditer(line))
             for called in _CALLED.findall(line):
                 pending.extend(c.strip().lstrip("%") for c in called.split(","))
