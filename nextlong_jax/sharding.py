@@ -80,13 +80,18 @@ def logical_sharding(mesh: Mesh, names: tuple[str | None, ...]) -> NamedSharding
     return NamedSharding(mesh, nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES))
 
 
+def mesh_axes(names: tuple[str | None, ...]) -> jax.sharding.PartitionSpec:
+    """The mesh axes of logical `names` under the rules in force (`axis_rules`, which may leave an axis
+    whole), or the table outside any."""
+    return nn.logical_to_mesh_axes(names, nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+
+
 def ambient_shards(name: str) -> tuple[str | None, int]:
     """(mesh axis, number of shards) of logical axis `name` on the ambient `jax.set_mesh` mesh.
 
     (axis, 1) when no mesh is set or the mesh lacks that axis: the dimension is then whole on each device.
     """
-    # The rules in force (`axis_rules`), which may leave an axis whole; the table outside any.
-    (axis,) = nn.logical_to_mesh_axes((name,), nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+    (axis,) = mesh_axes((name,))
     mesh = jax.sharding.get_abstract_mesh()
     if axis is None or mesh.empty or axis not in mesh.axis_names:
         return axis, 1

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from nextlong_jax.sharding import LOGICAL_AXIS_RULES, ambient_shards
+from nextlong_jax.sharding import ambient_shards, mesh_axes
 
 # The name the vocabulary-block loop carries in compiled programs (plans check its body for collectives).
 LOOP_SCOPE = "loss_vocab_blocks"
@@ -209,14 +209,13 @@ def _per_device(scan, gathers_head: bool = True):
         return scan
     if not gathers_head:
         return functools.partial(scan, collectives=_Collectives(per_block=True))
-    (vocab,) = nn.logical_to_mesh_axes(("vocab",), nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+    (vocab,) = mesh_axes(("vocab",))
     manual = tuple(a for a in mesh.axis_names if a not in _names(vocab))
 
     def spec(names, shape):
         """The mesh axes (manual ones only) of each dimension, as the rules in force place them."""
-        axes = nn.logical_to_mesh_axes(names, nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
         dims = []
-        for axis, size in zip(axes, shape):
+        for axis, size in zip(mesh_axes(names), shape):
             kept = tuple(a for a in _names(axis) if a in manual)
             dims.append(kept if kept and size % math.prod(mesh.shape[a] for a in kept) == 0 else None)
         return P(*dims)
