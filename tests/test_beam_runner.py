@@ -59,12 +59,20 @@ def _examples(out: Path) -> set[bytes]:
 
 
 def test_beam_runner_writes_the_local_runners_examples(inputs, tmp_path):
+    """Two worker processes, each embedding its own blocks on its own devices (the JAX encoder): the
+    vectors, examples and counts equal one process's; a rerun finds everything done."""
     meta, corpus = inputs
-    args = ["--corpus", str(corpus), "--num-shards", "3", "--corpus-dedup", "0.8"]
+    args = ["--corpus", str(corpus), "--num-shards", "3", "--corpus-dedup", "0.8", "--embedder", "minilm",
+            "--embed-backend", "jax", "--docs-per-block", "4"]
     local, beam = tmp_path / "local", tmp_path / "beam"
     assert main(synth_args(meta, local, *args)) == 0
     assert main(synth_args(meta, beam, *args, *BEAM)) == 0
 
+    blocks = sorted(p.relative_to(local) for p in local.glob(".cache/chunks-*/block-*/emb-*.npy"))
+    assert len(blocks) == 4 + 10  # 15 meta documents and 40 corpus documents, 4 to a block
+    assert sorted(p.relative_to(beam) for p in beam.glob(".cache/chunks-*/block-*/emb-*.npy")) == blocks
+    for block in blocks:
+        np.testing.assert_allclose(np.load(beam / block), np.load(local / block), atol=1e-6)
     examples = _examples(local)
     assert len(examples) > 10
     assert _examples(beam) == examples
@@ -189,21 +197,6 @@ def test_a_directory_is_done_only_when_its_marker_is_at_the_url(tmp_path):
     leftover.write_text("{}")
     assert not mirror.pull(leftover), "a local file the URL lacks was taken for done"
     assert Mirror().pull(leftover) and Mirror().url(leftover) is None  # unstaged: the local file is the file
-
-
-def test_jax_encoder_on_two_worker_processes_gives_the_local_embeddings(inputs, tmp_path):
-    """Each Beam worker embeds its own blocks on its own devices; the vectors equal one process's."""
-    meta, corpus = inputs
-    args = ["--corpus", str(corpus), "--embedder", "minilm", "--embed-backend", "jax", "--docs-per-block", "4"]
-    local, beam = tmp_path / "local", tmp_path / "beam"
-    assert main(synth_args(meta, local, *args)) == 0
-    assert main(synth_args(meta, beam, *args, *BEAM)) == 0
-    blocks = sorted(p.relative_to(local) for p in local.glob(".cache/chunks-*/block-*/emb-*.npy"))
-    assert len(blocks) == 4 + 10  # 15 meta documents and 40 corpus documents, 4 to a block
-    assert sorted(p.relative_to(beam) for p in beam.glob(".cache/chunks-*/block-*/emb-*.npy")) == blocks
-    for block in blocks:
-        np.testing.assert_allclose(np.load(beam / block), np.load(local / block), atol=1e-6)
-    assert _examples(beam) == _examples(local)
 
 
 def test_worker_errors_reach_the_user_as_one_line(inputs, tmp_path, capsys):

@@ -187,9 +187,9 @@ def test_sharded_decoding_equals_one_device():
     want = {"greedy": [c.tokens for c in one.generate(prompts, 16)],
             "sampled": [c.tokens for c in one.generate(prompts, 16, sampling=Sampling(0.8, 50, 0.9, seed=3))]}
     got = json.loads(run_on_8_devices(__file__, json.dumps(prompts)).strip().splitlines()[-1])
+    assert got["fsdp2-tensor2-sequence2"]["sampled"] == want["sampled"]
     for mesh in ("fsdp2-sequence4", "fsdp2-tensor2-sequence2"):
         assert got[mesh]["greedy"] == want["greedy"], mesh
-        assert got[mesh]["sampled"] == want["sampled"], mesh
         # The prompt's cache stays sharded: the decode step gathers no cache-sized array.
         assert got[mesh]["gathered_cache"] == [], mesh
 
@@ -202,9 +202,11 @@ def _child(prompts: str) -> None:
     for name, shape in (("fsdp2-sequence4", dict(fsdp=2, sequence=4)),
                         ("fsdp2-tensor2-sequence2", dict(fsdp=2, tensor=2, sequence=2))):
         decoder = _decoder(hf_dict, hf, make_mesh(**shape), backend="ring", batch_size=2)
-        greedy = [c.tokens for c in decoder.generate(prompts, 16)]
-        sampled = [c.tokens for c in decoder.generate(prompts, 16, sampling=Sampling(0.8, 50, 0.9, seed=3))]
-        out[name] = {"greedy": greedy, "sampled": sampled, "gathered_cache": _gathered_cache(decoder)}
+        out[name] = {"greedy": [c.tokens for c in decoder.generate(prompts, 16)],
+                     "gathered_cache": _gathered_cache(decoder)}
+        if shape.get("tensor"):  # sampling's two programs compiled on one mesh only, the one with every axis
+            out[name]["sampled"] = [c.tokens for c in decoder.generate(prompts, 16,
+                                                                        sampling=Sampling(0.8, 50, 0.9, seed=3))]
     print(json.dumps(out))
 
 

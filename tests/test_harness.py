@@ -4,6 +4,7 @@ log-likelihoods (multiple choice, rolling) on tasks made from local data; bad in
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -55,6 +56,22 @@ def _fresh_ruler_generators() -> None:
     sys.modules.pop("lm_eval.tasks.ruler.cwe_utils", None)
 
 
+def _one_task_index(monkeypatch) -> None:
+    """lm-eval reads every one of its ~15,000 task YAML files to index them at each evaluation (~6 s); the two
+    evaluations here index the same files, so the second gets a copy of the first's index."""
+    from lm_eval.tasks._index import TaskIndex
+
+    built, build = {}, TaskIndex.build
+
+    def once(paths, **options):
+        key = (tuple(map(str, paths)), tuple(sorted(options.items())))
+        if key not in built:
+            built[key] = build(paths, **options)
+        return copy.deepcopy(built[key])
+
+    monkeypatch.setattr(TaskIndex, "build", staticmethod(once))
+
+
 @pytest.mark.slow
 def test_samples_equal_lm_eval_hf(smollm2, tmp_path, capsys, monkeypatch):
     from lm_eval.__main__ import cli_evaluate
@@ -62,6 +79,7 @@ def test_samples_equal_lm_eval_hf(smollm2, tmp_path, capsys, monkeypatch):
     from nextlong_eval.cli import main
 
     monkeypatch.chdir(ROOT)
+    _one_task_index(monkeypatch)
     tasks = _local_tasks(tmp_path)
     lm_eval_args = ["--tasks", ",".join((*RULER_TASKS, "local_mc", "local_rolling")), "--include_path", str(tasks),
                     "--limit", "1", "--metadata", json.dumps({"max_seq_lengths": [LENGTH]}), "--log_samples"]

@@ -155,12 +155,6 @@ def test_same_arguments_give_identical_bytes(run_out, corpus, tmp_path):
     assert shard_bytes(other) == shard_bytes(run_out)
 
 
-def test_worker_processes_give_identical_bytes(run_out, corpus, tmp_path):
-    other = tmp_path / "workers"
-    assert main(synth_args(corpus, other, "--k", "auto", "--workers", "2")) == 0
-    assert shard_bytes(other) == shard_bytes(run_out)
-
-
 def test_negative_weight_and_gzip(corpus, tmp_path):
     out = tmp_path / "w"
     assert main(synth_args(corpus, out, "--negative-weight", "0.25", "--compression", "gzip",
@@ -479,7 +473,8 @@ def test_corpus_near_dedup_counts_and_skips_later_copies(tmp_path):
     assert used and not {u for u in used if u.startswith("alias")}
     assert "corpus near-duplicate documents (never negatives): 8" in (out / "summary.md").read_text()
 
-    # Found once, kept beside the corpus's chunks; shard worker processes load it and agree.
+    # Found once, kept beside the corpus's chunks; shard worker processes load it and write the bytes one
+    # process writes (the suite's one run of --workers: each worker is a fresh interpreter, ~6 s).
     marks = list(out.glob(".cache/chunks-*/near-duplicates-*.npy"))
     assert len(marks) == 1 and np.load(marks[0]).sum() == 8
     workers = tmp_path / "dedup-workers"

@@ -65,19 +65,19 @@ def _committed(out: Path) -> list[int]:
     return [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
 
 
-def test_sigkill_resume_reproduces_losses_and_loss_goes_down(train_data, tmp_path):
-    reference = _train(train_data, tmp_path / "ref")
-    # Both at once (two cores, and the results must not care). The victim dies right after it starts
-    # saving step 4, which orbax begins once step 2's save is complete.
+def test_sigkill_resume_reproduces_losses_and_loss_goes_down(train_data, tmp_path, capsys):
+    # The victim and the reference (in this process) at once: two cores, and the results must not care. The
+    # victim dies right after it starts saving step 4, which orbax begins once step 2's save is complete.
     victim = subprocess.Popen([sys.executable, str(ROOT / "tests" / "kill_at.py"),
                                "nextlong_jax.checkpoint:Checkpointer.save", "4",
                                *_command(train_data, tmp_path / "killed")[1:]],
                               cwd=ROOT, env=OWN_CACHE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = _in_process(capsys, train_data, tmp_path / "ref")
+    assert reference.returncode == 0, reference.stderr
+    ref_out = reference.stdout
     victim_out, _ = victim.communicate(timeout=300)
     assert victim.returncode == -signal.SIGKILL, victim_out
     assert 2 in _committed(tmp_path / "killed") and "step 4/6" in victim_out
-    ref_out, _ = reference.communicate(timeout=300)
-    assert reference.returncode == 0, ref_out
     resumed = _train(train_data, tmp_path / "killed", env=OWN_CACHE)
     res_out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, res_out
