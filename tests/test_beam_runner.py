@@ -201,7 +201,8 @@ def test_a_directory_is_done_only_when_its_marker_is_at_the_url(tmp_path):
 
 def test_worker_errors_reach_the_user_as_one_line(inputs, tmp_path, capsys):
     meta, corpus = inputs
-    assert main(synth_args(meta, tmp_path / "strict", "--corpus", str(corpus), "--strict", *BEAM)) == 2
+    one_worker = ["--runner", "beam", "--beam-options", "--direct_num_workers=1 --direct_running_mode=multi_processing"]
+    assert main(synth_args(meta, tmp_path / "strict", "--corpus", str(corpus), "--strict", *one_worker)) == 2
     error = capsys.readouterr().err.strip()
     assert "Traceback" not in error and len(error.splitlines()) == 1
     assert "duplicate_id" in error or "malformed_json" in error
