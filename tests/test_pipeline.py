@@ -263,7 +263,7 @@ def test_demo_preset_on_a_small_slice(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "demo"
     code = main(["--config", str(root / "configs/synth/demo.yaml"), "--out", str(out),
-                 "--max-meta-docs", "12", "--max-corpus-docs", "150"])
+                 "--max-meta-docs", "12", "--max-corpus-docs", "60"])
     assert code == 0
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["sequences"] > 0 and counts["negatives"]["chosen"] > 0
