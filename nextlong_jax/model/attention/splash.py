@@ -19,7 +19,8 @@ Three things make the bare kernel usable in the sharded trainer:
   partials themselves leave the kernel in K's dtype, each rounded once: jax 0.10.2's dK/dV kernel
   accumulates in float32 but declares its outputs `ShapeDtypeStruct.like(k)` (tokamax 0.0.12's copy
   writes float32 only with its dynamic grid and GQA), so unlike `pallas_gpu`'s kernels only the sum
-  across `sequence` runs in float32.
+  across `sequence` runs in float32. The price: the gathered dK/dV wait for the reduce-scatter in
+  float32, 2 x L x K x D x 4 B per example (4 GiB at 512K tokens with 8 kv heads, twice bf16's).
 * Cached, vectorised mask tables. splash's own `process_mask` visits every block pair in Python
   (about 20 s at 64K tokens with 512 blocks, quadratic in length), and calling it as is would
   repeat that at every trace. For a causal mask the tables follow from each block's min/max token
