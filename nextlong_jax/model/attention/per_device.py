@@ -10,6 +10,7 @@ Ring and splash attention add the sequence axis, and exchange across it themselv
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -44,6 +45,33 @@ def gather_sequence(axis: str, shards: int, *xs: jnp.ndarray) -> tuple[jnp.ndarr
     [b, L/S, ...] (this device's rows) all-gathered into [b, L, ...] in original order, as a kernel that
     reads every key wants its keys, values and their segment ids."""
     return tuple(load_balance.unzigzag(lax.all_gather(x, axis, axis=1, tiled=True), shards) for x in xs)
+
+
+def gather_sequence_summed_in(dtype, axis: str, shards: int, *xs: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+    """`gather_sequence` of keys and values whose gradient is reduce-scattered back in `dtype`, and cast to
+    each x's dtype only then: every device's keys see every device's queries, so each key's gradient is
+    a sum of S partials, and in bf16 each step of that sum would round."""
+    return tuple(_gather_summed_in(dtype, axis, shards, x) for x in xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gather_summed_in(dtype, axis, shards, x):
+    (x,) = gather_sequence(axis, shards, x)
+    return x
+
+
+def _gather_summed_in_fwd(dtype, axis, shards, x):
+    return _gather_summed_in(dtype, axis, shards, x), None
+
+
+def _gather_summed_in_bwd(dtype, axis, shards, _, g):
+    # The cotangent has the gathered x's dtype and shape: this device's x is its [b, L/S, ...] share.
+    mine = jax.ShapeDtypeStruct((g.shape[0], g.shape[1] // shards, *g.shape[2:]), dtype)
+    (summed,) = jax.linear_transpose(lambda x: gather_sequence(axis, shards, x)[0], mine)(g.astype(dtype))
+    return (summed.astype(g.dtype),)
+
+
+_gather_summed_in.defvjp(_gather_summed_in_fwd, _gather_summed_in_bwd)
 
 
 def per_device(kernel: Callable, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray

@@ -13,7 +13,14 @@ Three things make the bare kernel usable in the sharded trainer:
   the kernel's causal test `q >= k` is then exact and the block tables skip what is invisible.
   The tables are built for all L query rows at once (`q_seq_shards` = S) and sharded over
   `sequence` with the kernel passed as a shard_map argument, so each device gets its own rows.
-  Backward: the transpose of the all-gather reduce-scatters dK/dV to their owners.
+  Backward: the transpose of the all-gather reduce-scatters dK/dV to their owners, in float32
+  (`DKV_DTYPE`, `per_device.gather_sequence_summed_in`), then casts them to K/V's dtype: each key's
+  gradient is a sum of S devices' partials, and in bf16 every step of that sum would round. The
+  partials themselves leave the kernel in K's dtype, each rounded once: jax 0.10.2's dK/dV kernel
+  accumulates in float32 but declares its outputs `ShapeDtypeStruct.like(k)` (tokamax 0.0.12's copy
+  writes float32 only with its dynamic grid and GQA), so unlike `pallas_gpu`'s kernels only the sum
+  across `sequence` runs in float32. The price: the gathered dK/dV wait for the reduce-scatter in
+  float32, 2 x L x K x D x 4 B per example (4 GiB at 512K tokens with 8 kv heads, twice bf16's).
 * Cached, vectorised mask tables. splash's own `process_mask` visits every block pair in Python
   (about 20 s at 64K tokens with 512 blocks, quadratic in length), and calling it as is would
   repeat that at every trace. For a causal mask the tables follow from each block's min/max token
@@ -57,7 +64,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nextlong_jax import load_balance
 from nextlong_jax.model.attention.backends import SPLASH_RESIDUALS
 from nextlong_jax.model.attention.blocks import Blocks
-from nextlong_jax.model.attention.per_device import gather_sequence, on_each_device
+from nextlong_jax.model.attention.per_device import gather_sequence, gather_sequence_summed_in, on_each_device
 from nextlong_jax.sharding import ambient_shards
 
 LANES = 128  # the kernel tiles sequence blocks on 128 TPU lanes: every block is a multiple
@@ -66,6 +73,9 @@ LANES = 128  # the kernel tiles sequence blocks on 128 TPU lanes: every block is
 # megacore chip (v4, v5p); the dq and dK/dV kernels' own grids are all "arbitrary" (dK/dV sums over
 # heads and query blocks), so without this their backward runs on one core when a device holds one row.
 CORE_GROUPS = 2
+# dK/dV cross `sequence` (the reduce-scatter that returns each key's gradient to its owner) in this dtype and
+# are cast to K/V's after: the kernel's partials arrive in K/V's dtype, but their sum then rounds only once.
+DKV_DTYPE = jnp.float32
 
 
 def _causal(q_index, k_index):
@@ -96,7 +106,8 @@ def splash_attention(
         # q [b, L/S, h, D], k/v [b, L/S, kh, D] (this device's zig-zag rows), segment_ids [b, L/S]
         kv_segment_ids = segment_ids
         if shards > 1:
-            k, v, kv_segment_ids = gather_sequence(axis, shards, k, v, segment_ids)
+            k, v = gather_sequence_summed_in(DKV_DTYPE, axis, shards, k, v)
+            (kv_segment_ids,) = gather_sequence(axis, shards, segment_ids)
         # Scaling q is cheaper than scaling [L, L] scores; the kernel applies no scale itself.
         qt = (q * head_dim**-0.5).transpose(0, 2, 1, 3)  # [b, h, L/S, D]: the kernel's head-major layout
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kh, L, D]
