@@ -10,6 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# TensorFlow 2.20 imports Keras 3 (and scikit-learn through it) at `import tensorflow`: ~2 of its ~6 s,
+# paid again by every child interpreter that reads or writes TFRecords. Nothing here uses Keras; with
+# the legacy switch set and tf_keras not installed, TensorFlow skips that import.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# torch's OpenMP threads spin for a while before they sleep; with pytest-xdist's two workers on two cores
+# that spinning takes the other worker's core (SmolLM2 greedy decoding beside a busy core: 26 s -> 20.5 s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The test install carries libtpu and the CUDA plugin (to compile for TPUs and GPUs); without this
 # jax would first probe for those chips, noisily, before settling on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
