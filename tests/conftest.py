@@ -38,12 +38,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=1")))
 
 
-# The longest modules, longest first (each 30-90 s on 2 cores), run first: `make test`'s pytest-xdist
-# hands whole modules to its workers in collection order, so these start at once and the short
-# modules fill in behind them, rather than one long module running alone at the end. Only the
-# suite's wall time depends on this order.
-LONGEST = ("test_smollm2", "test_train_multihost", "test_train_run", "test_harness", "test_beam_runner",
-           "test_decode", "test_compile_only", "test_ablation", "test_train_init", "test_pipeline", "test_slot_rows")
+# The longest modules, longest first (each 40-120 s in the suite on 2 cores), run first: `make test`'s
+# pytest-xdist hands whole modules to its workers in collection order (--no-loadscope-reorder), so these
+# start at once and the short modules fill in behind them, rather than one long module running alone at
+# the end. Only the suite's wall time depends on this order.
+LONGEST = ("test_train_multihost", "test_harness", "test_decode", "test_pipeline", "test_smollm2",
+           "test_compile_only", "test_ablation", "test_beam_runner", "test_train_run", "test_pallas_gpu",
+           "test_pallas_gpu_cp", "test_model", "test_splash", "test_train_init")
 
 
 def pytest_collection_modifyitems(items):
