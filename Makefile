@@ -30,13 +30,14 @@ demo: $(VENV)/.installed-demo
 # for CI's 2 cores; `make test WORKERS=4` on a larger machine. The modules go out in tests/conftest.py's
 # order, longest first (pytest-xdist would otherwise hand out the modules with the most tests first).
 WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PYTEST)
 
 # The inner loop (a few minutes): everything but the modules tests/conftest.py marks compile,
 # multiprocess or slow. CI runs `make test`.
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder -m "not compile and not multiprocess and not slow"
+	$(PYTEST) -m "not compile and not multiprocess and not slow"
 
 # Compile every accelerator preset and record its plan in tests/golden/plans (about 10 minutes on 2
 # cores). Commit the result with any change to the model, a preset or the compiler pins:

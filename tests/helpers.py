@@ -10,6 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+# SmolLM2 at 1K-4K tokens in attention blocks of 512 rather than the tiny preset's 128 (sized for its 512-token
+# rows): the same scores, a few times fewer kernel steps on a CPU (a 4K prefill: 14.1 s -> 9.8 s).
+SMOLLM2_BLOCKS = "runtime.attention_block_size=512"
+
 TOPICS = ("apple orchard harvest", "river boat current", "python list index", "violin string bow",
           "glacier ice snow", "market price trade", "rocket fuel orbit", "bread flour oven")
 

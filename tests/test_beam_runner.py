@@ -27,10 +27,19 @@ from synth.store import StoreRef
 
 pytestmark = pytest.mark.slow
 
-BEAM = ["--runner", "beam", "--beam-options", "--direct_num_workers=2 --direct_running_mode=multi_processing"]
+
+
+def _beam(mode: str, workers: int) -> list[str]:
+    """nextlong-synth's options for Beam's direct runner."""
+    return ["--runner", "beam", "--beam-options", f"--direct_num_workers={workers} --direct_running_mode={mode}"]
+
+
+BEAM = _beam("multi_processing", 2)
+# One worker process: what crosses from a worker to the user needs only one (each is a fresh interpreter).
+ONE_WORKER = _beam("multi_processing", 1)
 # Beam in this process: for what the workers' processes do not change (a rerun finding its work done, an
 # error the driver raises, the mirror filesystem this process registers); 8 s less a run than BEAM.
-IN_PROCESS = ["--runner", "beam", "--beam-options", "--direct_running_mode=in_memory --direct_num_workers=1"]
+IN_PROCESS = _beam("in_memory", 1)
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +210,7 @@ def test_a_directory_is_done_only_when_its_marker_is_at_the_url(tmp_path):
 
 def test_worker_errors_reach_the_user_as_one_line(inputs, tmp_path, capsys):
     meta, corpus = inputs
-    one_worker = ["--runner", "beam", "--beam-options", "--direct_num_workers=1 --direct_running_mode=multi_processing"]
-    assert main(synth_args(meta, tmp_path / "strict", "--corpus", str(corpus), "--strict", *one_worker)) == 2
+    assert main(synth_args(meta, tmp_path / "strict", "--corpus", str(corpus), "--strict", *ONE_WORKER)) == 2
     error = capsys.readouterr().err.strip()
     assert "Traceback" not in error and len(error.splitlines()) == 1
     assert "duplicate_id" in error or "malformed_json" in error

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SMOLLM2_BLOCKS
+
 ROOT = Path(__file__).resolve().parents[1]
 # RULER's tasks that need no download: the suite runs one (the 12-minute budget), NEXTLONG_HARNESS_TASKS=all
 # all six.
@@ -84,9 +86,8 @@ def test_samples_equal_lm_eval_hf(smollm2, tmp_path, capsys, monkeypatch):
     lm_eval_args = ["--tasks", ",".join((*RULER_TASKS, "local_mc", "local_rolling")), "--include_path", str(tasks),
                     "--limit", "1", "--metadata", json.dumps({"max_seq_lengths": [LENGTH]}), "--log_samples"]
     _fresh_ruler_generators()
-    # Attention blocks of 512 rather than the preset's 128 (sized for its 512-token rows): 4 s less per 4K prefill.
     assert main(["harness", "--hf", str(smollm2), "--config", "configs/train/tiny-cpu.yaml",
-                 "--set", "runtime.attention_block_size=512", *lm_eval_args, "--output_path", str(tmp_path / "ours")]) == 0
+                 "--set", SMOLLM2_BLOCKS, *lm_eval_args, "--output_path", str(tmp_path / "ours")]) == 0
     assert f"results written under {tmp_path / 'ours'}" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", ["lm-eval", "run", "--model", "hf", "--device", "cpu", "--model_args",
                                       f"pretrained={smollm2},dtype=float32", *lm_eval_args,

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SMOLLM2_BLOCKS
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is the capital of France?"
-# SmolLM2 at 1K tokens in attention blocks of 512 rather than the tiny preset's 128 (sized for its 512-token
-# rows): the same scores, a few times fewer kernel steps on a CPU.
-BLOCKS_512 = "runtime.attention_block_size=512"
 
 
 def _rope_theta(config) -> float:
@@ -96,7 +95,7 @@ def test_smollm2_uses_the_meta_document_across_the_negatives(smollm2, tmp_path, 
                        "1024", "--chunk-tokens", "128", "--num-shards", "1", "--tokenizer", str(smollm2),
                        "--out", str(data)]) == 0
     assert evaluate(["dependency", "--hf", str(smollm2), "--config", "configs/train/tiny-cpu.yaml", "--data",
-                     str(data), "--max-sequences", "2", "--out", str(out), BLOCKS_512]) == 0
+                     str(data), "--max-sequences", "2", "--out", str(out), SMOLLM2_BLOCKS]) == 0
     print(capsys.readouterr().out)
     result = json.loads((out / "dependency.json").read_text())
     near = next(r for r in result["gap_by_distance"] if r["from"] == 0)
@@ -115,7 +114,7 @@ def test_smollm2_finds_the_needle_by_generation(smollm2, tmp_path, capsys, monke
     assert evaluate(["probes", "--hf", str(smollm2), "--config", "configs/train/tiny-cpu.yaml", "--tasks",
                      "niah_single_1", "--lengths", "1024", "--samples", "3", "--scoring", "generate",
                      "--batch-size", "3", "--save-probes", str(tmp_path / "probes.jsonl"), "--out", str(out),
-                     BLOCKS_512]) == 0
+                     SMOLLM2_BLOCKS]) == 0
     print(capsys.readouterr().out)
     verdicts = json.loads((out / "results.json").read_text())["generate"]["probes"]
     golds = [json.loads(line)["outputs"] for line in (tmp_path / "probes.jsonl").read_text().splitlines()]
